@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_finetune._version import __version__
-from agent_finetune.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterReport, validate_adapter
+from agent_finetune.adapter import ADAPTER_CONFIG, ADAPTER_FILES, AdapterReport, validate_adapter
 from agent_finetune.errors import InvalidNameError, NotFoundError, RegistryError, ValidationError
 
 MANIFEST = "manifest.json"

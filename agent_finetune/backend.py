@@ -1,0 +1,141 @@
+"""Choosing and loading a training backend: Unsloth on CUDA, transformers + PEFT elsewhere.
+
+Choosing is an ``if``, not a framework: ``resolve_backend`` returns "unsloth" or "hf" and
+``load_for_training`` returns a PEFT model and its tokenizer for either.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Any, Literal
+
+from agent_finetune.adapter import SERVABLE_MODULES
+from agent_finetune.config import FineTuningConfig
+from agent_finetune.errors import BackendError, UnservableAdapterError
+
+log = logging.getLogger("agent_finetune")
+Backend = Literal["unsloth", "hf"]
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def unsloth_installed() -> bool:
+    return importlib.util.find_spec("unsloth") is not None
+
+
+def resolve_backend(config: FineTuningConfig) -> Backend:
+    """The backend to use; raise BackendError if ``unsloth`` is asked for but cannot run."""
+    if config.backend == "hf":
+        return "hf"
+    can_unsloth = unsloth_installed() and cuda_available()
+    if config.backend == "unsloth" and not can_unsloth:
+        why = "no CUDA GPU is visible" if not cuda_available() else "Unsloth is not installed"
+        raise BackendError(
+            f"backend: unsloth was requested but {why}; use backend: hf (or auto), or run on a "
+            "CUDA machine with `pip install 'agent-finetune[gpu]'`"
+        )
+    chosen: Backend = "unsloth" if can_unsloth else "hf"
+    if config.backend == "auto":
+        log.info("backend auto -> %s", chosen)
+    return chosen
+
+
+def check_servable(config: FineTuningConfig) -> None:
+    """Refuse settings that would produce an adapter vLLM cannot serve, before any training."""
+    bad = sorted(set(config.target_modules) - SERVABLE_MODULES)
+    if bad:
+        raise UnservableAdapterError(
+            f"target_modules {bad} cannot be served by vLLM's LoRA path; use a subset of "
+            f"{sorted(SERVABLE_MODULES)}"
+        )
+
+
+def _dtype(config: FineTuningConfig) -> Any:
+    import torch
+
+    if config.bf16:
+        return torch.bfloat16
+    if config.fp16:
+        return torch.float16
+    return torch.float32 if not cuda_available() else "auto"
+
+
+def load_for_training(config: FineTuningConfig, backend: Backend) -> tuple[Any, Any]:
+    """(PEFT model with fresh LoRA weights, tokenizer) for ``config.model_name``."""
+    check_servable(config)
+    if backend == "unsloth":
+        return _load_unsloth(config)
+    return _load_hf(config)
+
+
+def _load_unsloth(config: FineTuningConfig) -> tuple[Any, Any]:
+    import unsloth  # noqa: F401  # must be imported before transformers to patch it
+    from unsloth import FastLanguageModel
+
+    dtype = None if not (config.bf16 or config.fp16) else _dtype(config)
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=config.model_name,
+        max_seq_length=config.max_seq_length,
+        dtype=dtype,
+        load_in_4bit=config.load_in_4bit,
+    )
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=config.lora_r,
+        target_modules=config.target_modules,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        bias="none",
+        use_gradient_checkpointing="unsloth" if config.gradient_checkpointing else False,
+        random_state=config.seed,
+    )
+    return model, _ensure_pad(tokenizer)
+
+
+def _load_hf(config: FineTuningConfig) -> tuple[Any, Any]:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"dtype": _dtype(config)}
+    if config.load_in_4bit:
+        if not cuda_available():
+            raise BackendError("load_in_4bit needs a CUDA GPU (bitsandbytes); set load_in_4bit: false")
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16 if config.bf16 else torch.float16,
+        )
+    model = AutoModelForCausalLM.from_pretrained(config.model_name, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(config.model_name)
+    if config.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.gradient_checkpointing
+        )
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora), _ensure_pad(tokenizer)
+
+
+def _ensure_pad(tokenizer: Any) -> Any:
+    # Reuse EOS as padding: adding a pad token would resize embeddings, which vLLM cannot serve.
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -1,0 +1,197 @@
+"""FineTuningConfig: every training setting, typed, with defaults and help text.
+
+Loaded from and saved to YAML. A mistyped key is an error that names the key and the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from agent_finetune.errors import ConfigError
+
+DEFAULT_TARGET_MODULES = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+]
+
+
+class FineTuningConfig(BaseModel):
+    """Settings for one LoRA fine-tuning run (seed-guide field names kept)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # -- model -------------------------------------------------------------------------------
+    model_name: str = Field(
+        "unsloth/Qwen2.5-7B-Instruct",
+        description="Base model: a Hugging Face model id or a local folder. For "
+        "`load_model_and_tokenizer`, an adapter folder (with adapter_config.json) also works.",
+    )
+    max_seq_length: int = Field(
+        2048, ge=16, description="Longest training sequence in tokens; longer rows are truncated "
+        "and counted in the data report."
+    )
+    load_in_4bit: bool = Field(
+        False, description="QLoRA: load the base model in 4-bit (bitsandbytes; CUDA only)."
+    )
+    backend: Literal["auto", "unsloth", "hf"] = Field(
+        "auto",
+        description="Training backend. `unsloth` needs a CUDA GPU and Unsloth installed; `hf` "
+        "(transformers + PEFT + TRL) runs anywhere; `auto` picks unsloth when it can, else hf.",
+    )
+
+    # -- LoRA --------------------------------------------------------------------------------
+    lora_r: int = Field(16, ge=1, le=512, description="LoRA rank. Must be <= the server's "
+                        "--max-lora-rank (default 16 in `agent-finetune serve`).")
+    lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input "
+                                "(0 is fastest and what Unsloth optimises for).")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+        min_length=1,
+        description="Linear layers that get LoRA weights. vLLM serves only the attention and MLP "
+        "projections; embed_tokens/lm_head are refused.",
+    )
+
+    # -- optimisation ------------------------------------------------------------------------
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
+    batch_size: int = Field(2, ge=1, description="Per-device training batch size (rows).")
+    gradient_accumulation_steps: int = Field(
+        4, ge=1, description="Steps to accumulate before an optimiser step; effective batch = "
+        "batch_size x this x number of processes."
+    )
+    num_train_epochs: float = Field(3.0, gt=0, description="Passes over the training rows.")
+    max_steps: int = Field(-1, description="If > 0, stop after this many optimiser steps "
+                           "(overrides num_train_epochs).")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps for linear "
+                                "learning-rate warm-up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    lr_scheduler_type: str = Field("linear", description="transformers scheduler name, e.g. "
+                                   "linear, cosine, constant.")
+    seed: int = Field(42, description="Seed for the data split, shuffling and LoRA init.")
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute activations in the backward pass: less memory, ~20% slower. "
+        "The unsloth backend uses Unsloth's offloaded variant."
+    )
+    packing: bool = Field(False, description="Pack several short rows into one sequence "
+                          "(padding-free, position ids reset per row).")
+    train_on_responses_only: bool = Field(
+        True, description="Compute the loss on response tokens only (prompt tokens masked)."
+    )
+    fp16: bool = Field(False, description="Mixed precision fp16 (CUDA). Exclusive with bf16.")
+    bf16: bool = Field(False, description="Mixed precision bf16 (CUDA with bf16 support, or CPU).")
+
+    # -- logging / checkpoints ---------------------------------------------------------------
+    output_dir: str = Field("./outputs", description="Run folder: checkpoints, "
+                            "final_model/, metrics.json, loss_curve.png.")
+    save_steps: int = Field(500, ge=1, description="Save a checkpoint every N optimiser steps.")
+    logging_steps: int = Field(10, ge=1, description="Log the training loss every N steps.")
+    eval_steps: int = Field(100, ge=1, description="Evaluate on the held-out rows every N steps.")
+    use_wandb: bool = Field(False, description="Report to Weights & Biases (needs `wandb` "
+                            "installed and logged in).")
+    wandb_project: str | None = Field(None, description="W&B project (with use_wandb).")
+    wandb_run_name: str | None = Field(None, description="W&B run name (with use_wandb).")
+
+    # -- data and prompts --------------------------------------------------------------------
+    prompt_template: str | None = Field(
+        None,
+        description="Python format string with {instruction}, {response} and any {field} from "
+        "the row or template_vars. None: use the tokenizer's chat template (what vLLM's chat "
+        "endpoint sends at serving time).",
+    )
+    system_prompt: str | None = Field(None, description="System message prepended to every "
+                                      "chat-formatted row that has none.")
+    template_vars: dict[str, str] = Field(
+        default_factory=dict, description="Values for extra {placeholders} in prompt_template, "
+        "e.g. {domain: 医疗}. A row's own field of the same name wins."
+    )
+    field_map: dict[str, str] = Field(
+        default_factory=dict,
+        description="Map your column names onto instruction/input/response, e.g. "
+        "{question: instruction, answer: response}.",
+    )
+
+    # -- publish -----------------------------------------------------------------------------
+    adapter_name: str | None = Field(None, description="Publish the trained adapter under this "
+                                     "registry name (needs registry_dir).")
+    registry_dir: str | None = Field(None, description="Registry folder to publish into "
+                                     "(default: $AGENT_FINETUNE_REGISTRY when adapter_name is set).")
+
+    @model_validator(mode="after")
+    def _check(self) -> FineTuningConfig:
+        if self.fp16 and self.bf16:
+            raise ValueError("fp16 and bf16 are both true; choose one (set the other to false)")
+        bad = {"embed_tokens", "lm_head"} & set(self.target_modules)
+        if bad:
+            raise ValueError(
+                f"target_modules contains {sorted(bad)}: vLLM cannot serve LoRA on embeddings "
+                "or lm_head; remove them"
+            )
+        if self.use_wandb and not self.wandb_project:
+            raise ValueError("use_wandb is true but wandb_project is empty; set wandb_project")
+        return self
+
+    @property
+    def publish_registry(self) -> str | None:
+        """Where to publish, or None when not publishing."""
+        if not self.adapter_name:
+            return None
+        return self.registry_dir or os.environ.get("AGENT_FINETUNE_REGISTRY")
+
+    # -- YAML --------------------------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str], **overrides: Any) -> FineTuningConfig:
+        """Load a YAML file; ``overrides`` win over the file's values."""
+        p = Path(path)
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8-sig")) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p} not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: expected a mapping of field: value, got {type(raw).__name__}")
+        return cls.from_dict({**raw, **overrides}, source=str(p))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> FineTuningConfig:
+        """Validate a dict, turning pydantic errors into one ConfigError that names the source."""
+        try:
+            return cls(**data)
+        except ValidationError as e:
+            raise ConfigError(format_validation_error(e, source)) from None
+
+    def to_yaml(self, path: str | os.PathLike[str]) -> Path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(
+            yaml.safe_dump(self.model_dump(), sort_keys=False, allow_unicode=True), encoding="utf-8"
+        )
+        return p
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    """One line per problem: ``<source>: <field>: <message> (got <value>)`` plus a suggestion."""
+    lines = []
+    fields = list(FineTuningConfig.model_fields)
+    for err in error.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(root)"
+        if err["type"] == "extra_forbidden":
+            hint = difflib.get_close_matches(str(err["loc"][0]), fields, n=1)
+            fix = f"; did you mean {hint[0]!r}?" if hint else "; see `agent-finetune train --help`"
+            lines.append(f"{source}: unknown key {loc!r}{fix}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            got = f" (got {err['input']!r})" if loc != "(root)" else ""
+            lines.append(f"{source}: {loc}: {msg}{got}")
+    return "\n".join(lines)

@@ -1,0 +1,302 @@
+"""Train a LoRA adapter: data -> backend -> adapter -> publish. Read it top to bottom.
+
+``train(config, data_path)`` is the entry point of the CLI and of ``run_fine_tuning`` (the
+seed guide's API). Works under ``torchrun``/``accelerate launch`` with the hf backend; only
+rank 0 writes the final adapter, the plots and the registry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent_finetune.adapter import validate_adapter
+from agent_finetune.backend import Backend, load_for_training, resolve_backend
+from agent_finetune.config import FineTuningConfig
+from agent_finetune.data import load_dataset_file
+from agent_finetune.errors import DataError, UnservableAdapterError
+from agent_finetune.prompts import tokenize_examples
+from agent_finetune.registry import Registry, VersionInfo
+
+log = logging.getLogger("agent_finetune")
+FINAL_DIR = "final_model"
+FORMAT_FILE = "agent_finetune_format.json"
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: the adapter folder, metrics and the published version, if any."""
+
+    adapter_dir: Path
+    run_dir: Path
+    backend: Backend
+    metrics: dict[str, Any] = field(default_factory=dict)
+    published: VersionInfo | None = None
+
+
+def train(
+    config: FineTuningConfig,
+    data_path: str | os.PathLike[str],
+    *,
+    train_test_split: float = 0.1,
+    prompt_template: str | None = None,
+    callbacks: list[Any] | None = None,
+    publish_reason: str | None = None,
+) -> TrainResult:
+    """Fine-tune ``config.model_name`` on ``data_path`` and save ``<output_dir>/final_model``.
+
+    ``prompt_template`` overrides ``config.prompt_template``. ``callbacks`` are extra
+    transformers TrainerCallbacks (benchmarks use them to time steps).
+    """
+    template = prompt_template if prompt_template is not None else config.prompt_template
+    backend = resolve_backend(config)  # imports Unsloth (first) when it is chosen
+
+    # 1. data: parse and validate every row before loading a model
+    dataset = load_dataset_file(
+        data_path, field_map=config.field_map, system_prompt=config.system_prompt
+    )
+    train_rows, eval_rows = dataset.split(train_test_split, config.seed)
+    log.info(
+        "dataset %s: %d rows (%s format), %d train / %d eval",
+        dataset.path, len(dataset), dataset.format, len(train_rows), len(eval_rows),
+    )
+    if not eval_rows:
+        log.warning(
+            "train_test_split=%s leaves no eval rows out of %d; skipping evaluation",
+            train_test_split, len(dataset),
+        )
+
+    # 2. backend: model with fresh LoRA weights
+    import torch
+    from transformers import set_seed
+
+    set_seed(config.seed)
+    model, tokenizer = load_for_training(config, backend)
+
+    # 3. tokens: prompt masked, truncated to max_seq_length
+    tok_kwargs = {
+        "max_seq_length": config.max_seq_length,
+        "prompt_template": template,
+        "template_vars": config.template_vars,
+        "responses_only": config.train_on_responses_only,
+    }
+    train_tok = tokenize_examples(tokenizer, train_rows, **tok_kwargs)  # type: ignore[arg-type]
+    eval_tok = tokenize_examples(tokenizer, eval_rows, **tok_kwargs)  # type: ignore[arg-type]
+    truncated = train_tok.truncated + eval_tok.truncated
+    if truncated:
+        log.warning(
+            "%d of %d rows are longer than max_seq_length=%d and were truncated (%d dropped: "
+            "the prompt alone filled the limit); raise max_seq_length to keep them whole",
+            truncated, len(dataset), config.max_seq_length, train_tok.dropped + eval_tok.dropped,
+        )
+    if not train_tok.rows:
+        raise DataError(f"{dataset.path}: no training rows left after tokenization")
+
+    # 4. train
+    trainer = _make_trainer(config, backend, model, tokenizer, train_tok.rows, eval_tok.rows,
+                            callbacks)
+    run_dir = Path(config.output_dir)
+    eval_before = trainer.evaluate()["eval_loss"] if eval_tok.rows else None
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    out = trainer.train()
+    train_seconds = time.perf_counter() - started
+    eval_after = trainer.evaluate()["eval_loss"] if eval_tok.rows else None
+
+    metrics: dict[str, Any] = {
+        "backend": backend,
+        "train_rows": len(train_tok.rows),
+        "eval_rows": len(eval_tok.rows),
+        "truncated_rows": truncated,
+        "dropped_rows": train_tok.dropped + eval_tok.dropped,
+        "train_loss": out.training_loss,
+        "eval_loss_before": eval_before,
+        "eval_loss": eval_after,
+        "train_seconds": round(train_seconds, 3),
+        "global_steps": trainer.state.global_step,
+        "tokens_seen": int(trainer.state.num_input_tokens_seen),
+        "train_tokens_per_second": round(trainer.state.num_input_tokens_seen / train_seconds, 1),
+        "peak_memory_gib": _peak_memory_gib(),
+        "world_size": trainer.args.world_size,
+    }
+    result = TrainResult(run_dir / FINAL_DIR, run_dir, backend, metrics)
+    if not trainer.is_world_process_zero():
+        return result
+
+    # 5. adapter: standard PEFT safetensors, checked as the server will check it
+    _save_adapter(model, tokenizer, result.adapter_dir, config, template)
+    report = validate_adapter(result.adapter_dir)
+    if not report.ok:
+        raise UnservableAdapterError(
+            f"the trained adapter in {result.adapter_dir} cannot be served:\n  - "
+            + "\n  - ".join(report.problems)
+        )
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    _plot_losses(trainer.state.log_history, run_dir / "loss_curve.png")
+    config.to_yaml(run_dir / "config.yaml")
+    log.info("adapter saved to %s (%s)", result.adapter_dir, _summary(metrics))
+
+    # 6. publish
+    registry_dir = config.publish_registry
+    if config.adapter_name and registry_dir:
+        result.published = Registry(registry_dir).publish(
+            config.adapter_name,
+            result.adapter_dir,
+            metadata={
+                "training_config": config.model_dump(mode="json"),
+                "dataset": dataset.describe(),
+                "metrics": metrics,
+            },
+            reason=publish_reason or f"trained on {dataset.path.name}",
+        )
+        log.info("published %s@%s to %s", config.adapter_name, result.published.version,
+                 registry_dir)
+    elif config.adapter_name:
+        log.warning("adapter_name is set but no registry_dir / AGENT_FINETUNE_REGISTRY; "
+                    "not publishing")
+    return result
+
+
+def run_fine_tuning(
+    data_path: str | os.PathLike[str],
+    config: FineTuningConfig | None = None,
+    train_test_split: float = 0.1,
+    prompt_template: str | None = None,
+) -> str:
+    """The seed guide's entry point: train, publish if configured, return the adapter path."""
+    result = train(
+        config or FineTuningConfig(),
+        data_path,
+        train_test_split=train_test_split,
+        prompt_template=prompt_template,
+    )
+    return str(result.adapter_dir)
+
+
+def _make_trainer(
+    config: FineTuningConfig,
+    backend: Backend,
+    model: Any,
+    tokenizer: Any,
+    train_rows: list[dict[str, list[int]]],
+    eval_rows: list[dict[str, list[int]]],
+    callbacks: list[Any] | None,
+) -> Any:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    if config.use_wandb:
+        os.environ.setdefault("WANDB_PROJECT", config.wandb_project or "agent-finetune")
+    has_eval = bool(eval_rows)
+    args = SFTConfig(
+        output_dir=config.output_dir,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        warmup_steps=config.warmup_ratio,  # transformers 5: a float < 1 is a ratio
+        weight_decay=config.weight_decay,
+        lr_scheduler_type=config.lr_scheduler_type,
+        seed=config.seed,
+        data_seed=config.seed,
+        logging_steps=config.logging_steps,
+        save_steps=config.save_steps,
+        save_total_limit=2,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=config.eval_steps if has_eval else None,
+        fp16=config.fp16,
+        bf16=config.bf16,
+        # Unsloth applies its own (offloaded) checkpointing in get_peft_model.
+        gradient_checkpointing=config.gradient_checkpointing and backend == "hf",
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        max_length=config.max_seq_length,
+        packing=config.packing,
+        padding_free=config.packing,
+        report_to=["wandb"] if config.use_wandb else "none",
+        run_name=config.wandb_run_name,
+        include_num_input_tokens_seen="non_padding",
+        dataset_num_proc=None,
+        ddp_backend="gloo" if _distributed() and not _cuda() else None,
+        ddp_find_unused_parameters=False,
+        disable_tqdm=False,
+    )
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if has_eval else None,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+
+
+def _distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def _save_adapter(
+    model: Any, tokenizer: Any, out: Path, config: FineTuningConfig, template: str | None
+) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    # How prompts were built, so load_model_and_tokenizer/generate_text can do the same.
+    fmt = {
+        "prompt_template": template,
+        "template_vars": config.template_vars,
+        "system_prompt": config.system_prompt,
+    }
+    (out / FORMAT_FILE).write_text(json.dumps(fmt, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+def _peak_memory_gib() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # KiB -> GiB
+
+
+def _plot_losses(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), marker="o", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _summary(metrics: dict[str, Any]) -> str:
+    parts = [f"train_loss={metrics['train_loss']:.4f}"]
+    if metrics.get("eval_loss") is not None:
+        parts.append(f"eval_loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss']:.4f}")
+    parts.append(f"{metrics['train_tokens_per_second']} tok/s")
+    return ", ".join(parts)
