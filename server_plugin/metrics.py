@@ -1,0 +1,44 @@
+"""Prometheus metrics, registered once per process in prometheus_client's default registry.
+
+vLLM's ``/metrics`` serves that registry in the API-server process (single API server;
+with ``--api-server-count > 1`` vLLM switches to multiprocess mode and these do not show).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LOADS = Counter(
+    "agent_finetune_adapter_loads",
+    "Adapter versions loaded into the server (swaps and pinned loads).",
+    ["name"],
+)
+FAILURES = Counter(
+    "agent_finetune_adapter_load_failures",
+    "Adapter versions rejected by validation or by the server.",
+    ["name"],
+)
+SWAPS = Counter(
+    "agent_finetune_adapter_swaps",
+    "Times a public adapter name was repointed to another version.",
+    ["name"],
+)
+SWAP_SECONDS = Histogram(
+    "agent_finetune_swap_seconds",
+    "Seconds from the registry's current pointer moving to the name serving that version.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+LOAD_SECONDS = Histogram(
+    "agent_finetune_load_seconds",
+    "Seconds to copy, verify, validate and load one adapter version.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+LIVE_VERSION = Gauge(
+    "agent_finetune_live_version",
+    "Version number each adapter name serves (0 when none).",
+    ["name"],
+)
+PINNED = Gauge(
+    "agent_finetune_pinned_versions",
+    "Versioned names (name@vNNNN) loaded besides the live ones.",
+)

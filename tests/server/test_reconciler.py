@@ -1,0 +1,266 @@
+"""Fast tests of the reconcile logic with a fake transport: no vLLM, no torch."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hotswap_helpers import FAKE_BASE_CONFIG, edit_config, fake_adapter, set_current, write_version
+
+from agent_finetune.registry import Registry
+from server_plugin.cache import AdapterCache, Limits
+from server_plugin.reconciler import LoadError, Reconciler, split_model
+from server_plugin.watcher import RegistryWatcher
+
+LIMITS = Limits(max_rank=16, base_model="fake-base", base_config=FAKE_BASE_CONFIG)
+
+
+class FakeTransport:
+    """Records calls; serves a dict of name -> path like vLLM's lora_requests."""
+
+    def __init__(self) -> None:
+        self.served: dict[str, str] = {}
+        self.calls: list[tuple[str, ...]] = []
+        self.refuse: set[str] = set()
+
+    async def load(self, served_name: str, path: str) -> None:
+        self.calls.append(("load", served_name))
+        if served_name in self.refuse:
+            raise LoadError(f"vLLM refused to load {path}: boom")
+        self.served[served_name] = path
+
+    async def repoint(self, name: str, target: str) -> None:
+        self.calls.append(("repoint", name, target))
+        self.served[name] = self.served[target]
+
+    async def unload(self, served_name: str) -> None:
+        self.calls.append(("unload", served_name))
+        self.served.pop(served_name, None)
+
+    def loads(self) -> list[str]:
+        return [c[1] for c in self.calls if c[0] == "load"]
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> tuple[Registry, FakeTransport, Reconciler, Path]:
+    registry = Registry(tmp_path / "registry")
+    registry.root.mkdir()
+    transport = FakeTransport()
+    cache = AdapterCache(tmp_path / "cache", LIMITS)
+    rec = Reconciler(registry, cache, transport, max_pinned=2, cache_grace_s=0)
+    return registry, transport, rec, tmp_path
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def status_of(rec: Reconciler, name: str) -> dict[str, Any]:
+    return next(a for a in rec.status()["data"] if a["name"] == name)
+
+
+def test_publish_swap_rollback_and_pin(env: Any) -> None:
+    registry, transport, rec, tmp = env
+    registry.publish("x", fake_adapter(tmp / "a1", seed=1))
+    run(rec.reconcile_once())
+    assert transport.served["x"] == transport.served["x@v0001"]
+    assert status_of(rec, "x")["state"] == "live"
+    assert status_of(rec, "x")["live"] == "v0001"
+
+    registry.publish("x", fake_adapter(tmp / "a2", seed=2))
+    run(rec.reconcile_once())
+    assert transport.served["x"] == transport.served["x@v0002"] != transport.served["x@v0001"]
+    assert rec.status()["pinned"][0]["model"] == "x@v0001"  # kept for a fast rollback
+
+    registry.rollback("x")
+    n_loads = len(transport.loads())
+    run(rec.reconcile_once())
+    assert transport.served["x"] == transport.served["x@v0001"]
+    assert len(transport.loads()) == n_loads  # a rollback to a kept version is a repoint
+    assert transport.calls[-1] == ("repoint", "x", "x@v0001")
+
+    run(rec.reconcile_once())  # idempotent: nothing to do
+    assert transport.calls[-1] == ("repoint", "x", "x@v0001")
+
+
+def test_pinned_versions_are_bounded_lru(env: Any) -> None:
+    registry, transport, rec, tmp = env
+    for seed in range(5):
+        registry.publish("x", fake_adapter(tmp / f"a{seed}", seed=seed), make_current=seed == 4)
+    run(rec.reconcile_once())
+    assert run(rec.ensure_pinned("x@v0001")) is None
+    assert run(rec.ensure_pinned("x@v0002")) is None
+    assert run(rec.ensure_pinned("x@v0001")) is None  # touch: v0002 is now the oldest
+    assert run(rec.ensure_pinned("x@v0003")) is None
+    assert "x@v0002" not in transport.served
+    assert {"x@v0001", "x@v0003", "x@v0005", "x"} == set(transport.served)
+    assert run(rec.ensure_pinned("x@v0099")) is None  # unknown: the server answers 404
+    assert run(rec.ensure_pinned("not a model")) is None
+    assert "x@v0099" not in transport.served
+
+
+@pytest.mark.parametrize(
+    ("kind", "cause"),
+    [
+        ("rank", "exceeds the server's --max-lora-rank"),
+        ("checksum", "sha256 does not match"),
+        ("truncated", "truncated"),
+        ("modules_to_save", "modules_to_save"),
+        ("dora", "DoRA"),
+        ("base_name", "does not match the served model"),
+        ("shapes", "does not fit the base model"),
+        ("refused", "vLLM refused"),
+    ],
+)
+def test_bad_version_keeps_the_live_one(env: Any, kind: str, cause: str) -> None:
+    registry, transport, rec, tmp = env
+    registry.publish("x", fake_adapter(tmp / "good", seed=1))
+    run(rec.reconcile_once())
+    bad = fake_adapter(tmp / "bad", seed=2, r=32 if kind == "rank" else 8)
+    if kind == "modules_to_save":
+        edit_config(bad, modules_to_save=["lm_head"])
+    elif kind == "dora":
+        edit_config(bad, use_dora=True)
+    elif kind == "base_name":
+        edit_config(bad, base_model_name_or_path="someone/other-model")
+    elif kind == "shapes":
+        fake_adapter(bad, seed=2, config={**FAKE_BASE_CONFIG, "hidden_size": 96})
+    elif kind == "truncated":
+        weights = bad / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif kind == "refused":
+        transport.refuse.add("x@v0002")
+    version = write_version(registry, "x", bad)
+    if kind == "checksum":
+        weights = registry.version_dir("x", version) / "adapter_model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    run(rec.reconcile_once())
+    st = status_of(rec, "x")
+    assert (st["state"], st["live"], st["desired"]) == ("failed", "v0001", "v0002")
+    assert cause in st["error"], st["error"]
+    assert transport.served["x"] == transport.served["x@v0001"]
+    n_calls = len(transport.calls)
+    run(rec.reconcile_once())  # not retried until the version's manifest changes
+    assert len(transport.calls) == n_calls
+    assert "x@v0002" not in transport.served
+
+
+def test_registry_deletions_never_touch_live_weights(env: Any) -> None:
+    registry, transport, rec, tmp = env
+    registry.publish("x", fake_adapter(tmp / "a1", seed=1))
+    registry.publish("y", fake_adapter(tmp / "a2", seed=2))
+    run(rec.reconcile_once())
+    served = Path(transport.served["x"])
+    before = (served / "adapter_model.safetensors").read_bytes()
+    shutil.rmtree(registry.version_dir("x", "v0001"))  # rm -rf of the live version
+    run(rec.reconcile_once())
+    assert status_of(rec, "x")["state"] == "live"
+    assert (served / "adapter_model.safetensors").read_bytes() == before
+
+    shutil.rmtree(registry.name_dir("y"))  # the whole name leaves the registry
+    run(rec.reconcile_once())
+    assert "y" not in transport.served and "y@v0001" not in transport.served
+    assert [a["name"] for a in rec.status()["data"]] == ["x"]
+    assert "x" in transport.served
+
+
+def test_missing_registry_keeps_everything(env: Any) -> None:
+    registry, transport, rec, tmp = env
+    registry.publish("x", fake_adapter(tmp / "a1", seed=1))
+    run(rec.reconcile_once())
+    registry.root.rename(tmp / "moved-away")
+    run(rec.reconcile_once())
+    assert "missing or unreadable" in rec.status()["sync_error"]
+    assert "x" in transport.served
+
+
+def test_unreadable_pointer_keeps_live_version(env: Any) -> None:
+    registry, transport, rec, tmp = env
+    registry.publish("x", fake_adapter(tmp / "a1", seed=1))
+    run(rec.reconcile_once())
+    (registry.name_dir("x") / "current").write_text("{not json")
+    run(rec.reconcile_once())
+    st = status_of(rec, "x")
+    assert st["live"] == "v0001" and "current" in st["error"]
+    assert "x" in transport.served
+
+
+def test_cache_copies_outlive_their_names_by_the_grace_period(env: Any) -> None:
+    registry, transport, rec, tmp = env
+    registry.publish("x", fake_adapter(tmp / "a1", seed=1))
+    run(rec.reconcile_once())
+    first = Path(transport.served["x@v0001"])
+    for seed in (2, 3, 4):  # v0001 falls out of the LRU of 2
+        registry.publish("x", fake_adapter(tmp / f"a{seed}", seed=seed))
+        run(rec.reconcile_once())
+    run(rec.reconcile_once())
+    assert "x@v0001" not in transport.served
+    assert not first.exists()  # grace 0 in this fixture
+    assert Path(transport.served["x"]).exists()
+
+
+def test_failed_version_retried_when_its_manifest_changes(env: Any) -> None:
+    registry, _transport, rec, tmp = env
+    bad = fake_adapter(tmp / "bad", seed=1, r=32)
+    version = write_version(registry, "x", bad)
+    run(rec.reconcile_once())
+    assert status_of(rec, "x")["state"] == "failed"
+    good = fake_adapter(tmp / "good", seed=1)
+    vdir = registry.version_dir("x", version)
+    shutil.rmtree(vdir)
+    write_version(registry, "x", good, make_current=False)  # becomes v0001 again
+    set_current(registry, "x", "v0001")
+    run(rec.reconcile_once())
+    assert status_of(rec, "x")["state"] == "live"
+
+
+def test_split_model() -> None:
+    assert split_model("x@v0002") == ("x", "v0002")
+    assert split_model("x") is None
+    assert split_model("x@latest") is None
+    assert split_model("X@v0001") is None
+
+
+def test_run_loop_wakes_and_stops(env: Any) -> None:
+    registry, transport, rec, tmp = env
+    rec.resync_s = 30.0  # only a wake-up can make the second pass happen in time
+
+    async def scenario() -> None:
+        task = asyncio.create_task(rec.run())
+        while rec.passes < 1:
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(registry.publish, "x", fake_adapter(tmp / "a1", seed=1))
+        rec.wake()
+        while "x" not in transport.served:
+            await asyncio.sleep(0.01)
+        rec.stop()
+        await asyncio.wait_for(task, 10)
+
+    run(scenario())
+
+
+def test_watcher_wakes_on_publish_but_not_on_reads(env: Any) -> None:
+    registry, _transport, _rec, tmp = env
+    woken = threading.Event()
+    watcher = RegistryWatcher(registry.root, woken.set)
+    assert watcher.start()
+    try:
+        registry.publish("x", fake_adapter(tmp / "a1", seed=1))
+        assert woken.wait(10)
+        time.sleep(1.0)  # let the publish's remaining events arrive
+        woken.clear()
+        for _ in range(3):
+            registry.current("x")
+            registry.manifest("x", "v0001")
+        assert not woken.wait(0.5)
+    finally:
+        watcher.stop()
+    missing = RegistryWatcher(tmp / "nope", woken.set)
+    assert not missing.start()
