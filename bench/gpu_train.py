@@ -1,0 +1,881 @@
+"""GPU training throughput: the project's unsloth and hf backends against a raw Unsloth loop.
+
+One call per model shape. Every variant trains LoRA r=16 on all 7 linear layers, bf16, with
+gradient checkpointing, the same batch size and sequence length, for ``--warmup`` untimed and
+``--steps`` timed optimizer steps (gradient accumulation 1):
+
+- ``project_unsloth``: ``agent_finetune.train.train`` with ``backend: unsloth``
+- ``project_hf``: ``agent_finetune.train.train`` with ``backend: hf`` (transformers+PEFT+TRL)
+- ``raw_unsloth``: ``FastLanguageModel`` + ``get_peft_model`` and a hand-written AdamW loop,
+  the reference ceiling
+- ``raw_peft``: the same hand-written loop on plain transformers+PEFT (CPU smoke test only)
+
+Modes: ``pad`` (every row is exactly ``--seq-len`` tokens, so no padding at all) and ``pack``
+(rows of varied lengths packed padding-free into ``--batch`` bins of ``--seq-len`` tokens).
+Only real (non-pad) tokens count.
+
+Each variant runs in its own process: Unsloth patches transformers globally, so the hf backend
+must run where Unsloth was never imported. The base model has random weights (throughput and
+memory do not depend on weight values) and a locally trained tokenizer; it is built once under
+``--workdir`` and reused.
+
+MFU = (4 N tokens + attention) / time / 989 TFLOP/s, where N counts the weights of every linear
+layer a token passes through (attention and MLP projections, lm_head; not the embedding), 4N is
+forward plus the backward input gradients of frozen weights (LoRA's own FLOPs, under 1%, and
+the checkpointing recompute are not counted), and attention adds 12 * layers * n_heads *
+head_dim FLOPs per causal (query, key) pair within a document (QK^T and AV, forward + backward).
+
+    python bench/gpu_train.py --shape qwen2.5-7b --batch 2 --seq-len 4096 --steps 10 \
+        --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import itertools
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PEAK_TFLOPS = 989.0  # H100/H200 SXM dense bf16, datasheet
+VARIANTS = ("project_unsloth", "project_hf", "raw_unsloth", "raw_peft")
+MODES = ("pad", "pack")
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_R = 16
+LR = 2e-4
+SEED = 42
+
+# A shape small enough for a CPU smoke test of every code path except Unsloth.
+TINY_SHAPE: dict[str, Any] = {
+    "model_type": "qwen2",
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 8192,
+    "max_position_embeddings": 4096,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+}
+
+
+def log(msg: str) -> None:
+    print(f"[gpu_train {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def shape_config(shape: str) -> dict[str, Any]:
+    from agent_finetune.tiny_model import KNOWN_SHAPES
+
+    if shape == "tiny":
+        return dict(TINY_SHAPE)
+    return dict(KNOWN_SHAPES[shape])
+
+
+# -- FLOPs --------------------------------------------------------------------------------------
+def linear_params(cfg: dict[str, Any]) -> int:
+    """Weights of every linear layer one token passes through (incl. lm_head, not embedding)."""
+    h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    head_dim = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    q = cfg["num_attention_heads"] * head_dim
+    kv = cfg["num_key_value_heads"] * head_dim
+    per_layer = h * q + 2 * h * kv + q * h + 3 * h * inter
+    return layers * per_layer + h * cfg["vocab_size"]
+
+
+def attention_flops_per_pair(cfg: dict[str, Any]) -> int:
+    """Forward + backward FLOPs of one causal (query, key) pair, summed over layers."""
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return 12 * cfg["num_hidden_layers"] * cfg["num_attention_heads"] * head_dim
+
+
+def causal_pairs(lengths: list[int]) -> int:
+    return sum(n * (n + 1) // 2 for n in lengths)
+
+
+# -- data ---------------------------------------------------------------------------------------
+def _words(n: int, rng: random.Random) -> list[str]:
+    syll = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"]
+    return ["".join(rng.choice(syll) for _ in range(rng.randint(1, 3))) for _ in range(n)]
+
+
+def _text(vocab: list[str], n_words: int, rng: random.Random) -> str:
+    return " ".join(rng.choice(vocab) for _ in range(n_words))
+
+
+def write_datasets(root: Path, tokenizer: Any, seq_len: int, rows_needed: int) -> dict[str, Any]:
+    """pad.jsonl: rows longer than seq_len (truncated to exactly seq_len in training).
+    pack.jsonl: log-normal lengths (median seq_len/8, clipped to [32, seq_len]), enough tokens
+    for rows_needed full bins."""
+    rng = random.Random(SEED)
+    vocab = _words(3000, random.Random(1))
+    sample = _text(vocab, 2000, rng)
+    tok_per_word = len(tokenizer(sample, add_special_tokens=False)["input_ids"]) / 2000
+
+    def row(n_tokens: int) -> dict[str, str]:
+        n_words = max(4, int(n_tokens / tok_per_word))
+        n_prompt = max(2, n_words // 8)
+        return {
+            "instruction": _text(vocab, n_prompt, rng),
+            "response": _text(vocab, n_words - n_prompt, rng),
+        }
+
+    pad = [row(seq_len + 64) for _ in range(rows_needed)]
+    pack: list[dict[str, str]] = []
+    budget = int(rows_needed * seq_len * 1.3)
+    total = 0
+    while total < budget:
+        n = int(min(seq_len - 16, max(32, rng.lognormvariate(math.log(seq_len / 8), 0.9))))
+        pack.append(row(n))
+        total += n
+    for name, rows in (("pad", pad), ("pack", pack)):
+        with (root / f"{name}.jsonl").open("w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    return {"tokens_per_word": tok_per_word, "pad_rows": len(pad), "pack_rows": len(pack)}
+
+
+def prepare(args: argparse.Namespace) -> Path:
+    """Build (once) the random-weight model, tokenizer and datasets under workdir/shape."""
+    import torch
+
+    from agent_finetune.tiny_model import build_model_from_config, train_tokenizer
+
+    root = Path(args.workdir) / f"{args.shape}-s{args.seq_len}"
+    model_dir = root / "model"
+    if (root / "READY").is_file():
+        log(f"reusing {root}")
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    vocab = _words(3000, random.Random(1))
+    rng = random.Random(0)
+    corpus = [_text(vocab, 40, rng) for _ in range(3000)]
+    tokenizer = train_tokenizer(corpus, vocab_size=8192)
+    cfg = shape_config(args.shape)
+    cfg["eos_token_id"] = tokenizer.eos_token_id
+    cfg["bos_token_id"] = None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(SEED)
+    model = build_model_from_config(cfg, dtype=torch.bfloat16, device=device)
+    model.save_pretrained(model_dir, safe_serialization=True, max_shard_size="5GB")
+    tokenizer.save_pretrained(model_dir)
+    del model
+    rows_needed = args.batch * (args.warmup + args.steps) + 8
+    info = write_datasets(root, tokenizer, args.seq_len, rows_needed)
+    info["build_seconds"] = round(time.perf_counter() - started, 1)
+    (root / "prepare.json").write_text(json.dumps(info, indent=2))
+    (root / "READY").write_text("ok")
+    log(f"prepared {root} in {info['build_seconds']} s: {info}")
+    return root
+
+
+# -- measuring ----------------------------------------------------------------------------------
+def _cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _reset_peak() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak() -> dict[str, float | None]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"peak_alloc_gib": None, "peak_reserved_gib": None}
+    return {
+        "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3),
+    }
+
+
+class Timing:
+    """Wall time and real tokens of the steps after warm-up (each step synchronized)."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.step_ends: list[float] = []
+        self.tokens_at_end: list[int] = []
+        self.losses: list[float] = []
+
+    def step_end(self, tokens_seen: int) -> None:
+        _sync()
+        self.step_ends.append(time.perf_counter())
+        self.tokens_at_end.append(int(tokens_seen))
+
+    def result(self) -> dict[str, Any]:
+        w = self.warmup
+        if len(self.step_ends) <= w:
+            raise RuntimeError(f"only {len(self.step_ends)} steps ran; need more than {w}")
+        secs = self.step_ends[-1] - self.step_ends[w - 1] if w else None
+        if secs is None:
+            raise RuntimeError("--warmup must be >= 1")
+        tokens = self.tokens_at_end[-1] - self.tokens_at_end[w - 1]
+        ends = self.step_ends
+        all_durs = [b - a for a, b in itertools.pairwise(ends)]
+        durations = all_durs[w - 1 :]
+        return {
+            "timed_steps": len(self.step_ends) - w,
+            "timed_seconds": round(secs, 4),
+            "timed_tokens": tokens,
+            "tokens_per_second": round(tokens / secs, 1),
+            "step_seconds_median": round(statistics.median(durations), 4),
+            "step_seconds_min": round(min(durations), 4),
+            "step_seconds_max": round(max(durations), 4),
+            "all_step_seconds": [round(d, 4) for d in all_durs],
+        }
+
+
+def make_callback(timing: Timing) -> Any:
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):  # type: ignore[misc]
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            _reset_peak()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            timing.step_end(state.num_input_tokens_seen)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            if logs and "loss" in logs:
+                timing.losses.append(float(logs["loss"]))
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            timing.peak = _peak()  # type: ignore[attr-defined]
+
+    return StepTimer()
+
+
+# -- variants -----------------------------------------------------------------------------------
+def run_project(backend: str, mode: str, root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """One run of the project's own entry point, train(), timed by a TrainerCallback."""
+    from agent_finetune.adapter import load_base_config
+    from agent_finetune.config import FineTuningConfig
+    from agent_finetune.registry import Registry
+    from agent_finetune.train import train
+
+    run_dir = root / "runs" / f"{backend}-{mode}"
+    registry = root / "registry"
+    config = FineTuningConfig(
+        model_name=str(root / "model"),
+        backend=backend,  # type: ignore[arg-type]
+        max_seq_length=args.seq_len,
+        lora_r=LORA_R,
+        lora_alpha=LORA_R,
+        target_modules=list(TARGET_MODULES),
+        learning_rate=LR,
+        batch_size=args.batch,
+        gradient_accumulation_steps=1,
+        max_steps=args.warmup + args.steps,
+        warmup_ratio=0.0,
+        lr_scheduler_type="constant",
+        bf16=_cuda() or args.bf16_cpu,
+        gradient_checkpointing=True,
+        packing=mode == "pack",
+        output_dir=str(run_dir),
+        logging_steps=1,
+        save_steps=100_000,
+        seed=SEED,
+        adapter_name=f"bench-{backend}-{mode}",
+        registry_dir=str(registry),
+    )
+    timing = Timing(args.warmup)
+    started = time.perf_counter()
+    result = train(
+        config, root / f"{mode}.jsonl", train_test_split=0.0, callbacks=[make_callback(timing)]
+    )
+    out = {**timing.result(), **getattr(timing, "peak", _peak())}
+    out["train_call_seconds"] = round(time.perf_counter() - started, 1)
+    out["losses"] = [round(x, 4) for x in timing.losses]
+    out["backend_used"] = result.backend
+    out["project_metrics"] = {
+        k: result.metrics.get(k)
+        for k in (
+            "train_rows",
+            "truncated_rows",
+            "tokens_seen",
+            "train_seconds",
+            "peak_memory_gib",
+            "train_loss",
+        )
+    }
+    if result.published is not None:
+        report = Registry(registry).verify(
+            result.published.name,
+            result.published.version,
+            base_config=load_base_config(root / "model"),
+            max_rank=LORA_R,
+        )
+        out["published"] = f"{result.published.name}@{result.published.version}"
+        out["registry_verify_ok"] = report.ok
+        out["registry_verify_problems"] = report.problems
+        out["adapter_dir"] = str(result.published.path)
+    return out
+
+
+def _rows(root: Path, mode: str, tokenizer: Any, seq_len: int) -> list[dict[str, list[int]]]:
+    """The same tokenized rows the project path trains on."""
+    from agent_finetune.data import load_dataset_file
+    from agent_finetune.prompts import tokenize_examples
+
+    ds = load_dataset_file(root / f"{mode}.jsonl")
+    train_rows, _ = ds.split(0.0, SEED)
+    return tokenize_examples(tokenizer, train_rows, max_seq_length=seq_len).rows
+
+
+def pack_bins(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: row indices per bin, each bin at most ``capacity`` tokens."""
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = lengths[i]
+        best = min(
+            (j for j in range(len(bins)) if free[j] >= n), key=lambda j: free[j], default=None
+        )
+        if best is None:
+            bins.append([i])
+            free.append(capacity - n)
+        else:
+            bins[best].append(i)
+            free[best] -= n
+    return bins
+
+
+def make_batches(
+    rows: list[dict[str, list[int]]],
+    mode: str,
+    batch: int,
+    seq_len: int,
+    steps: int,
+    packed_lengths_kwarg: bool,
+) -> list[dict[str, Any]]:
+    """CPU tensors for ``steps`` optimizer steps, cycling over the rows."""
+    import torch
+
+    rng = random.Random(SEED)
+    out: list[dict[str, Any]] = []
+    if mode == "pad":
+        order = list(range(len(rows)))
+        rng.shuffle(order)
+        k = 0
+        for _ in range(steps):
+            picked = [rows[order[(k + j) % len(order)]] for j in range(batch)]
+            k += batch
+            assert all(len(r["input_ids"]) == seq_len for r in picked), "pad rows must be full"
+            ids = torch.tensor([r["input_ids"] for r in picked])
+            labels = torch.tensor([r["labels"] for r in picked])
+            out.append({"input_ids": ids, "labels": labels, "_lengths": [seq_len] * batch})
+        return out
+    bins = pack_bins([len(r["input_ids"]) for r in rows], seq_len)
+    rng.shuffle(bins)
+    k = 0
+    for _ in range(steps):
+        docs = [i for j in range(batch) for i in bins[(k + j) % len(bins)]]
+        k += batch
+        ids: list[int] = []
+        labels: list[int] = []
+        pos: list[int] = []
+        lengths: list[int] = []
+        for i in docs:
+            r = rows[i]
+            n = len(r["input_ids"])
+            ids += r["input_ids"]
+            # the first token of a document is never a target of the previous one
+            labels += [-100, *r["labels"][1:]]
+            pos += list(range(n))
+            lengths.append(n)
+        b: dict[str, Any] = {
+            "input_ids": torch.tensor([ids]),
+            "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([pos]),
+            "_lengths": lengths,
+        }
+        if packed_lengths_kwarg:
+            b["packed_seq_lengths"] = torch.tensor(lengths, dtype=torch.int32)
+        out.append(b)
+    return out
+
+
+def run_raw(impl: str, mode: str, root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """A hand-written loop: forward with labels, backward, fused AdamW step. No Trainer."""
+    import torch
+
+    t0 = time.perf_counter()
+    model_dir = str(root / "model")
+    if impl == "unsloth":
+        from unsloth import FastLanguageModel
+
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=model_dir,
+            max_seq_length=args.seq_len,
+            dtype=torch.bfloat16,
+            load_in_4bit=False,
+        )
+        model = FastLanguageModel.get_peft_model(
+            model,
+            r=LORA_R,
+            target_modules=list(TARGET_MODULES),
+            lora_alpha=LORA_R,
+            lora_dropout=0.0,
+            bias="none",
+            use_gradient_checkpointing="unsloth",
+            random_state=SEED,
+        )
+        FastLanguageModel.for_training(model)
+    else:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        dtype = torch.bfloat16 if (_cuda() or args.bf16_cpu) else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        if _cuda():
+            model = model.cuda()
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+        model.enable_input_require_grads()
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=LORA_R,
+                lora_alpha=LORA_R,
+                lora_dropout=0.0,
+                target_modules=list(TARGET_MODULES),
+                bias="none",
+                task_type="CAUSAL_LM",
+            ),
+        )
+        model.train()
+    load_s = time.perf_counter() - t0
+    device = next(model.parameters()).device
+    rows = _rows(root, mode, tokenizer, args.seq_len)
+    total_steps = args.warmup + args.steps
+    batches = make_batches(
+        rows, mode, args.batch, args.seq_len, total_steps, packed_lengths_kwarg=impl == "unsloth"
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=device.type == "cuda")
+    timing = Timing(args.warmup)
+    _reset_peak()
+    tokens = 0
+    pairs_timed = 0
+    for step, b in enumerate(batches):
+        lengths = b["_lengths"]
+        inputs = {
+            k: v if k == "packed_seq_lengths" else v.to(device, non_blocking=True)
+            for k, v in b.items()
+            if k != "_lengths"
+        }
+        out = model(**inputs)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += sum(lengths)
+        if step >= args.warmup:
+            pairs_timed += causal_pairs(lengths)
+        timing.step_end(tokens)
+        if step >= total_steps - 3:
+            timing.losses.append(float(out.loss.detach()))
+    res = {**timing.result(), **_peak(), "load_seconds": round(load_s, 1)}
+    res["losses"] = [round(x, 4) for x in timing.losses]
+    res["causal_pairs_timed"] = pairs_timed
+    return res
+
+
+def dataset_pairs_per_token(root: Path, mode: str, seq_len: int) -> float:
+    """Average causal pairs per token over the tokenized training rows (for MFU estimates)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(root / "model"))
+    lengths = [len(r["input_ids"]) for r in _rows(root, mode, tok, seq_len)]
+    return causal_pairs(lengths) / sum(lengths)
+
+
+def _allocated_gib() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.memory_allocated() / 2**30, 3)
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "trl", "unsloth", "unsloth_zoo", "datasets"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "-"
+    return out
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Run one variant for each requested mode in this process; write one JSON per mode."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    root = Path(args.root)
+    t0 = time.perf_counter()
+    if args.worker in ("project_unsloth", "raw_unsloth"):
+        import unsloth  # noqa: F401  # before transformers, as the project's backend does
+    import_s = time.perf_counter() - t0
+    for mode in args.modes.split(","):
+        res: dict[str, Any] = {
+            "variant": args.worker,
+            "mode": mode,
+            "import_seconds": round(import_s, 1),
+            "versions": _versions(),
+            # left over from an earlier mode in this process; peaks include it
+            "mem_before_gib": _allocated_gib(),
+        }
+        started = time.perf_counter()
+        try:
+            if args.worker.startswith("project_"):
+                res.update(run_project(args.worker.removeprefix("project_"), mode, root, args))
+            else:
+                res.update(run_raw(args.worker.removeprefix("raw_"), mode, root, args))
+        except Exception as e:  # recorded; the driver carries on with the other variants
+            import traceback
+
+            traceback.print_exc()
+            res["error"] = f"{type(e).__name__}: {e}"[:2000]
+        res["wall_seconds"] = round(time.perf_counter() - started, 1)
+        res["unsloth_imported"] = "unsloth" in sys.modules
+        Path(args.result_dir, f"{args.worker}-{mode}.json").write_text(json.dumps(res, indent=2))
+        log(
+            f"{args.worker}/{mode}: "
+            + json.dumps({k: res.get(k) for k in ("tokens_per_second", "peak_alloc_gib", "error")})
+        )
+        gc.collect()
+        if _cuda():
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+# -- logits check ---------------------------------------------------------------------------------
+def logits_check(args: argparse.Namespace) -> None:
+    """Unsloth (base + published adapter) vs plain PEFT logits, each in its own process."""
+    import torch
+
+    root = Path(args.root)
+    adapter = Path(args.adapter)
+    ids_path = Path(args.result_dir) / "logits_ids.pt"
+    if args.worker == "logits_unsloth":
+        import unsloth  # noqa: F401
+        from unsloth import FastLanguageModel
+
+        model, _ = FastLanguageModel.from_pretrained(
+            model_name=str(adapter),
+            max_seq_length=args.seq_len,
+            dtype=torch.bfloat16,
+            load_in_4bit=False,
+        )
+        model.eval()
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, 8000, (1, args.logits_len), generator=g)
+        torch.save(ids, ids_path)
+        with torch.no_grad():
+            logits = model(input_ids=ids.cuda()).logits
+        torch.save(logits.float().cpu(), Path(args.result_dir) / "logits_unsloth.pt")
+        return
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.load(ids_path).cuda()
+    base = AutoModelForCausalLM.from_pretrained(str(root / "model"), dtype=torch.bfloat16).cuda()
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    with torch.no_grad():
+        peft_logits = model(input_ids=ids).logits.float().cpu()
+        with model.disable_adapter():
+            base_logits = model(input_ids=ids).logits.float().cpu()
+    uns = torch.load(Path(args.result_dir) / "logits_unsloth.pt")
+
+    def rel(a: Any, b: Any) -> float:
+        return float((a - b).norm() / b.norm())
+
+    res = {
+        "variant": "logits_check",
+        "adapter": str(adapter),
+        "tokens": args.logits_len,
+        "unsloth_vs_peft_max_abs": float((uns - peft_logits).abs().max()),
+        "unsloth_vs_peft_rel_norm": rel(uns, peft_logits),
+        "peft_logit_abs_max": float(peft_logits.abs().max()),
+        "adapter_effect_rel_norm": rel(peft_logits, base_logits),
+        "argmax_agreement": float((uns.argmax(-1) == peft_logits.argmax(-1)).float().mean()),
+        "unsloth_imported": "unsloth" in sys.modules,
+    }
+    Path(args.result_dir, "logits_check.json").write_text(json.dumps(res, indent=2))
+    log("logits check: " + json.dumps(res))
+
+
+# -- driver ---------------------------------------------------------------------------------------
+def flops_for(res: dict[str, Any], cfg: dict[str, Any], pairs_per_token: float) -> float:
+    tokens = res["timed_tokens"]
+    pairs = res.get("causal_pairs_timed") or pairs_per_token * tokens
+    return 4 * linear_params(cfg) * tokens + attention_flops_per_pair(cfg) * pairs
+
+
+def _spawn(argv: list[str], log_path: Path, timeout: float) -> int:
+    """Run a worker, echo and save its output, kill it after ``timeout`` seconds."""
+    import threading
+
+    log(f"$ {' '.join(argv)}")
+    with log_path.open("w") as logf:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                logf.write(line)
+                if ECHO:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+            log(f"killed after {timeout:.0f} s")
+        reader.join(timeout=10)
+    return rc
+
+
+ECHO = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    global ECHO
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="qwen2.5-7b", help="qwen2.5-1.5b, qwen2.5-7b or tiny")
+    p.add_argument("--batch", type=int, default=2, help="rows (pad) or packed bins per step")
+    p.add_argument("--seq-len", type=int, default=4096, help="tokens per row / per packed bin")
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=4, help="untimed optimizer steps first")
+    p.add_argument(
+        "--variants",
+        default="raw_unsloth,project_unsloth,project_hf",
+        help=f"comma list of {', '.join(VARIANTS)}",
+    )
+    p.add_argument("--modes", default="pad,pack", help="comma list of pad, pack")
+    p.add_argument(
+        "--isolate",
+        action="store_true",
+        help="one process per (variant, mode) instead of one per variant",
+    )
+    p.add_argument(
+        "--logits-check",
+        action="store_true",
+        help="compare Unsloth and plain-PEFT logits of the project_unsloth adapter",
+    )
+    p.add_argument("--logits-len", type=int, default=256)
+    p.add_argument("--workdir", default="/tmp/agent_bench", help="model, data and runs")
+    p.add_argument("--out", default="gpu_train.json", help="JSON results file")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=560.0,
+        help="skip variants that would start after this many seconds",
+    )
+    p.add_argument("--worker-timeout-s", type=float, default=300.0)
+    p.add_argument("--bf16-cpu", action="store_true", help="bf16 on CPU too (smoke tests)")
+    p.add_argument("--quiet", action="store_true", help="do not echo worker output")
+    # internal
+    p.add_argument("--worker", choices=[*VARIANTS, "prepare", "logits_unsloth", "logits_peft"])
+    p.add_argument("--root")
+    p.add_argument("--result-dir")
+    p.add_argument("--adapter")
+    args = p.parse_args(argv)
+    ECHO = not args.quiet
+    for v in args.variants.split(","):
+        if v not in VARIANTS:
+            p.error(f"--variants: unknown {v!r}; choose from {', '.join(VARIANTS)}")
+    for m in args.modes.split(","):
+        if m not in MODES:
+            p.error(f"--modes: unknown {m!r}; choose from pad, pack")
+
+    if args.worker == "prepare":
+        prepare(args)
+        return 0
+    if args.worker in ("logits_unsloth", "logits_peft"):
+        logits_check(args)
+        return 0
+    if args.worker:
+        worker(args)
+        return 0
+
+    started = time.monotonic()
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    result_dir = Path(args.workdir) / "results" / f"{args.shape}-{int(time.time())}"
+    result_dir.mkdir(parents=True, exist_ok=True)
+    common = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--shape",
+        args.shape,
+        "--batch",
+        str(args.batch),
+        "--seq-len",
+        str(args.seq_len),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--workdir",
+        args.workdir,
+        "--result-dir",
+        str(result_dir),
+    ] + (["--bf16-cpu"] if args.bf16_cpu else [])
+    rc = _spawn([*common, "--worker", "prepare"], result_dir / "prepare.log", 900)
+    if rc != 0:
+        log(f"prepare failed (rc={rc}); see {result_dir / 'prepare.log'}")
+        return 1
+    root = Path(args.workdir) / f"{args.shape}-s{args.seq_len}"
+    modes = args.modes.split(",")
+    jobs = (
+        [(v, [m]) for v in args.variants.split(",") for m in modes]
+        if args.isolate
+        else [(v, modes) for v in args.variants.split(",")]
+    )
+    for variant, job_modes in jobs:
+        if time.monotonic() - started > args.budget_s:
+            log(f"skipping {variant} {job_modes}: past --budget-s {args.budget_s}")
+            continue
+        _spawn(
+            [*common, "--root", str(root), "--worker", variant, "--modes", ",".join(job_modes)],
+            result_dir / f"{variant}-{'-'.join(job_modes)}.log",
+            args.worker_timeout_s,
+        )
+
+    results = []
+    for f in sorted(result_dir.glob("*.json")):
+        if f.name.startswith(("project_", "raw_")):
+            results.append(json.loads(f.read_text()))
+    adapter = next(
+        (
+            r.get("adapter_dir")
+            for r in results
+            if r["variant"] == "project_unsloth" and r.get("adapter_dir")
+        ),
+        None,
+    )
+    logits = None
+    if args.logits_check and adapter and time.monotonic() - started < args.budget_s:
+        for w in ("logits_unsloth", "logits_peft"):
+            _spawn(
+                [*common, "--root", str(root), "--worker", w, "--adapter", adapter],
+                result_dir / f"{w}.log",
+                300,
+            )
+        f = result_dir / "logits_check.json"
+        logits = json.loads(f.read_text()) if f.is_file() else {"error": "no result"}
+
+    cfg = shape_config(args.shape)
+    pairs = {
+        m: (args.seq_len + 1) / 2 if m == "pad" else dataset_pairs_per_token(root, m, args.seq_len)
+        for m in modes
+    }
+    for r in results:
+        if r.get("peak_alloc_gib") is not None and r.get("mem_before_gib") is not None:
+            r["peak_net_gib"] = round(r["peak_alloc_gib"] - r["mem_before_gib"], 3)
+        if "timed_tokens" in r:
+            fl = flops_for(r, cfg, pairs[r["mode"]])
+            r["model_tflops"] = round(fl / r["timed_seconds"] / 1e12, 1)
+            r["mfu"] = round(fl / r["timed_seconds"] / (PEAK_TFLOPS * 1e12), 4)
+    by = {(r["variant"], r["mode"]): r for r in results}
+    for r in results:
+        tps = r.get("tokens_per_second")
+        for ref in ("raw_unsloth", "project_hf"):
+            other = by.get((ref, r["mode"]), {}).get("tokens_per_second")
+            if tps and other and ref != r["variant"]:
+                r[f"vs_{ref}"] = round(tps / other, 3)
+    gpu = None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        gpu = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout.strip()
+    prep = root / "prepare.json"
+    summary = {
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "command": " ".join(
+            [os.path.relpath(__file__), *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "shape": args.shape,
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "gpu": gpu,
+        "linear_params": linear_params(cfg),
+        "peak_tflops": PEAK_TFLOPS,
+        "attention_pairs_per_token": pairs,
+        "prepare": json.loads(prep.read_text()) if prep.is_file() else None,
+        "results": results,
+        "logits_check": logits,
+        "driver_seconds": round(time.monotonic() - started, 1),
+        "logs": str(result_dir),
+    }
+    out_path.write_text(json.dumps(summary, indent=2))
+    print_table(summary)
+    return 0
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    print(
+        f"\n{summary['shape']}  batch {summary['batch']} x {summary['seq_len']}  "
+        f"{summary['steps']} timed steps after {summary['warmup']}  ({summary['gpu']})"
+    )
+    head = (
+        f"{'mode':5} {'variant':16} {'tok/s':>9} {'peak GiB':>9} {'MFU':>6} "
+        f"{'vs raw':>7} {'vs hf':>6} {'step s':>7}  note"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in sorted(summary["results"], key=lambda r: (r["mode"], r["variant"])):
+
+        def f(key: str, fmt: str, r: dict[str, Any] = r) -> str:
+            v = r.get(key)
+            return format(v, fmt) if isinstance(v, int | float) else "-"
+
+        note = r.get("error", "")[:60] if r.get("error") else ""
+        print(
+            f"{r['mode']:5} {r['variant']:16} {f('tokens_per_second', '9.0f')} "
+            f"{f('peak_alloc_gib', '9.2f')} {f('mfu', '6.1%')} {f('vs_raw_unsloth', '7.2f')} "
+            f"{f('vs_project_hf', '6.2f')} {f('step_seconds_median', '7.3f')}  {note}"
+        )
+    if summary.get("logits_check"):
+        print("logits check:", json.dumps(summary["logits_check"]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
