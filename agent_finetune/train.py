@@ -296,7 +296,7 @@ def _plot_losses(history: list[dict[str, Any]], path: Path) -> None:
 
 def _summary(metrics: dict[str, Any]) -> str:
     parts = [f"train_loss={metrics['train_loss']:.4f}"]
-    if metrics.get("eval_loss") is not None:
+    if metrics.get("eval_loss") is not None and metrics.get("eval_loss_before") is not None:
         parts.append(f"eval_loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss']:.4f}")
     parts.append(f"{metrics['train_tokens_per_second']} tok/s")
     return ", ".join(parts)

@@ -1,0 +1,55 @@
+"""AgentConfig: which adapter (and optionally which pinned version) each agent role uses."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agent_finetune.errors import ConfigError
+from agent_finetune.registry import check_name, check_version
+
+
+class RoleConfig(BaseModel):
+    """One role of the agent and the adapter it calls."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapter: str = Field(description="Registry adapter name, sent as the OpenAI `model`.")
+    version: str | None = Field(None, description="Pin this version (vNNNN); None follows "
+                                "the adapter's current version.")
+    system_prompt: str | None = Field(None, description="System message for this role.")
+    temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature.")
+    max_tokens: int = Field(256, ge=1, description="Longest reply in tokens.")
+
+    @property
+    def model(self) -> str:
+        """The OpenAI `model` string: `name` or `name@vNNNN`."""
+        check_name(self.adapter)
+        return f"{self.adapter}@{check_version(self.version)}" if self.version else self.adapter
+
+
+class AgentConfig(BaseModel):
+    """Server address and the roles of an agent (configs/agent.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    server: str = Field("http://127.0.0.1:8000/v1", description="OpenAI-compatible base URL.")
+    api_key: str = Field("EMPTY", description="API key (vLLM's --api-key), or EMPTY.")
+    roles: dict[str, RoleConfig] = Field(description="Role name -> adapter settings.")
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> AgentConfig:
+        p = Path(path)
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8-sig")) or {}
+            config = cls(**raw)
+            for role in config.roles.values():
+                _ = role.model  # validates names and versions
+            return config
+        except FileNotFoundError:
+            raise ConfigError(f"agent config {p} not found") from None
+        except (yaml.YAMLError, ValidationError, ValueError, TypeError) as e:
+            raise ConfigError(f"{p}: {e}") from None
