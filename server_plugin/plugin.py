@@ -60,8 +60,6 @@ class VllmTransport:
             raise LoadError(f"vLLM refused to load {path}: {result.error.message}")
 
     async def repoint(self, name: str, target: str) -> None:
-        from vllm.lora.request import LoRARequest
-
         if self.models.is_base_model(name):
             raise LoadError(
                 f"adapter name {name!r} is also a served base model name; rename the adapter "
@@ -70,18 +68,27 @@ class VllmTransport:
         loaded = self.models.lora_requests.get(target)
         if loaded is None:
             raise LoadError(f"cannot point {name} at {target}: {target} is not loaded")
-        # Same LoRA id and path as the versioned name: the engine sees one adapter, and a
-        # request admitted before this line keeps the LoRARequest it was admitted with.
-        self.models.lora_requests[name] = LoRARequest(
-            lora_name=name,
-            lora_int_id=loaded.lora_int_id,
-            lora_path=loaded.lora_path,
-            base_model_name=loaded.base_model_name,
-        )
+        # The versioned LoRARequest itself, not a copy named `name`: vLLM's worker keys
+        # active adapters by lora_name, so two LoRA ids under one name in a batch (old
+        # requests still running, new ones admitted) crash the engine. Requests admitted
+        # before this line keep the LoRARequest they were admitted with.
+        self.models.lora_requests[name] = loaded
 
     async def unload(self, served_name: str) -> None:
         # Unloading frees no engine memory in vLLM 0.32; the name simply stops resolving.
         self.models.lora_requests.pop(served_name, None)
+
+
+async def list_models(request: Request) -> Response:
+    """vLLM's ``/v1/models``, listing each served name (a repointed name shares its
+    version's LoRARequest, whose ``lora_name`` is ``name@vNNNN``)."""
+    models = request.app.state.openai_serving_models
+    result = await models.show_available_models()
+    names = list(models.lora_requests)  # same order, read before any other await
+    n_base = len(result.data) - len(names)
+    for card, name in zip(result.data[n_base:], names, strict=False):
+        card.id = name
+    return JSONResponse(content=result.model_dump())
 
 
 def _limits(engine_client: Any, args: Namespace, settings: Settings) -> Limits:
@@ -189,6 +196,7 @@ class EndpointPlugin:
     def attach_router(self, app: Any) -> None:
         try:
             app.add_api_route("/v1/adapters", self.adapters, methods=["GET"])
+            app.add_api_route("/v1/models", list_models, methods=["GET"])
             app.add_middleware(PinnedModelMiddleware, plugin=self)
         except Exception:
             logger.exception("agent_finetune: attaching routes failed; plugin disabled")

@@ -5,10 +5,11 @@ For servers where the plugin cannot be installed. The server must expose
 ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``, and must be able to read the sidecar's cache
 folder at the same path (same machine or shared filesystem).
 
-Caveat: the HTTP API cannot repoint a name in one step, so a swap unloads ``<name>`` and
-loads it again with the new version's path (after ``<name>@vNNNN`` loaded fine): for
-one round trip ``<name>`` answers 404. Clients that cannot retry should pin versions or
-use the plugin.
+Caveat: the HTTP API cannot repoint a name in one step. A swap loads ``<name>@vNNNN``,
+unloads ``<name>``, waits until no request on ``<name>`` is running (vLLM's worker keys
+adapters by name: two LoRA ids under one name in one batch crash its engine), then loads
+``<name>`` again from the new version's path. Meanwhile ``<name>`` answers 404: clients
+should retry, or pin versions, or use the plugin, which has no such window.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,7 +79,28 @@ class HttpTransport:
             if cards[name].get("root") == path:
                 return
             await self.unload(name)
+            await self.drain(name)
         await self.load(name, path)
+
+    async def drain(self, name: str, timeout_s: float = 300.0) -> None:
+        """Wait until no running or waiting request uses adapter ``name``.
+
+        Reads ``vllm:lora_requests_info`` from ``/metrics``: its newest sample lists the
+        adapters in use; a sample older than a second means the engine is idle.
+        """
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                r = await self.client.get("/metrics")
+                busy = _adapter_in_use(r.text, name) if r.status_code == 200 else True
+            except httpx.HTTPError:
+                busy = True
+            if not busy:
+                return
+            await asyncio.sleep(0.05)
+        logger.warning(
+            "agent_finetune sync: %s still busy after %.0fs; loading anyway", name, timeout_s
+        )
 
     async def unload(self, served_name: str) -> None:
         r = await self._post("/v1/unload_lora_adapter", {"lora_name": served_name})
@@ -84,6 +108,25 @@ class HttpTransport:
             raise LoadError(
                 f"server refused to unload {served_name}: HTTP {r.status_code}: {r.text[:500]}"
             )
+
+
+_LORA_INFO = re.compile(r"^vllm:lora_requests_info\{(?P<labels>[^}]*)\}\s+(?P<value>\S+)$", re.M)
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+def _adapter_in_use(metrics_text: str, name: str) -> bool:
+    """Whether the newest ``vllm:lora_requests_info`` sample lists ``name`` as in use."""
+    newest: tuple[float, dict[str, str]] | None = None
+    for m in _LORA_INFO.finditer(metrics_text):
+        value = float(m["value"])
+        if newest is None or value > newest[0]:
+            newest = (value, dict(_LABEL.findall(m["labels"])))
+    if newest is None or time.time() - newest[0] > 1.0:
+        return False  # no sample yet, or none for a second: nothing is running
+    labels = newest[1]
+    in_use = labels.get("running_lora_adapters", "").split(",")
+    in_use += labels.get("waiting_lora_adapters", "").split(",")
+    return name in in_use
 
 
 @dataclass(frozen=True)

