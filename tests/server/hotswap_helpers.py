@@ -54,7 +54,7 @@ def make_adapter(
         for pname, param in peft_model.named_parameters():
             if "lora_B" in pname:
                 param.mul_(scale)
-    peft_model.save_pretrained(out)
+    peft_model.save_pretrained(str(out))
     return out
 
 

@@ -201,12 +201,14 @@ def test_restart_serves_every_current_version(live: Live) -> None:
     before = {}
     for name in live.registry.names():
         version = live.registry.current(name)
-        live.wait_for(
-            lambda n=name, v=version: (a := live.adapter(n)) and a["desired"] == v,
-            f"{name} to settle",
-        )
-        if live.adapter(name)["state"] == "live":  # type: ignore[index]
-            before[name] = (live.adapter(name)["live"], live.ask(name))  # type: ignore[index]
+
+        def settled(n: str = name, v: str | None = version) -> dict[str, Any] | None:
+            a = live.adapter(n)
+            return a if a is not None and a["desired"] == v else None
+
+        status = live.wait_for(settled, f"{name} to settle")
+        if status["state"] == "live":
+            before[name] = (status["live"], live.ask(name))
     assert before
     # Restart with the runtime LoRA API on, so the sidecar test can reuse this server.
     live.restart(runtime_updates=True)

@@ -1,0 +1,279 @@
+"""Hot-swap benchmark against live vLLM servers (tiny local model, CPU is fine).
+
+Measures, with the agent_finetune plugin serving a registry:
+- swap latency: from the moment ``current`` is moved (``promote`` called) to the first
+  response from the new version (p50/p95), for new versions (full load) and rollbacks
+  (repoint of a version still loaded);
+- failed and torn requests from 4 concurrent clients during swaps (torn: an answer that
+  is not the exact greedy output of the version that answered, or of a version that was
+  not current while the request ran);
+- request latency with the plugin against a server without it (same adapter as a static
+  ``--lora-modules``): back-to-back request pairs, one per server in random order, so
+  background load on a shared machine hits both alike (median of pairwise ratios).
+
+    .venv/bin/python bench/hot_swap.py --swaps 50 --json bench/hot_swap.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "server"))
+
+PROMPT = "How do I reset my password?"
+NAME = "bench"
+SETTINGS = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+VLLM_ARGS = ["--max-model-len", "256", "--dtype", "bfloat16"]
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def ask(client: Any, model: str, max_tokens: int = 16) -> tuple[str, list[int]]:
+    r = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": PROMPT}],
+        max_tokens=max_tokens,
+        temperature=0,
+        extra_body={"return_token_ids": True},
+    )
+    return r.model, list(r.choices[0].token_ids)
+
+
+class Swapper:
+    """Moves ``current`` and times the first response from the new version."""
+
+    def __init__(self, registry: Any, client: Any, refs: dict[str, list[int]]) -> None:
+        self.registry, self.client, self.refs = registry, client, refs
+        self.epochs: list[str] = [registry.current(NAME)]
+
+    def _first_response(self, target: str, t0: float) -> float:
+        want = f"{NAME}@{target}"
+        while True:
+            served, ids = ask(self.client, NAME, max_tokens=4)
+            if served == want and ids == self.refs[target][:4]:
+                return time.perf_counter() - t0
+            if time.perf_counter() - t0 > 60:
+                raise TimeoutError(f"{want} not served 60 s after the pointer moved")
+
+    def promote(self, version: str) -> float:
+        self.epochs.append(version)
+        t0 = time.perf_counter()
+        self.registry.promote(NAME, version)
+        return self._first_response(version, t0)
+
+    def rollback(self) -> float:
+        target = self.epochs[-2]
+        self.epochs.append(target)
+        t0 = time.perf_counter()
+        self.registry.rollback(NAME, to=target)
+        return self._first_response(target, t0)
+
+
+def load_clients(
+    server: Any, swapper: Swapper, n: int, stop: threading.Event, out: list[Any]
+) -> list[threading.Thread]:
+    from openai import OpenAI
+
+    def loop() -> None:
+        client = OpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=120)
+        while not stop.is_set():
+            sent = len(swapper.epochs) - 1
+            try:
+                served, ids = ask(client, NAME)
+                err = None
+            except Exception as e:
+                served, ids, err = "", [], repr(e)
+            out.append((sent, len(swapper.epochs) - 1, served, ids, err))
+
+    threads = [threading.Thread(target=loop, daemon=True) for _ in range(n)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--swaps", type=int, default=50, help="swaps and rollbacks (each)")
+    parser.add_argument("--load-swaps", type=int, default=24, help="swaps under client load")
+    parser.add_argument("--clients", type=int, default=4, help="concurrent clients under load")
+    parser.add_argument("--latency-requests", type=int, default=200, help="per server")
+    parser.add_argument("--workdir", default=None, help="scratch folder (default: temp)")
+    parser.add_argument("--json", default=str(ROOT / "bench" / "hot_swap.json"))
+    args = parser.parse_args()
+
+    from hotswap_helpers import make_adapter
+    from openai import OpenAI
+
+    from agent_finetune.registry import Registry
+    from agent_finetune.tiny_model import build_tiny_model
+    from server_plugin.launch import start_server
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="hot-swap-bench-"))
+    model = build_tiny_model(work / "tiny")
+    weights = [make_adapter(model, work / f"adapter{i}", seed=1000 + i) for i in range(6)]
+    registry = Registry(work / "registry")
+    registry.publish(NAME, weights[0])
+    common: dict[str, Any] = {"extra_args": VLLM_ARGS, "wait": False}
+    with_plugin = start_server(
+        str(model), registry.root, log_path=work / "plugin.log", settings=SETTINGS, **common
+    )
+    static = ["--lora-modules", f"{NAME}={registry.version_dir(NAME, 'v0001')}"]
+    without = start_server(
+        str(model),
+        None,
+        plugin=False,
+        log_path=work / "baseline.log",
+        settings=SETTINGS,
+        extra_args=VLLM_ARGS + static,
+        wait=False,
+    )
+    try:
+        with_plugin.wait_ready()
+        without.wait_ready()
+        client = OpenAI(base_url=with_plugin.base_url, api_key="x", max_retries=0)
+        refs: dict[str, list[int]] = {}
+        by_weights: dict[int, list[int]] = {}
+
+        def publish(i: int) -> str:
+            version = registry.publish(NAME, weights[i % 6], make_current=False).version
+            if i % 6 not in by_weights:
+                by_weights[i % 6] = ask(client, f"{NAME}@{version}")[1]
+            refs[version] = by_weights[i % 6]
+            return version
+
+        refs["v0001"] = by_weights[0] = ask(client, NAME)[1]
+        swapper = Swapper(registry, client, refs)
+
+        # 1. idle: new version (full load), then rollback (repoint), args.swaps times each
+        swap_s, rollback_s = [], []
+        for i in range(1, args.swaps + 1):
+            swap_s.append(swapper.promote(publish(i)))
+            rollback_s.append(swapper.rollback())
+
+        # 2. under load: failed / torn answers while versions move
+        stop, results = threading.Event(), list[Any]()
+        threads = load_clients(with_plugin, swapper, args.clients, stop, results)
+        load_swap_s = []
+        for i in range(args.load_swaps):
+            if i % 5 == 4:
+                load_swap_s.append(swapper.rollback())
+            else:
+                load_swap_s.append(swapper.promote(publish(args.swaps + 1 + i)))
+            time.sleep(0.3)
+        stop.set()
+        for t in threads:
+            t.join(120)
+        failed = sum(1 for r in results if r[4] is not None)
+        torn = 0
+        for sent, received, served, ids, err in results:
+            if err is not None:
+                continue
+            allowed = {swapper.epochs[k] for k in range(max(0, sent - 1), received + 1)}
+            version = served.partition("@")[2]
+            torn += int(version not in allowed or ids != refs.get(version))
+
+        # 3. request latency, alternating servers (same adapter weights on both)
+        registry.rollback(NAME, to="v0001")
+        while ask(client, NAME, 1)[0] != f"{NAME}@v0001":
+            time.sleep(0.05)
+        base_client = OpenAI(base_url=without.base_url, api_key="x", max_retries=0)
+        assert ask(base_client, NAME)[1] == refs["v0001"], "baseline serves other weights"
+        lat: dict[str, list[float]] = {"plugin": [], "baseline": []}
+        pair_ratios: list[float] = []
+        order = random.Random(0)
+        clients = {"plugin": client, "baseline": base_client}
+        for i in range(args.latency_requests + 10):
+            pair = ["plugin", "baseline"]
+            order.shuffle(pair)  # no server always goes first
+            took = {}
+            for which in pair:
+                t0 = time.perf_counter()
+                ask(clients[which], NAME)
+                took[which] = time.perf_counter() - t0
+            if i >= 10:  # warm-up
+                for which, seconds in took.items():
+                    lat[which].append(seconds)
+                pair_ratios.append(took["plugin"] / took["baseline"])
+    finally:
+        with_plugin.stop()
+        without.stop()
+
+    report = {
+        "swaps": args.swaps,
+        "swap_s": {"p50": pct(swap_s, 50), "p95": pct(swap_s, 95), "max": max(swap_s)},
+        "rollback_s": {
+            "p50": pct(rollback_s, 50),
+            "p95": pct(rollback_s, 95),
+            "max": max(rollback_s),
+        },
+        "under_load": {
+            "clients": args.clients,
+            "swaps": args.load_swaps,
+            "requests": len(results),
+            "failed": failed,
+            "torn": torn,
+            "swap_s_p50": pct(load_swap_s, 50),
+            "swap_s_p95": pct(load_swap_s, 95),
+        },
+        "latency_s": {
+            k: {"p50": statistics.median(v), "mean": statistics.fmean(v), "n": len(v)}
+            for k, v in lat.items()
+        },
+    }
+    report["latency_ratio_p50"] = (
+        report["latency_s"]["plugin"]["p50"] / report["latency_s"]["baseline"]["p50"]
+    )
+    report["latency_ratio_pairwise_median"] = statistics.median(pair_ratios)
+    report["latency_ratio_mean"] = (
+        report["latency_s"]["plugin"]["mean"] / report["latency_s"]["baseline"]["mean"]
+    )
+    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    ms = 1000.0
+    rows = [
+        ("swap (new version): first response p50 / p95", report["swap_s"], ms),
+        ("rollback: first response p50 / p95", report["rollback_s"], ms),
+    ]
+    print(f"{'metric':52s} value")
+    for label, d, scale in rows:
+        print(f"{label:52s} {d['p50'] * scale:.1f} ms / {d['p95'] * scale:.1f} ms")
+    ul = report["under_load"]
+    print(
+        f"{'swaps under load: p50 / p95':52s} "
+        f"{ul['swap_s_p50'] * ms:.1f} ms / {ul['swap_s_p95'] * ms:.1f} ms"
+    )
+    print(
+        f"{'requests under load / failed / torn':52s} "
+        f"{ul['requests']} / {ul['failed']} / {ul['torn']}"
+    )
+    pl, bl = report["latency_s"]["plugin"], report["latency_s"]["baseline"]
+    print(
+        f"{'request latency p50: plugin / baseline (ratio)':52s} {pl['p50'] * ms:.1f} ms / "
+        f"{bl['p50'] * ms:.1f} ms ({report['latency_ratio_p50']:.3f})"
+    )
+    print(
+        f"{'request latency mean: plugin / baseline (ratio)':52s} {pl['mean'] * ms:.1f} ms / "
+        f"{bl['mean'] * ms:.1f} ms ({report['latency_ratio_mean']:.3f})"
+    )
+    print(
+        f"{'request latency: median of pairwise ratios':52s} "
+        f"{report['latency_ratio_pairwise_median']:.3f}"
+    )
+    print(f"JSON: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

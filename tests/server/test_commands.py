@@ -1,0 +1,165 @@
+"""Fast tests of the CLI pieces, settings, launch helpers and the pinned-model middleware."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import MutableMapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hotswap_helpers import fake_adapter
+
+import server_plugin
+from agent_finetune.registry import Registry
+from server_plugin.commands import add_serve_parser, add_sync_parser, serve_command
+from server_plugin.launch import build_command, default_max_lora_rank, plugins_env_value
+from server_plugin.settings import Settings
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="agent-finetune")
+    sub = p.add_subparsers(dest="command")
+    add_serve_parser(sub)
+    add_sync_parser(sub)
+    return p
+
+
+def test_serve_builds_vllm_command_and_env(tmp_path: Path) -> None:
+    args = parser().parse_args(
+        [
+            "serve",
+            "--model",
+            "m",
+            "--registry",
+            str(tmp_path),
+            "--port",
+            "9000",
+            "--",
+            "--max-lora-rank",
+            "32",
+            "--api-key",
+            "k",
+        ]
+    )
+    cmd, env = serve_command(args)
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert cmd.count("--max-lora-rank") == 1 and cmd[cmd.index("--max-lora-rank") + 1] == "32"
+    assert {"--enable-lora", "--max-loras", "--max-cpu-loras"} <= set(cmd)
+    assert cmd[cmd.index("--port") + 1] == "9000" and cmd[-2:] == ["--api-key", "k"]
+    assert "agent_finetune" in env["VLLM_PLUGINS"].split(",")
+    assert env["AGENT_FINETUNE_REGISTRY"] == str(tmp_path)
+    assert callable(args.func)
+
+
+def test_serve_dry_run_and_missing_registry(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = parser().parse_args(["serve", "--model", "m", "--registry", str(tmp_path), "--dry-run"])
+    assert args.func(args) == 0
+    assert "vllm.entrypoints.openai.api_server" in capsys.readouterr().out
+    monkeypatch.delenv("AGENT_FINETUNE_REGISTRY", raising=False)
+    args = parser().parse_args(["serve", "--model", "m"])
+    assert args.func(args) == 2
+    assert "--registry" in capsys.readouterr().err
+    args = parser().parse_args(["sync", "--server", "http://x"])
+    assert args.func(args) == 2
+
+
+def test_max_lora_rank_fits_the_registry(tmp_path: Path) -> None:
+    registry = Registry(tmp_path / "r")
+    assert default_max_lora_rank(registry.root) == 16
+    registry.publish("big", fake_adapter(tmp_path / "a", r=32))
+    assert default_max_lora_rank(registry.root) == 32
+    cmd = build_command("m", registry.root, extra_args=["--max-loras", "2"])
+    assert cmd.count("--max-loras") == 1
+
+
+def test_plugins_env_keeps_other_plugins() -> None:
+    assert plugins_env_value("foo,bar") == "foo,bar,agent_finetune"
+    assert plugins_env_value("agent_finetune") == "agent_finetune"
+    assert "agent_finetune" in plugins_env_value(None).split(",")
+
+
+def test_settings_name_the_bad_variable(tmp_path: Path) -> None:
+    s = Settings.from_env({"AGENT_FINETUNE_REGISTRY": str(tmp_path), "AGENT_FINETUNE_POLLING": "1"})
+    assert s.polling and s.registry == tmp_path and s.resync_s == 2.0
+    with pytest.raises(ValueError, match="AGENT_FINETUNE_REGISTRY"):
+        Settings.from_env({})
+    with pytest.raises(ValueError, match="AGENT_FINETUNE_RESYNC_S='soon'"):
+        Settings.from_env({"AGENT_FINETUNE_REGISTRY": "r", "AGENT_FINETUNE_RESYNC_S": "soon"})
+    with pytest.raises(ValueError, match="AGENT_FINETUNE_STRICT_BASE"):
+        Settings.from_env({"AGENT_FINETUNE_REGISTRY": "r", "AGENT_FINETUNE_STRICT_BASE": "maybe"})
+
+
+def test_public_surface_does_not_import_vllm() -> None:
+    for name in server_plugin.__all__:
+        assert hasattr(server_plugin, name), name
+    code = (
+        "import sys, server_plugin, server_plugin.plugin, server_plugin.sidecar; "
+        "print(any(m == 'vllm' or m.startswith('vllm.') for m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+class FakeReconciler:
+    def __init__(self, error: str | None = None) -> None:
+        self.error = error
+        self.seen: list[str] = []
+
+    async def ensure_pinned(self, model: str) -> str | None:
+        self.seen.append(model)
+        return self.error
+
+
+def call_middleware(reconciler: Any, body: bytes, path: str = "/v1/chat/completions") -> Any:
+    from server_plugin.plugin import PinnedModelMiddleware
+
+    received: list[bytes] = []
+    sent: list[dict[str, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        data, more = b"", True
+        while more:
+            message = await receive()
+            data, more = data + message["body"], message["more_body"]
+        received.append(data)
+
+    async def scenario() -> None:
+        plugin = type("P", (), {"reconciler": reconciler})()
+        mw = PinnedModelMiddleware(app, plugin)
+        chunks = [body[:5], body[5:]]
+
+        async def receive() -> dict[str, Any]:
+            chunk = chunks.pop(0)
+            return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            sent.append(dict(message))
+
+        scope = {"type": "http", "method": "POST", "path": path, "root_path": "", "headers": []}
+        await mw(scope, receive, send)
+
+    asyncio.run(scenario())
+    return received, sent
+
+
+def test_middleware_loads_pinned_versions_and_replays_the_body() -> None:
+    rec = FakeReconciler()
+    body = json.dumps({"model": "x@v0002", "messages": []}).encode()
+    received, sent = call_middleware(rec, body)
+    assert rec.seen == ["x@v0002"] and received == [body] and not sent
+
+    rec = FakeReconciler()
+    received, _ = call_middleware(rec, json.dumps({"model": "x"}).encode())
+    assert rec.seen == [] and received  # no '@': the body is not parsed
+
+    rec = FakeReconciler(error="x@v0003 cannot be served: rank too big")
+    received, sent = call_middleware(rec, body)
+    assert not received and sent[0]["status"] == 400
+    assert b"rank too big" in sent[1]["body"]
