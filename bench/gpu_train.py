@@ -214,39 +214,109 @@ def _peak() -> dict[str, float | None]:
 
 
 class Timing:
-    """Wall time and real tokens of the steps after warm-up (each step synchronized)."""
+    """Wall time and real tokens of the ``steps`` steps after warm-up (each step synchronized).
 
-    def __init__(self, warmup: int) -> None:
+    ``step_begin``/``step_end`` split each step into time inside the step (forward, backward,
+    optimizer) and time between steps (data loading, logging, callbacks). With ``profile_dir``
+    one extra step after the timed ones runs under torch.profiler.
+    """
+
+    def __init__(self, warmup: int, steps: int, profile_dir: Path | None = None) -> None:
         self.warmup = warmup
+        self.steps = steps
+        self.profile_dir = profile_dir
+        self.step_begins: list[float] = []
         self.step_ends: list[float] = []
         self.tokens_at_end: list[int] = []
         self.losses: list[float] = []
+        self.profile: dict[str, Any] = {}
+        self._prof: Any = None
+
+    def step_begin(self) -> None:
+        _sync()
+        self.step_begins.append(time.perf_counter())
+        if self.profile_dir is not None and len(self.step_ends) == self.warmup + self.steps:
+            import torch
+
+            self._prof = torch.profiler.profile(
+                activities=[
+                    torch.profiler.ProfilerActivity.CPU,
+                    torch.profiler.ProfilerActivity.CUDA,
+                ]
+            )
+            self._prof.__enter__()
+            self._prof_t0 = time.perf_counter()
 
     def step_end(self, tokens_seen: int) -> None:
         _sync()
         self.step_ends.append(time.perf_counter())
         self.tokens_at_end.append(int(tokens_seen))
+        if self._prof is not None:
+            self._finish_profile()
+
+    def _finish_profile(self) -> None:
+        prof, self._prof = self._prof, None
+        wall = time.perf_counter() - self._prof_t0
+        prof.__exit__(None, None, None)
+        avg = prof.key_averages()
+
+        def dev(e: Any) -> float:
+            return float(getattr(e, "self_device_time_total", 0) or 0)
+
+        kernels_us = sum(dev(e) for e in avg)
+        self.profile = {
+            "profiled_step_wall_s": round(wall, 4),
+            "gpu_kernel_s": round(kernels_us / 1e6, 4),
+            "gpu_busy_fraction": round(kernels_us / 1e6 / wall, 3) if wall else None,
+            "cuda_launches": int(
+                sum(
+                    e.count
+                    for e in avg
+                    if e.key
+                    in (
+                        "cudaLaunchKernel",
+                        "cuLaunchKernel",
+                        "cudaLaunchKernelExC",
+                        "cuLaunchKernelEx",
+                    )
+                )
+            ),
+            "top_gpu": [
+                (e.key[:70], round(dev(e) / 1e3, 2), e.count)
+                for e in sorted(avg, key=dev, reverse=True)[:15]
+            ],
+        }
+        assert self.profile_dir is not None
+        self.profile_dir.mkdir(parents=True, exist_ok=True)
+        with (self.profile_dir / "profile.txt").open("a") as f:
+            f.write(f"== {self.profile_dir.name}\n{json.dumps(self.profile, indent=1)}\n")
+            f.write(avg.table(sort_by="self_cpu_time_total", row_limit=20))
+            f.write("\n")
 
     def result(self) -> dict[str, Any]:
-        w = self.warmup
-        if len(self.step_ends) <= w:
-            raise RuntimeError(f"only {len(self.step_ends)} steps ran; need more than {w}")
-        secs = self.step_ends[-1] - self.step_ends[w - 1] if w else None
-        if secs is None:
+        w, n = self.warmup, self.warmup + self.steps
+        if w < 1:
             raise RuntimeError("--warmup must be >= 1")
-        tokens = self.tokens_at_end[-1] - self.tokens_at_end[w - 1]
-        ends = self.step_ends
+        if len(self.step_ends) < n:
+            raise RuntimeError(f"only {len(self.step_ends)} steps ran; need {n}")
+        ends, begins = self.step_ends[:n], self.step_begins[:n]
+        secs = ends[-1] - ends[w - 1]
+        tokens = self.tokens_at_end[n - 1] - self.tokens_at_end[w - 1]
         all_durs = [b - a for a, b in itertools.pairwise(ends)]
         durations = all_durs[w - 1 :]
+        inside = [e - b for b, e in zip(begins[w:], ends[w:], strict=True)]
         return {
-            "timed_steps": len(self.step_ends) - w,
+            "timed_steps": n - w,
             "timed_seconds": round(secs, 4),
             "timed_tokens": tokens,
             "tokens_per_second": round(tokens / secs, 1),
             "step_seconds_median": round(statistics.median(durations), 4),
             "step_seconds_min": round(min(durations), 4),
             "step_seconds_max": round(max(durations), 4),
+            # share of the timed wall time spent outside forward/backward/optimizer
+            "between_steps_fraction": round(1 - sum(inside) / secs, 4),
             "all_step_seconds": [round(d, 4) for d in all_durs],
+            **({"profile": self.profile} if self.profile else {}),
         }
 
 
@@ -257,15 +327,17 @@ def make_callback(timing: Timing) -> Any:
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             _reset_peak()
 
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            timing.step_begin()
+
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             timing.step_end(state.num_input_tokens_seen)
+            if len(timing.step_ends) == timing.warmup + timing.steps:
+                timing.peak = _peak()  # type: ignore[attr-defined]
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
             if logs and "loss" in logs:
                 timing.losses.append(float(logs["loss"]))
-
-        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            timing.peak = _peak()  # type: ignore[attr-defined]
 
     return StepTimer()
 
@@ -290,20 +362,19 @@ def run_project(backend: str, mode: str, root: Path, args: argparse.Namespace) -
         learning_rate=LR,
         batch_size=args.batch,
         gradient_accumulation_steps=1,
-        max_steps=args.warmup + args.steps,
+        max_steps=args.warmup + args.steps + (1 if args.profile else 0),
         warmup_ratio=0.0,
         lr_scheduler_type="constant",
         bf16=_cuda() or args.bf16_cpu,
         gradient_checkpointing=True,
         packing=mode == "pack",
         output_dir=str(run_dir),
-        logging_steps=1,
         save_steps=100_000,
         seed=SEED,
         adapter_name=f"bench-{backend}-{mode}",
         registry_dir=str(registry),
     )
-    timing = Timing(args.warmup)
+    timing = Timing(args.warmup, args.steps, _profile_dir(args, f"project_{backend}-{mode}"))
     started = time.perf_counter()
     result = train(
         config, root / f"{mode}.jsonl", train_test_split=0.0, callbacks=[make_callback(timing)]
@@ -472,17 +543,20 @@ def run_raw(impl: str, mode: str, root: Path, args: argparse.Namespace) -> dict[
     load_s = time.perf_counter() - t0
     device = next(model.parameters()).device
     rows = _rows(root, mode, tokenizer, args.seq_len)
-    total_steps = args.warmup + args.steps
+    total_steps = args.warmup + args.steps + (1 if args.profile else 0)
     batches = make_batches(
         rows, mode, args.batch, args.seq_len, total_steps, packed_lengths_kwarg=impl == "unsloth"
     )
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=device.type == "cuda")
-    timing = Timing(args.warmup)
+    timing = Timing(args.warmup, args.steps, _profile_dir(args, f"raw_{impl}-{mode}"))
     _reset_peak()
     tokens = 0
     pairs_timed = 0
     for step, b in enumerate(batches):
+        if step == args.warmup + args.steps:
+            peak = _peak()
+        timing.step_begin()
         lengths = b["_lengths"]
         inputs = {
             k: v if k == "packed_seq_lengths" else v.to(device, non_blocking=True)
@@ -494,12 +568,14 @@ def run_raw(impl: str, mode: str, root: Path, args: argparse.Namespace) -> dict[
         opt.step()
         opt.zero_grad(set_to_none=True)
         tokens += sum(lengths)
-        if step >= args.warmup:
+        if args.warmup <= step < args.warmup + args.steps:
             pairs_timed += causal_pairs(lengths)
         timing.step_end(tokens)
         if step >= total_steps - 3:
             timing.losses.append(float(out.loss.detach()))
-    res = {**timing.result(), **_peak(), "load_seconds": round(load_s, 1)}
+    if len(batches) == args.warmup + args.steps:
+        peak = _peak()
+    res = {**timing.result(), **peak, "load_seconds": round(load_s, 1)}
     res["losses"] = [round(x, 4) for x in timing.losses]
     res["causal_pairs_timed"] = pairs_timed
     return res
@@ -532,6 +608,10 @@ def _versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             out[name] = "-"
     return out
+
+
+def _profile_dir(args: argparse.Namespace, name: str) -> Path | None:
+    return Path(args.result_dir, "profiles", name) if args.profile else None
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -704,6 +784,11 @@ def main(argv: list[str] | None = None) -> int:
         help="skip variants that would start after this many seconds",
     )
     p.add_argument("--worker-timeout-s", type=float, default=300.0)
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="run one extra step after the timed ones under torch.profiler",
+    )
     p.add_argument("--bf16-cpu", action="store_true", help="bf16 on CPU too (smoke tests)")
     p.add_argument("--quiet", action="store_true", help="do not echo worker output")
     # internal
@@ -711,7 +796,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root")
     p.add_argument("--result-dir")
     p.add_argument("--adapter")
+    p.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="JSON",
+        help="print one table (with ratios) from several result files of one shape",
+    )
     args = p.parse_args(argv)
+    if args.combine:
+        print_table(combine([json.loads(Path(f).read_text()) for f in args.combine]))
+        return 0
     ECHO = not args.quiet
     for v in args.variants.split(","):
         if v not in VARIANTS:
@@ -735,24 +829,28 @@ def main(argv: list[str] | None = None) -> int:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     result_dir = Path(args.workdir) / "results" / f"{args.shape}-{int(time.time())}"
     result_dir.mkdir(parents=True, exist_ok=True)
-    common = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--shape",
-        args.shape,
-        "--batch",
-        str(args.batch),
-        "--seq-len",
-        str(args.seq_len),
-        "--steps",
-        str(args.steps),
-        "--warmup",
-        str(args.warmup),
-        "--workdir",
-        args.workdir,
-        "--result-dir",
-        str(result_dir),
-    ] + (["--bf16-cpu"] if args.bf16_cpu else [])
+    common = (
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--shape",
+            args.shape,
+            "--batch",
+            str(args.batch),
+            "--seq-len",
+            str(args.seq_len),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--workdir",
+            args.workdir,
+            "--result-dir",
+            str(result_dir),
+        ]
+        + (["--bf16-cpu"] if args.bf16_cpu else [])
+        + (["--profile"] if args.profile else [])
+    )
     rc = _spawn([*common, "--worker", "prepare"], result_dir / "prepare.log", 900)
     if rc != 0:
         log(f"prepare failed (rc={rc}); see {result_dir / 'prepare.log'}")
@@ -809,13 +907,7 @@ def main(argv: list[str] | None = None) -> int:
             fl = flops_for(r, cfg, pairs[r["mode"]])
             r["model_tflops"] = round(fl / r["timed_seconds"] / 1e12, 1)
             r["mfu"] = round(fl / r["timed_seconds"] / (PEAK_TFLOPS * 1e12), 4)
-    by = {(r["variant"], r["mode"]): r for r in results}
-    for r in results:
-        tps = r.get("tokens_per_second")
-        for ref in ("raw_unsloth", "project_hf"):
-            other = by.get((ref, r["mode"]), {}).get("tokens_per_second")
-            if tps and other and ref != r["variant"]:
-                r[f"vs_{ref}"] = round(tps / other, 3)
+    add_ratios(results)
     gpu = None
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         gpu = subprocess.run(
@@ -848,6 +940,29 @@ def main(argv: list[str] | None = None) -> int:
     out_path.write_text(json.dumps(summary, indent=2))
     print_table(summary)
     return 0
+
+
+def add_ratios(results: list[dict[str, Any]]) -> None:
+    by = {(r["variant"], r["mode"]): r for r in results}
+    for r in results:
+        tps = r.get("tokens_per_second")
+        for ref in ("raw_unsloth", "project_hf"):
+            other = by.get((ref, r["mode"]), {}).get("tokens_per_second")
+            if tps and other and ref != r["variant"]:
+                r[f"vs_{ref}"] = round(tps / other, 3)
+
+
+def combine(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary from several runs of the same shape (later files win per variant/mode)."""
+    merged = {**summaries[0], "results": []}
+    seen: dict[tuple[str, str], dict[str, Any]] = {}
+    for s in summaries:
+        for r in s["results"]:
+            seen[(r["variant"], r["mode"])] = r
+    merged["results"] = list(seen.values())
+    merged["commands"] = [s["command"] for s in summaries]
+    add_ratios(merged["results"])
+    return merged
 
 
 def print_table(summary: dict[str, Any]) -> None:
