@@ -246,10 +246,11 @@ def test_run_loop_wakes_and_stops(env: Any) -> None:
     run(scenario())
 
 
-def test_watcher_wakes_on_publish_but_not_on_reads(env: Any) -> None:
+@pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
+def test_watcher_wakes_on_publish_but_not_on_reads(env: Any, polling: bool) -> None:
     registry, _transport, _rec, tmp = env
     woken = threading.Event()
-    watcher = RegistryWatcher(registry.root, woken.set)
+    watcher = RegistryWatcher(registry.root, woken.set, polling=polling, poll_interval_s=0.2)
     assert watcher.start()
     try:
         registry.publish("x", fake_adapter(tmp / "a1", seed=1))
