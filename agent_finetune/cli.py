@@ -19,8 +19,11 @@ import yaml
 
 from agent_finetune._version import __version__
 from agent_finetune.adapter import load_base_config, validate_adapter
+from agent_finetune.ask import add_ask_parser
+from agent_finetune.demo import add_demo_parser
 from agent_finetune.errors import AgentFinetuneError
-from agent_finetune.registry import MANIFEST, ENV_REGISTRY, Registry, verify_checksums
+from agent_finetune.registry import ENV_REGISTRY, MANIFEST, Registry, verify_checksums
+from server_plugin.commands import add_serve_parser, add_sync_parser
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -288,27 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=int, default=3, help="newest versions to keep (default 3)")
     p.add_argument("--dry-run", action="store_true")
 
-    _add_optional_commands(sub)
+    add_serve_parser(sub)
+    add_sync_parser(sub)
+    add_demo_parser(sub)
+    add_ask_parser(sub)
     return parser
-
-
-def _add_optional_commands(sub: Any) -> None:
-    """Commands whose modules live elsewhere (server plugin, demo)."""
-    try:
-        from server_plugin.commands import add_serve_parser, add_sync_parser
-    except ImportError:
-        pass
-    else:
-        add_serve_parser(sub)
-        add_sync_parser(sub)
-    try:
-        from agent_finetune.demo import add_demo_parser
-        from agent_finetune.ask import add_ask_parser
-    except ImportError:
-        pass
-    else:
-        add_demo_parser(sub)
-        add_ask_parser(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -319,6 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    for noisy in ("httpx", "httpx2", "openai"):  # one INFO line per HTTP request
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         code: int = args.func(args)

@@ -195,3 +195,17 @@ def format_validation_error(error: ValidationError, source: str) -> str:
             got = f" (got {err['input']!r})" if loc != "(root)" else ""
             lines.append(f"{source}: {loc}: {msg}{got}")
     return "\n".join(lines)
+
+
+def reference_markdown() -> str:
+    """The configuration reference table for README.md (kept in sync by a test)."""
+    rows = ["| field | default | description |", "| --- | --- | --- |"]
+    for name, info in FineTuningConfig.model_fields.items():
+        default = info.default_factory() if info.default_factory else info.default  # type: ignore[call-arg]
+        text = (info.description or "").replace("|", "\\|")
+        rows.append(f"| `{name}` | `{default!r}` | {text} |".replace("`None`", "`null`"))
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m agent_finetune.config > reference table
+    print(reference_markdown())

@@ -346,8 +346,16 @@ class Registry:
                 shutil.rmtree(staging, ignore_errors=True)
         return VersionInfo(name, version, ndir / VERSIONS / version, manifest, make_current)
 
+    def _require_name(self, name: str) -> None:
+        if not self.versions(name):
+            raise NotFoundError(
+                f"no adapter named {name!r} in {self.root}; known: {', '.join(self.names()) or 'none'}"
+            )
+
     def promote(self, name: str, version: str, *, reason: str | None = None) -> str:
         """Make an existing, valid version current."""
+        check_version(version)
+        self._require_name(name)
         with self.lock(name):
             self._require_servable(name, version)
             self._set_current(name, version, "promote", reason)
@@ -355,6 +363,9 @@ class Registry:
 
     def rollback(self, name: str, *, to: str | None = None, reason: str | None = None) -> str:
         """Point ``current`` back to the previous current version (or to ``to``); return it."""
+        if to is not None:
+            check_version(to)
+        self._require_name(name)
         with self.lock(name):
             cur = self.current(name)
             if to is None:
@@ -404,6 +415,7 @@ class Registry:
         """Delete old versions; never the current one nor the newest ``keep``. Return deleted."""
         if keep < 1:
             raise RegistryError(f"gc keep={keep}: keep at least 1 version")
+        self._require_name(name)
         with self.lock(name):
             versions = self.versions(name)
             cur = self.current(name)

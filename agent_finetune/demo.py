@@ -1,0 +1,197 @@
+"""`agent-finetune demo`: the whole loop with real parts, on a CPU, in a few minutes.
+
+Build a tiny base model -> train and publish support-bot v1 -> start vLLM with the plugin ->
+ask base vs adapter -> train and publish v2 while serving -> time until v2 answers ->
+roll back -> time until v1 answers -> summary. The server stops on exit, error or Ctrl-C
+unless --keep-serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent_finetune.ask import ask
+from agent_finetune.config import FineTuningConfig
+from agent_finetune.errors import AgentFinetuneError
+from agent_finetune.registry import Registry
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+TINY_CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
+NAME = "support-bot"
+QUESTION = "What are your support hours?"
+
+
+class DemoError(AgentFinetuneError, RuntimeError):
+    """A demo step did not do what it should."""
+
+
+@dataclass
+class Step:
+    what: str
+    seconds: float
+    detail: str = ""
+
+
+@dataclass
+class Story:
+    steps: list[Step] = field(default_factory=list)
+
+    def add(self, what: str, started: float, detail: str = "") -> None:
+        """Record a step that began at perf_counter() value ``started``."""
+        self.steps.append(Step(what, time.perf_counter() - started, detail))
+
+
+def banner(text: str) -> None:
+    print(f"\n=== {text} ===", flush=True)
+
+
+def expected_answer(dataset: Path, question: str) -> str:
+    for row in json.loads(dataset.read_text(encoding="utf-8")):
+        if row["instruction"] == question:
+            return str(row["response"])
+    raise DemoError(f"{dataset} has no row for {question!r}")
+
+
+def train_version(base: Path, work: Path, registry: Path, dataset: Path, tag: str) -> str:
+    from agent_finetune.train import train
+
+    cfg = FineTuningConfig.from_yaml(
+        TINY_CONFIG, model_name=str(base), output_dir=str(work / "runs" / tag),
+        adapter_name=NAME, registry_dir=str(registry),
+    )
+    result = train(cfg, dataset, train_test_split=0.0, publish_reason=f"demo: {dataset.name}")
+    assert result.published is not None
+    m = result.metrics
+    print(f"trained in {m['train_seconds']:.1f}s ({m['train_tokens_per_second']:.0f} tok/s), "
+          f"published {NAME}@{result.published.version}", flush=True)
+    return result.published.version
+
+
+def wait_for_answer(base_url: str, want: str, timeout: float = 60.0) -> tuple[float, int]:
+    """Poll until NAME answers ``want``; return (seconds, requests sent)."""
+    started, sent = time.perf_counter(), 0
+    while time.perf_counter() - started < timeout:
+        sent += 1
+        if chat(base_url, NAME) == want:
+            return time.perf_counter() - started, sent
+        time.sleep(0.05)
+    raise DemoError(f"{NAME} did not answer {want!r} within {timeout:.0f}s")
+
+
+def chat(base_url: str, model: str, version: str | None = None) -> str:
+    return ask(model, QUESTION, server=base_url, version=version, max_tokens=48).strip()
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from agent_finetune.tiny_model import build_tiny_model
+    from server_plugin.launch import start_server
+
+    work = Path(args.workdir).absolute()
+    registry = work / "registry"
+    if registry.exists() and not args.reuse:
+        import shutil
+
+        shutil.rmtree(registry)  # a fresh story each time: v1, v2, rollback
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    v1_data, v2_data = EXAMPLES / "support_v1.json", EXAMPLES / "support_v2.json"
+    want_v1, want_v2 = expected_answer(v1_data, QUESTION), expected_answer(v2_data, QUESTION)
+    story = Story()
+
+    banner("1/6  Build a tiny base model locally (random weights, no download)")
+    t = time.perf_counter()
+    base = build_tiny_model(work / "base-model", corpus_files=[v1_data, v2_data])
+    story.add("build base model", t, str(base))
+    print(f"built {base}: a 2-layer Llama with a locally trained tokenizer; it knows nothing yet")
+
+    banner(f"2/6  Train {NAME} v1 on {v1_data.name} (LoRA, transformers + PEFT + TRL)")
+    t = time.perf_counter()
+    v1 = train_version(base, work, registry, v1_data, "v1")
+    story.add(f"train + publish {v1}", t)
+
+    banner("3/6  Start vLLM's OpenAI server with the agent-finetune plugin")
+    t = time.perf_counter()
+    log = work / "vllm.log"
+    server = start_server(
+        str(base), registry, port=args.port, log_path=log, timeout=args.server_timeout,
+        # 1 GiB of KV cache and short contexts: plenty for the tiny model on a small CPU box.
+        settings={"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"},
+        extra_args=["--max-model-len", "256", "--dtype", "bfloat16"],
+    )
+    keep = False
+    try:
+        story.add("start vLLM server", t, server.base_url)
+        print(f"server up at {server.base_url} (log: {log})")
+        base_id = server.get_json("/v1/models")["data"][0]["id"]  # the base model comes first
+        base_answer = chat(server.base_url, base_id)
+        v1_answer = chat(server.base_url, NAME)
+        print(f"Q: {QUESTION}\n  base model : {base_answer!r}\n  {NAME} : {v1_answer!r}")
+        if v1_answer != want_v1 or base_answer == v1_answer:
+            raise DemoError(f"{NAME} answered {v1_answer!r}; expected the trained {want_v1!r}")
+
+        banner(f"4/6  Train and publish {NAME} v2 on {v2_data.name} while the server runs")
+        t = time.perf_counter()
+        v2 = train_version(base, work, registry, v2_data, "v2")
+        story.add(f"train + publish {v2}", t)
+        swap_s, polls = wait_for_answer(server.base_url, want_v2)
+        story.steps.append(Step(f"publish -> {NAME} answers {v2}", swap_s, f"{polls} request(s)"))
+        print(f"{NAME} answered as {v2} {swap_s:.2f}s after publishing, no restart: {want_v2!r}")
+
+        banner(f"5/6  Roll back (the same call as `agent-finetune rollback {NAME}`)")
+        before = Registry(registry).current(NAME)
+        back = Registry(registry).rollback(NAME, reason="demo rollback")
+        back_s, polls = wait_for_answer(server.base_url, want_v1)
+        story.steps.append(Step(f"rollback {before} -> {back}", back_s, f"{polls} request(s)"))
+        print(f"{NAME} answered as {back} again {back_s:.2f}s after the rollback")
+        pinned = chat(server.base_url, NAME, version=v2)
+        print(f"pinned {NAME}@{v2} still answers {pinned!r}")
+        if pinned != want_v2:
+            raise DemoError(f"{NAME}@{v2} answered {pinned!r}, expected {want_v2!r}")
+
+        banner("6/6  Summary")
+        _print_summary(story, {
+            "base model": base_answer, f"{NAME} ({v1})": want_v1, f"{NAME} ({v2})": want_v2,
+            f"{NAME} after rollback": want_v1,
+        }, swap_s, back_s)
+        keep = args.keep_serving
+    finally:
+        if keep:
+            print(f"\nserver still running at {server.base_url} (pid {server.process.pid}); try\n"
+                  f"  agent-finetune ask {NAME} \"{QUESTION}\" --server {server.base_url}\n"
+                  f"stop it with: kill -- -{server.process.pid}")
+        else:
+            server.stop()
+            print("\nserver stopped")
+    return 0
+
+
+def _print_summary(story: Story, answers: dict[str, str], swap_s: float, back_s: float) -> None:
+    from agent_finetune.cli import print_table
+
+    print_table([(s.what, f"{s.seconds:.2f}s", s.detail) for s in story.steps],
+                ["STEP", "TIME", "DETAIL"])
+    print()
+    print_table([(k, v if len(v) <= 72 else v[:69] + "...") for k, v in answers.items()],
+                ["MODEL", "ANSWER"])
+    print(f"\nhot swap to v2 served in {swap_s:.2f}s, rollback in {back_s:.2f}s, "
+          "with no server restart")
+
+
+def add_demo_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "demo", help="train, serve, hot-swap and roll back an adapter, end to end (CPU, minutes)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--workdir", default=".demo", help="where the model, runs and registry go")
+    p.add_argument("--port", type=int, default=None, help="server port (default: a free one)")
+    p.add_argument("--keep-serving", action="store_true", help="leave the server running")
+    p.add_argument("--reuse", action="store_true", help="keep an existing demo registry")
+    p.add_argument("--server-timeout", type=float, default=600.0,
+                   help="seconds to wait for vLLM to start")
+    p.set_defaults(func=run_demo)

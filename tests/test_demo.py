@@ -1,0 +1,64 @@
+"""The main job: `agent-finetune demo` end to end, then `ask` and the agent example against
+the server it left running (one vLLM start for all of it)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "agent_finetune.cli"]
+V1 = "Our support team is available Monday to Friday, 9:00-18:00 CET."
+V2 = "Since November we answer around the clock: 24/7, every day of the year."
+Q = "What are your support hours?"
+
+
+def test_demo_then_ask_and_agent(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    demo = subprocess.run([*CLI, "demo", "--workdir", str(tmp_path), "--keep-serving"],
+                          capture_output=True, text=True, timeout=1200, env=env)
+    out = demo.stdout
+    assert demo.returncode == 0, out[-3000:] + demo.stderr[-3000:]
+    m = re.search(r"server still running at (\S+) \(pid (\d+)\)", out)
+    assert m, out[-2000:]
+    url, pid = m.group(1), int(m.group(2))
+    try:
+        for step in ("1/6", "2/6", "3/6", "4/6", "5/6", "6/6"):
+            assert f"=== {step}" in out
+        assert re.search(r"answered as v0002 [\d.]+s after publishing", out)
+        assert re.search(r"answered as v0001 again [\d.]+s after the rollback", out)
+        assert "STEP" in out and "ANSWER" in out
+
+        def ask(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([*CLI, "ask", *args, "--server", url], capture_output=True,
+                                  text=True, timeout=120, env=env)
+
+        streamed = ask("support-bot", Q)
+        assert streamed.returncode == 0 and streamed.stdout.strip() == V1  # rolled back
+        pinned = ask("support-bot", Q, "--version", "v0002", "--no-stream")
+        assert pinned.returncode == 0 and pinned.stdout.strip() == V2
+        unknown = ask("nobody", Q)
+        assert unknown.returncode == 1 and "support-bot" in unknown.stderr
+        assert "Traceback" not in unknown.stderr
+
+        agent_cfg = tmp_path / "agent.yaml"
+        agent_cfg.write_text((ROOT / "configs" / "agent.yaml").read_text().replace(
+            "http://127.0.0.1:8000/v1", url))
+        agent = subprocess.run([sys.executable, str(ROOT / "examples" / "agent.py"), Q,
+                                "--config", str(agent_cfg)], capture_output=True, text=True,
+                               timeout=120, env=env)
+        assert agent.returncode == 0, agent.stderr
+        assert f"support (support-bot): {V1}" in agent.stdout
+        assert f"support-stable (support-bot@v0001): {V1}" in agent.stdout
+    finally:
+        os.killpg(pid, signal.SIGTERM)
+    down = subprocess.run([*CLI, "ask", "support-bot", Q, "--server", "http://127.0.0.1:9/v1"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert down.returncode == 1 and "cannot reach" in down.stderr
