@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -55,16 +56,28 @@ def ask(client: Any, model: str, max_tokens: int = 16) -> tuple[str, list[int]]:
 class Swapper:
     """Moves ``current`` and times the first response from the new version."""
 
-    def __init__(self, registry: Any, client: Any, refs: dict[str, list[int]]) -> None:
-        self.registry, self.client, self.refs = registry, client, refs
+    def __init__(self, registry: Any, client: Any, refs: dict[str, list[int]], server: Any) -> None:
+        self.registry, self.client, self.refs, self.server = registry, client, refs, server
         self.epochs: list[str] = [registry.current(NAME)]
+        # As the plugin measured them: pointer move -> repoint, and copy+verify+load.
+        self.plugin_swap_s: list[float] = []
+        self.plugin_load_s: list[float] = []
+
+    def _record_plugin_side(self) -> None:
+        status = self.server.get_json("/v1/adapters")["data"][0]
+        if status.get("swap_seconds") is not None:
+            self.plugin_swap_s.append(status["swap_seconds"])
+        if status.get("load_seconds") is not None:
+            self.plugin_load_s.append(status["load_seconds"])
 
     def _first_response(self, target: str, t0: float) -> float:
         want = f"{NAME}@{target}"
         while True:
             served, ids = ask(self.client, NAME, max_tokens=4)
             if served == want and ids == self.refs[target][:4]:
-                return time.perf_counter() - t0
+                took = time.perf_counter() - t0
+                self._record_plugin_side()
+                return took
             if time.perf_counter() - t0 > 60:
                 raise TimeoutError(f"{want} not served 60 s after the pointer moved")
 
@@ -114,7 +127,7 @@ def main() -> int:
     parser.add_argument("--json", default=str(ROOT / "bench" / "hot_swap.json"))
     args = parser.parse_args()
 
-    from hotswap_helpers import make_adapter
+    from hotswap_helpers import make_adapter  # type: ignore[import-not-found,unused-ignore]
     from openai import OpenAI
 
     from agent_finetune.registry import Registry
@@ -155,13 +168,15 @@ def main() -> int:
             return version
 
         refs["v0001"] = by_weights[0] = ask(client, NAME)[1]
-        swapper = Swapper(registry, client, refs)
+        swapper = Swapper(registry, client, refs, with_plugin)
 
         # 1. idle: new version (full load), then rollback (repoint), args.swaps times each
         swap_s, rollback_s = [], []
         for i in range(1, args.swaps + 1):
             swap_s.append(swapper.promote(publish(i)))
             rollback_s.append(swapper.rollback())
+
+        plugin_swap_s, plugin_load_s = list(swapper.plugin_swap_s), list(swapper.plugin_load_s)
 
         # 2. under load: failed / torn answers while versions move
         stop, results = threading.Event(), list[Any]()
@@ -212,7 +227,18 @@ def main() -> int:
         without.stop()
 
     report = {
+        "machine": {"cpus": os.cpu_count(), "loadavg_1m_at_end": os.getloadavg()[0]},
         "swaps": args.swaps,
+        "plugin_side_idle": {
+            "pointer_to_repoint_s": {
+                "p50": pct(plugin_swap_s, 50),
+                "p95": pct(plugin_swap_s, 95),
+            },
+            "copy_verify_load_s": {
+                "p50": pct(plugin_load_s, 50),
+                "p95": pct(plugin_load_s, 95),
+            },
+        },
         "swap_s": {"p50": pct(swap_s, 50), "p95": pct(swap_s, 95), "max": max(swap_s)},
         "rollback_s": {
             "p50": pct(rollback_s, 50),
@@ -249,6 +275,17 @@ def main() -> int:
     print(f"{'metric':52s} value")
     for label, d, scale in rows:
         print(f"{label:52s} {d['p50'] * scale:.1f} ms / {d['p95'] * scale:.1f} ms")
+    ps = report["plugin_side_idle"]
+    print(
+        f"{'plugin side: pointer move -> repoint p50 / p95':52s} "
+        f"{ps['pointer_to_repoint_s']['p50'] * ms:.1f} ms / "
+        f"{ps['pointer_to_repoint_s']['p95'] * ms:.1f} ms"
+    )
+    print(
+        f"{'plugin side: copy+verify+load p50 / p95':52s} "
+        f"{ps['copy_verify_load_s']['p50'] * ms:.1f} ms / "
+        f"{ps['copy_verify_load_s']['p95'] * ms:.1f} ms"
+    )
     ul = report["under_load"]
     print(
         f"{'swaps under load: p50 / p95':52s} "

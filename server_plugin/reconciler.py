@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from agent_finetune.errors import ValidationError
+from agent_finetune.errors import AgentFinetuneError, ValidationError
 from agent_finetune.registry import CURRENT, MANIFEST, NAME_RE, VERSION_RE, Registry
 from server_plugin import metrics
 from server_plugin.cache import AdapterCache
@@ -39,6 +39,10 @@ State = Literal["pending", "loading", "live", "failed"]
 
 class LoadError(RuntimeError):
     """The server refused to load, repoint or unload an adapter."""
+
+
+# Bad adapters and refusals: reported without a traceback. Anything else is a bug.
+_EXPECTED = (AgentFinetuneError, LoadError)
 
 
 class Transport(Protocol):
@@ -273,10 +277,7 @@ class Reconciler:
                 self._fingerprint, name, version
             )
             metrics.FAILURES.labels(name).inc()
-            log = logger.exception if not isinstance(e, (ValidationError, LoadError)) else None
-            if log is not None:
-                log("agent_finetune: %s failed", vname)
-            else:
+            if isinstance(e, _EXPECTED):
                 logger.warning(
                     "agent_finetune: %s rejected, %s keeps serving %s: %s",
                     vname,
@@ -284,6 +285,8 @@ class Reconciler:
                     st.live,
                     st.error,
                 )
+            else:
+                logger.exception("agent_finetune: %s failed", vname)
             if vname in self._loaded and self._points.get(name) != vname:
                 self._lru[vname] = None
                 await self._evict()
@@ -376,7 +379,7 @@ class Reconciler:
                 msg = f"{model} cannot be served: {_describe(e)}"
                 self._pinned_errors[model] = msg
                 metrics.FAILURES.labels(name).inc()
-                if not isinstance(e, (ValidationError, LoadError)):
+                if not isinstance(e, _EXPECTED):
                     logger.exception("agent_finetune: pinned load of %s failed", model)
                 return msg
             self._pinned_errors.pop(model, None)

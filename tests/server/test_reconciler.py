@@ -265,3 +265,32 @@ def test_watcher_wakes_on_publish_but_not_on_reads(env: Any, polling: bool) -> N
         watcher.stop()
     missing = RegistryWatcher(tmp / "nope", woken.set)
     assert not missing.start()
+
+
+def test_pointer_to_a_missing_version_keeps_the_live_one(env: Any) -> None:
+    registry, transport, rec, tmp = env
+    registry.publish("x", fake_adapter(tmp / "a1", seed=1))
+    run(rec.reconcile_once())
+    set_current(registry, "x", "v0007")
+    run(rec.reconcile_once())
+    st = status_of(rec, "x")
+    assert (st["state"], st["live"], st["desired"]) == ("failed", "v0001", "v0007")
+    assert "x@v0007 not found" in st["error"]
+    assert transport.served["x"] == transport.served["x@v0001"]
+
+
+def test_sidecar_reads_adapters_in_use_from_vllm_metrics() -> None:
+    from server_plugin.sidecar import _adapter_in_use
+
+    now = time.time()
+    text = (
+        "# HELP vllm:lora_requests_info Running stats on lora requests.\n"
+        f'vllm:lora_requests_info{{max_lora="4",running_lora_adapters="",'
+        f'waiting_lora_adapters=""}} {now - 5}\n'
+        f'vllm:lora_requests_info{{max_lora="4",running_lora_adapters="x@v0001,x",'
+        f'waiting_lora_adapters=""}} {now}\n'
+    )
+    assert _adapter_in_use(text, "x")
+    assert not _adapter_in_use(text, "y")
+    assert not _adapter_in_use(text.replace(str(now), str(now - 10)), "x")  # engine idle
+    assert not _adapter_in_use("", "x")
