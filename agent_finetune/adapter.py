@@ -26,7 +26,9 @@ SERVABLE_MODULES = frozenset(
 )
 FORBIDDEN_MODULES = frozenset({"embed_tokens", "lm_head", "wte", "wpe", "embed_in", "embed_out"})
 
-_LORA_KEY = re.compile(r"^(?P<prefix>.*)\.(?P<module>[^.]+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+_LORA_KEY = re.compile(
+    r"^(?P<prefix>.*)\.(?P<module>[^.]+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$"
+)
 
 
 @dataclass(frozen=True)

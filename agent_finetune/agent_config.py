@@ -18,8 +18,9 @@ class RoleConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     adapter: str = Field(description="Registry adapter name, sent as the OpenAI `model`.")
-    version: str | None = Field(None, description="Pin this version (vNNNN); None follows "
-                                "the adapter's current version.")
+    version: str | None = Field(
+        None, description="Pin this version (vNNNN); None follows the adapter's current version."
+    )
     system_prompt: str | None = Field(None, description="System message for this role.")
     temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature.")
     max_tokens: int = Field(256, ge=1, description="Longest reply in tokens.")

@@ -53,7 +53,10 @@ def ask(
             return resp.choices[0].message.content or ""
         parts = []
         for chunk in client.chat.completions.create(
-            model=model, messages=messages, max_tokens=max_tokens, temperature=temperature,
+            model=model,
+            messages=messages,
+            max_tokens=max_tokens,
+            temperature=temperature,
             stream=True,
         ):
             delta = chunk.choices[0].delta.content if chunk.choices else None
@@ -74,7 +77,9 @@ def ask(
             f"{server} does not serve {model!r}; it serves: {', '.join(served) or 'nothing'}"
         ) from None
     except openai.AuthenticationError:
-        raise AskError(f"{server} refused the API key; pass --api-key or set OPENAI_API_KEY") from None
+        raise AskError(
+            f"{server} refused the API key; pass --api-key or set OPENAI_API_KEY"
+        ) from None
     except openai.APIStatusError as e:
         raise AskError(f"{server} answered HTTP {e.status_code}: {e.message}") from None
 
@@ -88,29 +93,46 @@ def _served_models(client: Any) -> list[str]:
 
 def add_ask_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "ask", help="chat with an adapter on a running server",
+        "ask",
+        help="chat with an adapter on a running server",
         description="Send one prompt to NAME (its current version, or --version) and print the "
         "reply, streaming it as it arrives.",
     )
     p.add_argument("name", help="adapter name (the OpenAI model)")
     p.add_argument("prompt")
-    p.add_argument("--server", default=os.environ.get("AGENT_FINETUNE_SERVER", DEFAULT_SERVER),
-                   help=f"OpenAI base URL (default $AGENT_FINETUNE_SERVER or {DEFAULT_SERVER})")
+    p.add_argument(
+        "--server",
+        default=os.environ.get("AGENT_FINETUNE_SERVER", DEFAULT_SERVER),
+        help=f"OpenAI base URL (default $AGENT_FINETUNE_SERVER or {DEFAULT_SERVER})",
+    )
     p.add_argument("--version", help="pin a version, e.g. v0002 (sent as NAME@v0002)")
-    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
-                   help="the server's --api-key (default $OPENAI_API_KEY)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("OPENAI_API_KEY"),
+        help="the server's --api-key (default $OPENAI_API_KEY)",
+    )
     p.add_argument("--system", help="system message")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--no-stream", dest="stream", action="store_false",
-                   help="wait for the whole reply")
+    p.add_argument(
+        "--no-stream", dest="stream", action="store_false", help="wait for the whole reply"
+    )
     p.set_defaults(func=run_ask)
 
 
 def run_ask(args: argparse.Namespace) -> int:
-    reply = ask(args.name, args.prompt, server=args.server, version=args.version,
-                api_key=args.api_key, system=args.system, max_tokens=args.max_tokens,
-                temperature=args.temperature, stream=args.stream, out=sys.stdout)
+    reply = ask(
+        args.name,
+        args.prompt,
+        server=args.server,
+        version=args.version,
+        api_key=args.api_key,
+        system=args.system,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        stream=args.stream,
+        out=sys.stdout,
+    )
     if args.stream:
         print()
     else:

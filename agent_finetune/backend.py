@@ -106,7 +106,9 @@ def _load_hf(config: FineTuningConfig) -> tuple[Any, Any]:
     kwargs: dict[str, Any] = {"dtype": _dtype(config)}
     if config.load_in_4bit:
         if not cuda_available():
-            raise BackendError("load_in_4bit needs a CUDA GPU (bitsandbytes); set load_in_4bit: false")
+            raise BackendError(
+                "load_in_4bit needs a CUDA GPU (bitsandbytes); set load_in_4bit: false"
+            )
         import torch
         from transformers import BitsAndBytesConfig
 

@@ -71,26 +71,32 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = FineTuningConfig.from_yaml(args.config, **overrides)
     else:
         config = FineTuningConfig.from_dict(overrides, source="command line")
-    template = Path(args.prompt_template).read_text(encoding="utf-8") if args.prompt_template else None
+    template = (
+        Path(args.prompt_template).read_text(encoding="utf-8") if args.prompt_template else None
+    )
 
     from agent_finetune.train import train
 
-    result = train(config, args.data, train_test_split=args.train_test_split,
-                   prompt_template=template)
+    result = train(
+        config, args.data, train_test_split=args.train_test_split, prompt_template=template
+    )
     summary = {
         "adapter_dir": str(result.adapter_dir),
         "backend": result.backend,
         "metrics": result.metrics,
         "published": f"{result.published.name}@{result.published.version}"
-        if result.published else None,
+        if result.published
+        else None,
     }
     if args.json:
         _emit_json(summary)
     else:
         m = result.metrics
         print(f"adapter: {result.adapter_dir}")
-        print(f"backend: {result.backend}   train loss: {m['train_loss']:.4f}   "
-              f"{m['train_tokens_per_second']} tok/s   peak memory: {m['peak_memory_gib']} GiB")
+        print(
+            f"backend: {result.backend}   train loss: {m['train_loss']:.4f}   "
+            f"{m['train_tokens_per_second']} tok/s   peak memory: {m['peak_memory_gib']} GiB"
+        )
         if m.get("eval_loss") is not None:
             print(f"eval loss: {m['eval_loss_before']:.4f} -> {m['eval_loss']:.4f}")
         if summary["published"]:
@@ -101,12 +107,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_publish(args: argparse.Namespace) -> int:
     reg = _registry(args)
     base_config = load_base_config(args.base_model) if args.base_model else None
-    info = reg.publish(args.name, args.path, make_current=not args.no_promote, reason=args.reason,
-                       max_rank=args.max_rank, base_config=base_config,
-                       metadata={"imported_from": str(Path(args.path).absolute())})
+    info = reg.publish(
+        args.name,
+        args.path,
+        make_current=not args.no_promote,
+        reason=args.reason,
+        max_rank=args.max_rank,
+        base_config=base_config,
+        metadata={"imported_from": str(Path(args.path).absolute())},
+    )
     if args.json:
-        _emit_json({"name": info.name, "version": info.version, "path": str(info.path),
-                    "current": info.current})
+        _emit_json(
+            {
+                "name": info.name,
+                "version": info.version,
+                "path": str(info.path),
+                "current": info.current,
+            }
+        )
     else:
         state = "now current" if info.current else "not promoted"
         print(f"published {info.name}@{info.version} ({state}) -> {info.path}")
@@ -115,21 +133,38 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     reg = _registry(args)
-    infos = reg.list(args.name)
+    infos = reg.entries(args.name)
     if args.json:
-        _emit_json([{"name": i.name, "version": i.version, "current": i.current,
-                     "created_at": i.manifest.get("created_at"),
-                     "base_model": i.manifest.get("base_model"),
-                     "rank": (i.manifest.get("lora") or {}).get("r"),
-                     "metrics": i.manifest.get("metrics")} for i in infos])
+        _emit_json(
+            [
+                {
+                    "name": i.name,
+                    "version": i.version,
+                    "current": i.current,
+                    "created_at": i.manifest.get("created_at"),
+                    "base_model": i.manifest.get("base_model"),
+                    "rank": (i.manifest.get("lora") or {}).get("r"),
+                    "metrics": i.manifest.get("metrics"),
+                }
+                for i in infos
+            ]
+        )
         return 0
     if not infos:
         print(f"no adapters in {reg.root}")
         return 0
     print_table(
-        [(i.name, i.version, "*" if i.current else "", i.manifest.get("created_at", "?"),
-          (i.manifest.get("lora") or {}).get("r"), _metric(i.manifest, "eval_loss"))
-         for i in infos],
+        [
+            (
+                i.name,
+                i.version,
+                "*" if i.current else "",
+                i.manifest.get("created_at", "?"),
+                (i.manifest.get("lora") or {}).get("r"),
+                _metric(i.manifest, "eval_loss"),
+            )
+            for i in infos
+        ],
         ["NAME", "VERSION", "CURRENT", "CREATED", "RANK", "EVAL LOSS"],
     )
     return 0
@@ -154,8 +189,11 @@ def cmd_show(args: argparse.Namespace) -> int:
         ("created", manifest.get("created_at")),
         ("parent", manifest.get("parent")),
         ("base model", manifest.get("base_model")),
-        ("LoRA", f"r={lora.get('r')} alpha={lora.get('alpha')} "
-                 f"modules={','.join(lora.get('target_modules') or [])}"),
+        (
+            "LoRA",
+            f"r={lora.get('r')} alpha={lora.get('alpha')} "
+            f"modules={','.join(lora.get('target_modules') or [])}",
+        ),
         ("dataset", (manifest.get("dataset") or {}).get("path")),
         ("metrics", json.dumps(manifest.get("metrics") or {})),
         ("tool version", manifest.get("tool_version")),
@@ -169,16 +207,30 @@ def cmd_history(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json(entries)
         return 0
-    print_table([(e.get("ts"), e.get("action"), e.get("from"), e.get("to"), e.get("user"),
-                  e.get("reason")) for e in entries],
-                ["TIME", "ACTION", "FROM", "TO", "USER", "REASON"])
+    print_table(
+        [
+            (
+                e.get("ts"),
+                e.get("action"),
+                e.get("from"),
+                e.get("to"),
+                e.get("user"),
+                e.get("reason"),
+            )
+            for e in entries
+        ],
+        ["TIME", "ACTION", "FROM", "TO", "USER", "REASON"],
+    )
     return 0
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
     version = _registry(args).promote(args.name, args.version, reason=args.reason)
-    print(json.dumps({"name": args.name, "current": version}) if args.json
-          else f"{args.name}: current -> {version}")
+    print(
+        json.dumps({"name": args.name, "current": version})
+        if args.json
+        else f"{args.name}: current -> {version}"
+    )
     return 0
 
 
@@ -186,24 +238,37 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     reg = _registry(args)
     before = reg.current(args.name)
     version = reg.rollback(args.name, to=args.to, reason=args.reason)
-    print(json.dumps({"name": args.name, "from": before, "current": version}) if args.json
-          else f"{args.name}: rolled back {before} -> {version}")
+    print(
+        json.dumps({"name": args.name, "from": before, "current": version})
+        if args.json
+        else f"{args.name}: rolled back {before} -> {version}"
+    )
     return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     path = Path(args.path)
     base_config = load_base_config(args.base_model) if args.base_model else None
-    report = validate_adapter(path, max_rank=args.max_rank, base_model=args.base_model,
-                              base_config=base_config)
+    report = validate_adapter(
+        path, max_rank=args.max_rank, base_model=args.base_model, base_config=base_config
+    )
     if (path / MANIFEST).is_file():
         report.problems[:0] = verify_checksums(path, json.loads((path / MANIFEST).read_text()))
     if args.base_model and base_config is None:
-        print(f"note: {args.base_model} is not a local model folder; shapes not checked",
-              file=sys.stderr)
+        print(
+            f"note: {args.base_model} is not a local model folder; shapes not checked",
+            file=sys.stderr,
+        )
     if args.json:
-        _emit_json({"path": str(path), "ok": report.ok, "rank": report.rank,
-                    "target_modules": report.target_modules, "problems": report.problems})
+        _emit_json(
+            {
+                "path": str(path),
+                "ok": report.ok,
+                "rank": report.rank,
+                "target_modules": report.target_modules,
+                "problems": report.problems,
+            }
+        )
     elif report.ok:
         print(f"OK: {path} (r={report.rank}, modules={','.join(report.target_modules)})")
     else:
@@ -239,26 +304,43 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         p.add_argument("--json", action="store_true", help="machine-readable output")
         if registry:
-            p.add_argument("--registry", default=None,
-                           help=f"registry folder (default: ${ENV_REGISTRY})")
+            p.add_argument(
+                "--registry", default=None, help=f"registry folder (default: ${ENV_REGISTRY})"
+            )
         return p
 
-    p = add("train", cmd_train, "train a LoRA adapter (and publish it if the config names one)",
-            registry=False)
+    p = add(
+        "train",
+        cmd_train,
+        "train a LoRA adapter (and publish it if the config names one)",
+        registry=False,
+    )
     p.add_argument("--config", "-c", help="YAML config file (see configs/)")
     p.add_argument("--data", "-d", required=True, help="dataset: .json, .jsonl or .csv")
     p.add_argument("--model", dest="model_name", help="override model_name")
     p.add_argument("--output-dir", dest="output_dir", help="override output_dir")
     p.add_argument("--adapter-name", dest="adapter_name", help="publish under this name")
-    p.add_argument("--registry", dest="registry_dir",
-                   help=f"registry to publish into (default: ${ENV_REGISTRY})")
+    p.add_argument(
+        "--registry",
+        dest="registry_dir",
+        help=f"registry to publish into (default: ${ENV_REGISTRY})",
+    )
     p.add_argument("--backend", choices=["auto", "unsloth", "hf"], help="override backend")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override any config field, e.g. --set lora_r=8 (repeatable)")
-    p.add_argument("--train-test-split", type=float, default=0.1,
-                   help="fraction of rows held out for evaluation (default 0.1)")
-    p.add_argument("--prompt-template", help="file holding a prompt template with {instruction} "
-                   "and {response}")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. --set lora_r=8 (repeatable)",
+    )
+    p.add_argument(
+        "--train-test-split",
+        type=float,
+        default=0.1,
+        help="fraction of rows held out for evaluation (default 0.1)",
+    )
+    p.add_argument(
+        "--prompt-template", help="file holding a prompt template with {instruction} and {response}"
+    )
 
     p = add("publish", cmd_publish, "publish a PEFT LoRA folder as the next version")
     p.add_argument("name")

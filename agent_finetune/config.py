@@ -38,8 +38,10 @@ class FineTuningConfig(BaseModel):
         "`load_model_and_tokenizer`, an adapter folder (with adapter_config.json) also works.",
     )
     max_seq_length: int = Field(
-        2048, ge=16, description="Longest training sequence in tokens; longer rows are truncated "
-        "and counted in the data report."
+        2048,
+        ge=16,
+        description="Longest training sequence in tokens; longer rows are truncated "
+        "and counted in the data report.",
     )
     load_in_4bit: bool = Field(
         False, description="QLoRA: load the base model in 4-bit (bitsandbytes; CUDA only)."
@@ -51,11 +53,20 @@ class FineTuningConfig(BaseModel):
     )
 
     # -- LoRA --------------------------------------------------------------------------------
-    lora_r: int = Field(16, ge=1, le=512, description="LoRA rank. Must be <= the server's "
-                        "--max-lora-rank (default 16 in `agent-finetune serve`).")
+    lora_r: int = Field(
+        16,
+        ge=1,
+        le=512,
+        description="LoRA rank. Must be <= the server's "
+        "--max-lora-rank (default 16 in `agent-finetune serve`).",
+    )
     lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input "
-                                "(0 is fastest and what Unsloth optimises for).")
+    lora_dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Dropout on the LoRA input (0 is fastest and what Unsloth optimises for).",
+    )
     target_modules: list[str] = Field(
         default_factory=lambda: list(DEFAULT_TARGET_MODULES),
         min_length=1,
@@ -67,24 +78,33 @@ class FineTuningConfig(BaseModel):
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
     batch_size: int = Field(2, ge=1, description="Per-device training batch size (rows).")
     gradient_accumulation_steps: int = Field(
-        4, ge=1, description="Steps to accumulate before an optimiser step; effective batch = "
-        "batch_size x this x number of processes."
+        4,
+        ge=1,
+        description="Steps to accumulate before an optimiser step; effective batch = "
+        "batch_size x this x number of processes.",
     )
     num_train_epochs: float = Field(3.0, gt=0, description="Passes over the training rows.")
-    max_steps: int = Field(-1, description="If > 0, stop after this many optimiser steps "
-                           "(overrides num_train_epochs).")
-    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps for linear "
-                                "learning-rate warm-up.")
+    max_steps: int = Field(
+        -1, description="If > 0, stop after this many optimiser steps (overrides num_train_epochs)."
+    )
+    warmup_ratio: float = Field(
+        0.03, ge=0, lt=1, description="Fraction of steps for linear learning-rate warm-up."
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    lr_scheduler_type: str = Field("linear", description="transformers scheduler name, e.g. "
-                                   "linear, cosine, constant.")
+    lr_scheduler_type: str = Field(
+        "linear", description="transformers scheduler name, e.g. linear, cosine, constant."
+    )
     seed: int = Field(42, description="Seed for the data split, shuffling and LoRA init.")
     gradient_checkpointing: bool = Field(
-        True, description="Recompute activations in the backward pass: less memory, ~20% slower. "
-        "The unsloth backend uses Unsloth's offloaded variant."
+        True,
+        description="Recompute activations in the backward pass: less memory, ~20% slower. "
+        "The unsloth backend uses Unsloth's offloaded variant.",
     )
-    packing: bool = Field(False, description="Pack several short rows into one sequence "
-                          "(padding-free, position ids reset per row).")
+    packing: bool = Field(
+        False,
+        description="Pack several short rows into one sequence "
+        "(padding-free, position ids reset per row).",
+    )
     train_on_responses_only: bool = Field(
         True, description="Compute the loss on response tokens only (prompt tokens masked)."
     )
@@ -92,13 +112,16 @@ class FineTuningConfig(BaseModel):
     bf16: bool = Field(False, description="Mixed precision bf16 (CUDA with bf16 support, or CPU).")
 
     # -- logging / checkpoints ---------------------------------------------------------------
-    output_dir: str = Field("./outputs", description="Run folder: checkpoints, "
-                            "final_model/, metrics.json, loss_curve.png.")
+    output_dir: str = Field(
+        "./outputs",
+        description="Run folder: checkpoints, final_model/, metrics.json, loss_curve.png.",
+    )
     save_steps: int = Field(500, ge=1, description="Save a checkpoint every N optimiser steps.")
     logging_steps: int = Field(10, ge=1, description="Log the training loss every N steps.")
     eval_steps: int = Field(100, ge=1, description="Evaluate on the held-out rows every N steps.")
-    use_wandb: bool = Field(False, description="Report to Weights & Biases (needs `wandb` "
-                            "installed and logged in).")
+    use_wandb: bool = Field(
+        False, description="Report to Weights & Biases (needs `wandb` installed and logged in)."
+    )
     wandb_project: str | None = Field(None, description="W&B project (with use_wandb).")
     wandb_run_name: str | None = Field(None, description="W&B run name (with use_wandb).")
 
@@ -109,11 +132,13 @@ class FineTuningConfig(BaseModel):
         "the row or template_vars. None: use the tokenizer's chat template (what vLLM's chat "
         "endpoint sends at serving time).",
     )
-    system_prompt: str | None = Field(None, description="System message prepended to every "
-                                      "chat-formatted row that has none.")
+    system_prompt: str | None = Field(
+        None, description="System message prepended to every chat-formatted row that has none."
+    )
     template_vars: dict[str, str] = Field(
-        default_factory=dict, description="Values for extra {placeholders} in prompt_template, "
-        "e.g. {domain: 医疗}. A row's own field of the same name wins."
+        default_factory=dict,
+        description="Values for extra {placeholders} in prompt_template, "
+        "e.g. {domain: 医疗}. A row's own field of the same name wins.",
     )
     field_map: dict[str, str] = Field(
         default_factory=dict,
@@ -122,10 +147,15 @@ class FineTuningConfig(BaseModel):
     )
 
     # -- publish -----------------------------------------------------------------------------
-    adapter_name: str | None = Field(None, description="Publish the trained adapter under this "
-                                     "registry name (needs registry_dir).")
-    registry_dir: str | None = Field(None, description="Registry folder to publish into "
-                                     "(default: $AGENT_FINETUNE_REGISTRY when adapter_name is set).")
+    adapter_name: str | None = Field(
+        None,
+        description="Publish the trained adapter under this registry name (needs registry_dir).",
+    )
+    registry_dir: str | None = Field(
+        None,
+        description="Registry folder to publish into "
+        "(default: $AGENT_FINETUNE_REGISTRY when adapter_name is set).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> FineTuningConfig:

@@ -17,6 +17,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -100,13 +101,17 @@ def _read_rows(path: Path, text: str) -> list[tuple[str, Any]]:
             try:
                 rows.append((f"{path}:{i}", json.loads(line)))
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: invalid JSON line: {e.msg} (column {e.colno})") from None
+                raise DataError(
+                    f"{path}:{i}: invalid JSON line: {e.msg} (column {e.colno})"
+                ) from None
         return rows
     if suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+            raise DataError(
+                f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})"
+            ) from None
         if isinstance(data, dict):
             data = [data]
         if not isinstance(data, list):
@@ -117,7 +122,7 @@ def _read_rows(path: Path, text: str) -> list[tuple[str, Any]]:
         header: list[str] | None = None
         rows = []
         for record in reader:
-            line = reader.line_num
+            lineno = reader.line_num
             if header is None:
                 header = [h.strip() for h in record]
                 if not any(header):
@@ -127,10 +132,10 @@ def _read_rows(path: Path, text: str) -> list[tuple[str, Any]]:
                 continue
             if len(record) != len(header):
                 raise DataError(
-                    f"{path}:{line}: row has {len(record)} columns, header has {len(header)} "
+                    f"{path}:{lineno}: row has {len(record)} columns, header has {len(header)} "
                     f"({', '.join(header)}); quote fields that contain commas"
                 )
-            rows.append((f"{path}:{line}", dict(zip(header, record))))
+            rows.append((f"{path}:{lineno}", dict(zip(header, record, strict=True))))
         return rows
     raise DataError(f"{path}: unsupported file type {suffix!r}; use .json, .jsonl or .csv")
 
@@ -165,8 +170,14 @@ def _chat_messages(row: Mapping[str, Any], where: str) -> list[dict[str, str]]:
                 f"{where}: messages[{j}] must be {{role: system|user|assistant, content: text}}, "
                 f"got {m!r:.80}"
             )
-        out.append({"role": str(m["role"]), "content": _text(m, "content", f"{where} messages[{j}]",
-                                                              allow_empty=m["role"] != "assistant")})
+        out.append(
+            {
+                "role": str(m["role"]),
+                "content": _text(
+                    m, "content", f"{where} messages[{j}]", allow_empty=m["role"] != "assistant"
+                ),
+            }
+        )
     if out[-1]["role"] != "assistant":
         raise DataError(f"{where}: the last message must be the assistant's answer to train on")
     if not any(m["role"] == "user" for m in out):
@@ -174,9 +185,7 @@ def _chat_messages(row: Mapping[str, Any], where: str) -> list[dict[str, str]]:
     return out
 
 
-def normalise_row(
-    raw: Any, fmt: Format, where: str, system_prompt: str | None = None
-) -> Example:
+def normalise_row(raw: Any, fmt: Format, where: str, system_prompt: str | None = None) -> Example:
     """Turn one raw row into an Example; raise DataError naming ``where`` if it is bad."""
     if not isinstance(raw, dict):
         raise DataError(f"{where}: expected an object with fields, got {type(raw).__name__}")
@@ -210,7 +219,7 @@ def normalise_row(
 
 
 def load_dataset_file(
-    path: str | Path,
+    path: str | os.PathLike[str],
     *,
     field_map: Mapping[str, str] | None = None,
     system_prompt: str | None = None,
@@ -238,9 +247,13 @@ def load_dataset_file(
         ]
     first_where, first = rows[0]
     if not isinstance(first, dict):
-        raise DataError(f"{first_where}: expected an object with fields, got {type(first).__name__}")
+        raise DataError(
+            f"{first_where}: expected an object with fields, got {type(first).__name__}"
+        )
     fmt = detect_format(set(first))
     if fmt is None:
-        raise DataError(f"{first_where}: cannot tell the format from keys {sorted(first)}; {_FORMAT_HELP}")
+        raise DataError(
+            f"{first_where}: cannot tell the format from keys {sorted(first)}; {_FORMAT_HELP}"
+        )
     examples = [normalise_row(raw, fmt, where, system_prompt) for where, raw in rows]
     return Dataset(p, fmt, examples, hashlib.sha256(data).hexdigest())

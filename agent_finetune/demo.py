@@ -63,14 +63,20 @@ def train_version(base: Path, work: Path, registry: Path, dataset: Path, tag: st
     from agent_finetune.train import train
 
     cfg = FineTuningConfig.from_yaml(
-        TINY_CONFIG, model_name=str(base), output_dir=str(work / "runs" / tag),
-        adapter_name=NAME, registry_dir=str(registry),
+        TINY_CONFIG,
+        model_name=str(base),
+        output_dir=str(work / "runs" / tag),
+        adapter_name=NAME,
+        registry_dir=str(registry),
     )
     result = train(cfg, dataset, train_test_split=0.0, publish_reason=f"demo: {dataset.name}")
     assert result.published is not None
     m = result.metrics
-    print(f"trained in {m['train_seconds']:.1f}s ({m['train_tokens_per_second']:.0f} tok/s), "
-          f"published {NAME}@{result.published.version}", flush=True)
+    print(
+        f"trained in {m['train_seconds']:.1f}s ({m['train_tokens_per_second']:.0f} tok/s), "
+        f"published {NAME}@{result.published.version}",
+        flush=True,
+    )
     return result.published.version
 
 
@@ -119,7 +125,11 @@ def run_demo(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     log = work / "vllm.log"
     server = start_server(
-        str(base), registry, port=args.port, log_path=log, timeout=args.server_timeout,
+        str(base),
+        registry,
+        port=args.port,
+        log_path=log,
+        timeout=args.server_timeout,
         # 1 GiB of KV cache and short contexts: plenty for the tiny model on a small CPU box.
         settings={"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"},
         extra_args=["--max-model-len", "256", "--dtype", "bfloat16"],
@@ -155,16 +165,25 @@ def run_demo(args: argparse.Namespace) -> int:
             raise DemoError(f"{NAME}@{v2} answered {pinned!r}, expected {want_v2!r}")
 
         banner("6/6  Summary")
-        _print_summary(story, {
-            "base model": base_answer, f"{NAME} ({v1})": want_v1, f"{NAME} ({v2})": want_v2,
-            f"{NAME} after rollback": want_v1,
-        }, swap_s, back_s)
+        _print_summary(
+            story,
+            {
+                "base model": base_answer,
+                f"{NAME} ({v1})": want_v1,
+                f"{NAME} ({v2})": want_v2,
+                f"{NAME} after rollback": want_v1,
+            },
+            swap_s,
+            back_s,
+        )
         keep = args.keep_serving
     finally:
         if keep:
-            print(f"\nserver still running at {server.base_url} (pid {server.process.pid}); try\n"
-                  f"  agent-finetune ask {NAME} \"{QUESTION}\" --server {server.base_url}\n"
-                  f"stop it with: kill -- -{server.process.pid}")
+            print(
+                f"\nserver still running at {server.base_url} (pid {server.process.pid}); try\n"
+                f'  agent-finetune ask {NAME} "{QUESTION}" --server {server.base_url}\n'
+                f"stop it with: kill -- -{server.process.pid}"
+            )
         else:
             server.stop()
             print("\nserver stopped")
@@ -174,24 +193,32 @@ def run_demo(args: argparse.Namespace) -> int:
 def _print_summary(story: Story, answers: dict[str, str], swap_s: float, back_s: float) -> None:
     from agent_finetune.cli import print_table
 
-    print_table([(s.what, f"{s.seconds:.2f}s", s.detail) for s in story.steps],
-                ["STEP", "TIME", "DETAIL"])
+    print_table(
+        [(s.what, f"{s.seconds:.2f}s", s.detail) for s in story.steps], ["STEP", "TIME", "DETAIL"]
+    )
     print()
-    print_table([(k, v if len(v) <= 72 else v[:69] + "...") for k, v in answers.items()],
-                ["MODEL", "ANSWER"])
-    print(f"\nhot swap to v2 served in {swap_s:.2f}s, rollback in {back_s:.2f}s, "
-          "with no server restart")
+    print_table(
+        [(k, v if len(v) <= 72 else v[:69] + "...") for k, v in answers.items()],
+        ["MODEL", "ANSWER"],
+    )
+    print(
+        f"\nhot swap to v2 served in {swap_s:.2f}s, rollback in {back_s:.2f}s, "
+        "with no server restart"
+    )
 
 
 def add_demo_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "demo", help="train, serve, hot-swap and roll back an adapter, end to end (CPU, minutes)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "demo",
+        help="train, serve, hot-swap and roll back an adapter, end to end (CPU, minutes)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--workdir", default=".demo", help="where the model, runs and registry go")
     p.add_argument("--port", type=int, default=None, help="server port (default: a free one)")
     p.add_argument("--keep-serving", action="store_true", help="leave the server running")
     p.add_argument("--reuse", action="store_true", help="keep an existing demo registry")
-    p.add_argument("--server-timeout", type=float, default=600.0,
-                   help="seconds to wait for vLLM to start")
+    p.add_argument(
+        "--server-timeout", type=float, default=600.0, help="seconds to wait for vLLM to start"
+    )
     p.set_defaults(func=run_demo)

@@ -34,7 +34,11 @@ def load_model_and_tokenizer(config: FineTuningConfig) -> tuple[Any, Any]:
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        base = read_adapter_config(path)["base_model_name_or_path"] if is_adapter else config.model_name
+        base = (
+            read_adapter_config(path)["base_model_name_or_path"]
+            if is_adapter
+            else config.model_name
+        )
         dtype = "bfloat16" if config.bf16 else "float16" if config.fp16 else "auto"
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
         tok_source = config.model_name if (path / "tokenizer_config.json").is_file() else base
@@ -55,14 +59,18 @@ def format_prompt(model: Any, tokenizer: Any, prompt: str) -> tuple[str, bool]:
     fmt = getattr(model, "agent_finetune_format", None) or {}
     template = fmt.get("prompt_template")
     if template:
-        ex = Example([{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}],
-                     {"instruction": prompt, "input": "", "response": ""})
+        ex = Example(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}],
+            {"instruction": prompt, "input": "", "response": ""},
+        )
         return render_template(template, ex, fmt.get("template_vars") or {})[0], False
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": prompt}]
         if fmt.get("system_prompt"):
             messages.insert(0, {"role": "system", "content": fmt["system_prompt"]})
-        text: str = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text: str = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
         return text, True
     return prompt, False
 

@@ -45,9 +45,9 @@ def check_template(
         missing = names - set(ex.fields) - set(template_vars)
         if missing:
             raise PromptTemplateError(
-                f"{ex.where}: prompt_template uses {{{', '.join(sorted(missing))}}} but neither the "
-                f"row (fields: {', '.join(sorted(ex.fields))}) nor template_vars provides it; add it "
-                "to template_vars in the config"
+                f"{ex.where}: prompt_template uses {{{', '.join(sorted(missing))}}} but neither "
+                f"the row (fields: {', '.join(sorted(ex.fields))}) nor template_vars provides "
+                "it; add it to template_vars in the config"
             )
 
 

@@ -68,7 +68,9 @@ def check_name(name: str) -> str:
 def check_version(version: str) -> str:
     """Return ``version`` if it looks like vNNNN (4+ digits), else raise InvalidNameError."""
     if not isinstance(version, str) or not VERSION_RE.match(version):
-        raise InvalidNameError(f"invalid version {version!r}: expected 'v' and 4+ digits, e.g. v0001")
+        raise InvalidNameError(
+            f"invalid version {version!r}: expected 'v' and 4+ digits, e.g. v0001"
+        )
     return version
 
 
@@ -113,7 +115,9 @@ def atomic_write_json(path: Path, data: Any) -> None:
 
 
 def file_checksums(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
-    return {n: {"sha256": sha256_file(folder / n), "size": (folder / n).stat().st_size} for n in names}
+    return {
+        n: {"sha256": sha256_file(folder / n), "size": (folder / n).stat().st_size} for n in names
+    }
 
 
 def verify_checksums(folder: Path, manifest: dict[str, Any]) -> list[str]:
@@ -156,9 +160,7 @@ class Registry:
     def from_env(cls, root: str | os.PathLike[str] | None = None) -> Registry:
         value = root or os.environ.get(ENV_REGISTRY)
         if not value:
-            raise RegistryError(
-                f"no registry given: pass --registry DIR or set {ENV_REGISTRY}=DIR"
-            )
+            raise RegistryError(f"no registry given: pass --registry DIR or set {ENV_REGISTRY}=DIR")
         return cls(value)
 
     # -- paths ------------------------------------------------------------------------------
@@ -213,7 +215,8 @@ class Registry:
             raise RegistryError(f"{path}: expected a JSON object")
         return data
 
-    def list(self, name: str | None = None) -> list[VersionInfo]:
+    def entries(self, name: str | None = None) -> list[VersionInfo]:
+        """Every published version (of ``name``, or of all names), oldest first."""
         out = []
         for n in [name] if name else self.names():
             if name and not self.versions(n):
@@ -349,7 +352,8 @@ class Registry:
     def _require_name(self, name: str) -> None:
         if not self.versions(name):
             raise NotFoundError(
-                f"no adapter named {name!r} in {self.root}; known: {', '.join(self.names()) or 'none'}"
+                f"no adapter named {name!r} in {self.root}; "
+                f"known: {', '.join(self.names()) or 'none'}"
             )
 
     def promote(self, name: str, version: str, *, reason: str | None = None) -> str:

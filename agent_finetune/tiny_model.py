@@ -152,7 +152,9 @@ def build_tiny_model(
     return out
 
 
-def build_model_from_config(shape: str | dict[str, Any], *, dtype: Any = None, device: Any = None) -> Any:
+def build_model_from_config(
+    shape: str | dict[str, Any], *, dtype: Any = None, device: Any = None
+) -> Any:
     """Instantiate a model with random weights from a known shape name or a config dict."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM

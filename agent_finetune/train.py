@@ -64,12 +64,17 @@ def train(
     train_rows, eval_rows = dataset.split(train_test_split, config.seed)
     log.info(
         "dataset %s: %d rows (%s format), %d train / %d eval",
-        dataset.path, len(dataset), dataset.format, len(train_rows), len(eval_rows),
+        dataset.path,
+        len(dataset),
+        dataset.format,
+        len(train_rows),
+        len(eval_rows),
     )
     if not eval_rows:
         log.warning(
             "train_test_split=%s leaves no eval rows out of %d; skipping evaluation",
-            train_test_split, len(dataset),
+            train_test_split,
+            len(dataset),
         )
 
     # 2. backend: model with fresh LoRA weights
@@ -93,14 +98,18 @@ def train(
         log.warning(
             "%d of %d rows are longer than max_seq_length=%d and were truncated (%d dropped: "
             "the prompt alone filled the limit); raise max_seq_length to keep them whole",
-            truncated, len(dataset), config.max_seq_length, train_tok.dropped + eval_tok.dropped,
+            truncated,
+            len(dataset),
+            config.max_seq_length,
+            train_tok.dropped + eval_tok.dropped,
         )
     if not train_tok.rows:
         raise DataError(f"{dataset.path}: no training rows left after tokenization")
 
     # 4. train
-    trainer = _make_trainer(config, backend, model, tokenizer, train_tok.rows, eval_tok.rows,
-                            callbacks)
+    trainer = _make_trainer(
+        config, backend, model, tokenizer, train_tok.rows, eval_tok.rows, callbacks
+    )
     run_dir = Path(config.output_dir)
     eval_before = trainer.evaluate()["eval_loss"] if eval_tok.rows else None
     if torch.cuda.is_available():
@@ -156,11 +165,13 @@ def train(
             },
             reason=publish_reason or f"trained on {dataset.path.name}",
         )
-        log.info("published %s@%s to %s", config.adapter_name, result.published.version,
-                 registry_dir)
+        log.info(
+            "published %s@%s to %s", config.adapter_name, result.published.version, registry_dir
+        )
     elif config.adapter_name:
-        log.warning("adapter_name is set but no registry_dir / AGENT_FINETUNE_REGISTRY; "
-                    "not publishing")
+        log.warning(
+            "adapter_name is set but no registry_dir / AGENT_FINETUNE_REGISTRY; not publishing"
+        )
     return result
 
 
@@ -268,7 +279,7 @@ def _peak_memory_gib() -> float:
     import torch
 
     if torch.cuda.is_available():
-        return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        return round(float(torch.cuda.max_memory_allocated()) / 2**30, 3)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # KiB -> GiB
 
 

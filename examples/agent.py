@@ -23,7 +23,7 @@ from pathlib import Path
 import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from agent_finetune.agent_config import AgentConfig, RoleConfig  # noqa: E402
+from agent_finetune.agent_config import AgentConfig, RoleConfig
 
 
 def answer(client: openai.OpenAI, role: RoleConfig, question: str) -> str:
@@ -41,8 +41,9 @@ def answer(client: openai.OpenAI, role: RoleConfig, question: str) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("question")
-    p.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" /
-                                           "agent.yaml"))
+    p.add_argument(
+        "--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "agent.yaml")
+    )
     p.add_argument("--server", help="override the config's server URL")
     p.add_argument("--watch", type=float, default=0, help="keep asking for N seconds")
     a = p.parse_args()

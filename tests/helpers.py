@@ -12,11 +12,19 @@ from safetensors.numpy import save_file
 
 # Shapes of tests' tiny model: hidden 128, 4 heads x 32, 2 kv heads, intermediate 256.
 TINY_SHAPES = {
-    "q_proj": (128, 128), "k_proj": (128, 64), "v_proj": (128, 64), "o_proj": (128, 128),
-    "gate_proj": (128, 256), "up_proj": (128, 256), "down_proj": (256, 128),
+    "q_proj": (128, 128),
+    "k_proj": (128, 64),
+    "v_proj": (128, 64),
+    "o_proj": (128, 128),
+    "gate_proj": (128, 256),
+    "up_proj": (128, 256),
+    "down_proj": (256, 128),
 }
 TINY_CONFIG = {
-    "hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+    "hidden_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
     "intermediate_size": 256,
 }
 
@@ -47,9 +55,15 @@ def make_adapter(
         tensors[name] = rng.standard_normal(shape).astype(np.float32)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r,
-        "target_modules": sorted(modules), "base_model_name_or_path": base_model,
-        "modules_to_save": None, "use_dora": False, "bias": "none",
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": 2 * r,
+        "target_modules": sorted(modules),
+        "base_model_name_or_path": base_model,
+        "modules_to_save": None,
+        "use_dora": False,
+        "bias": "none",
     }
     config.update(extra_config or {})
     (folder / "adapter_config.json").write_text(json.dumps(config), encoding="utf-8")

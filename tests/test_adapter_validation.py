@@ -10,8 +10,10 @@ from agent_finetune.adapter import read_safetensors_header, validate_adapter
 
 
 def test_good_adapter_passes_with_shapes(tmp_path: Path) -> None:
-    a = make_adapter(tmp_path / "a", modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                              "gate_proj", "up_proj", "down_proj"])
+    a = make_adapter(
+        tmp_path / "a",
+        modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     report = validate_adapter(a, max_rank=16, base_model="tiny-base", base_config=TINY_CONFIG)
     assert report.ok, report.problems
     assert report.rank == 4 and len(report.target_modules) == 7
@@ -25,10 +27,16 @@ def test_good_adapter_passes_with_shapes(tmp_path: Path) -> None:
         ({"extra_config": {"use_dora": True}}, {}, "DoRA"),
         ({"modules": ["q_proj", "embed_tokens"]}, {}, "'embed_tokens' cannot be served"),
         ({"modules": ["lm_head"]}, {}, "'lm_head' cannot be served"),
-        ({"extra_tensors": {"base_model.model.lm_head.weight": (8, 8)}}, {},
-         "not a LoRA A/B weight"),
-        ({"shapes": {"q_proj": (64, 64), "v_proj": (64, 32)}}, {"base_config": TINY_CONFIG},
-         "does not fit the base model"),
+        (
+            {"extra_tensors": {"base_model.model.lm_head.weight": (8, 8)}},
+            {},
+            "not a LoRA A/B weight",
+        ),
+        (
+            {"shapes": {"q_proj": (64, 64), "v_proj": (64, 32)}},
+            {"base_config": TINY_CONFIG},
+            "does not fit the base model",
+        ),
         ({"base_model": "other/model"}, {"base_model": "tiny-base"}, "does not match the served"),
         ({"extra_config": {"peft_type": "IA3"}}, {}, "only LORA"),
     ],

@@ -35,12 +35,18 @@ def test_publish_list_show_history_promote_rollback_gc(
     code, out, _ = run(capsys, "list", "--json")
     rows = json.loads(out)
     assert [(r["version"], r["current"]) for r in rows] == [
-        ("v0001", False), ("v0002", False), ("v0003", True)]
+        ("v0001", False),
+        ("v0002", False),
+        ("v0003", True),
+    ]
     code, out, _ = run(capsys, "show", "bot@v0002", "--json")
     assert json.loads(out)["version"] == "v0002"
     assert "r=4" in run(capsys, "show", "bot")[1]
     assert run(capsys, "rollback", "bot")[1].strip() == "bot: rolled back v0003 -> v0002"
-    assert json.loads(run(capsys, "rollback", "bot", "--to", "v0001", "--json")[1])["current"] == "v0001"
+    assert (
+        json.loads(run(capsys, "rollback", "bot", "--to", "v0001", "--json")[1])["current"]
+        == "v0001"
+    )
     assert run(capsys, "promote", "bot", "v0003")[0] == 0
     history = json.loads(run(capsys, "history", "bot", "--json")[1])
     assert [h["action"] for h in history][-3:] == ["rollback", "rollback", "promote"]
@@ -94,7 +100,8 @@ def test_validate_detects_tampered_published_version(
     run(capsys, "publish", "bot", str(make_adapter(tmp_path / "a")))
     vdir = env / "bot" / "versions" / "v0001"
     (vdir / "adapter_config.json").write_text(
-        (vdir / "adapter_config.json").read_text().replace('"bias": "none"', '"bias": "none" '))
+        (vdir / "adapter_config.json").read_text().replace('"bias": "none"', '"bias": "none" ')
+    )
     code, out, _ = run(capsys, "validate", str(vdir))
     assert code == 1 and "adapter_config.json" in out
 
@@ -109,9 +116,11 @@ def test_train_rejects_bad_config_key(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_console_script_starts_without_heavy_imports() -> None:
-    code = ("import sys; from agent_finetune.cli import build_parser; build_parser(); "
-            "import agent_finetune.registry; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('torch', 'transformers', 'vllm', 'peft', 'trl')))")
+    code = (
+        "import sys; from agent_finetune.cli import build_parser; build_parser(); "
+        "import agent_finetune.registry; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'transformers', 'vllm', 'peft', 'trl')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -9,9 +9,23 @@ from agent_finetune.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SEED_FIELDS = [
-    "model_name", "output_dir", "max_seq_length", "lora_r", "lora_alpha", "lora_dropout",
-    "learning_rate", "batch_size", "num_train_epochs", "save_steps", "logging_steps",
-    "eval_steps", "fp16", "bf16", "use_wandb", "wandb_project", "wandb_run_name",
+    "model_name",
+    "output_dir",
+    "max_seq_length",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "learning_rate",
+    "batch_size",
+    "num_train_epochs",
+    "save_steps",
+    "logging_steps",
+    "eval_steps",
+    "fp16",
+    "bf16",
+    "use_wandb",
+    "wandb_project",
+    "wandb_run_name",
 ]
 
 

@@ -20,7 +20,9 @@ def test_json_array_chinese(tmp_path: Path, bom: bool) -> None:
     ds = load_dataset_file(write(tmp_path / "d.json", json.dumps(rows, ensure_ascii=False), bom))
     assert ds.format == "instruction" and len(ds) == 2
     assert ds.examples[0].messages == [
-        {"role": "user", "content": "你好"}, {"role": "assistant", "content": "您好！"}]
+        {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "您好！"},
+    ]
 
 
 def test_json_single_object(tmp_path: Path) -> None:
@@ -35,8 +37,10 @@ def test_jsonl_formats(tmp_path: Path) -> None:
 
 
 def test_alpaca_joins_instruction_and_input(tmp_path: Path) -> None:
-    rows = [{"instruction": "Translate", "input": "hello", "output": "你好"},
-            {"instruction": "Say hi", "input": "", "output": "hi"}]
+    rows = [
+        {"instruction": "Translate", "input": "hello", "output": "你好"},
+        {"instruction": "Say hi", "input": "", "output": "hi"},
+    ]
     ds = load_dataset_file(write(tmp_path / "d.json", json.dumps(rows)))
     assert ds.format == "alpaca"
     assert ds.examples[0].messages[0]["content"] == "Translate\n\nhello"
@@ -44,39 +48,63 @@ def test_alpaca_joins_instruction_and_input(tmp_path: Path) -> None:
 
 
 def test_chat_messages(tmp_path: Path) -> None:
-    row = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
-                        {"role": "assistant", "content": "a"}]}
+    row = {
+        "messages": [
+            {"role": "system", "content": "s"},
+            {"role": "user", "content": "u"},
+            {"role": "assistant", "content": "a"},
+        ]
+    }
     ds = load_dataset_file(write(tmp_path / "d.jsonl", json.dumps(row)))
     assert ds.format == "chat" and ds.examples[0].prompt_messages[-1]["content"] == "u"
 
 
 def test_csv_with_field_map_and_bom(tmp_path: Path) -> None:
     text = 'question,answer\n"How, really?",Like this\n你好,您好\n'
-    ds = load_dataset_file(write(tmp_path / "d.csv", text, bom=True),
-                           field_map={"question": "instruction", "answer": "response"})
+    ds = load_dataset_file(
+        write(tmp_path / "d.csv", text, bom=True),
+        field_map={"question": "instruction", "answer": "response"},
+    )
     assert ds.format == "instruction"
     assert ds.examples[0].fields["instruction"] == "How, really?"
     assert ds.examples[1].response == "您好"
 
 
 def test_system_prompt_prepended(tmp_path: Path) -> None:
-    ds = load_dataset_file(write(tmp_path / "d.json", '[{"instruction":"a","response":"b"}]'),
-                           system_prompt="be brief")
+    ds = load_dataset_file(
+        write(tmp_path / "d.json", '[{"instruction":"a","response":"b"}]'), system_prompt="be brief"
+    )
     assert ds.examples[0].messages[0] == {"role": "system", "content": "be brief"}
 
 
 @pytest.mark.parametrize(
     "name, text, fragment",
     [
-        ("d.jsonl", '{"instruction":"a","response":"b"}\n{"instruction": "a"\n', ":2: invalid JSON"),
-        ("d.jsonl", '{"instruction":"a","response":"b"}\n{"instruction":"x"}\n',
-         ":2: missing field 'response'"),
-        ("d.jsonl", '{"instruction":"a","response":"b"}\n{"instruction":"x","response":"  "}\n',
-         ":2: field 'response' is empty"),
-        ("d.json", '[{"instruction":"a","response":"b"}, "just text"]',
-         "item 2: expected an object"),
-        ("d.json", '[{"instruction":"a","response":"b"}, {"instruction":"a","response":[1]}]',
-         "item 2: field 'response' must be text"),
+        (
+            "d.jsonl",
+            '{"instruction":"a","response":"b"}\n{"instruction": "a"\n',
+            ":2: invalid JSON",
+        ),
+        (
+            "d.jsonl",
+            '{"instruction":"a","response":"b"}\n{"instruction":"x"}\n',
+            ":2: missing field 'response'",
+        ),
+        (
+            "d.jsonl",
+            '{"instruction":"a","response":"b"}\n{"instruction":"x","response":"  "}\n',
+            ":2: field 'response' is empty",
+        ),
+        (
+            "d.json",
+            '[{"instruction":"a","response":"b"}, "just text"]',
+            "item 2: expected an object",
+        ),
+        (
+            "d.json",
+            '[{"instruction":"a","response":"b"}, {"instruction":"a","response":[1]}]',
+            "item 2: field 'response' must be text",
+        ),
         ("d.csv", "instruction,response\na,b\nc,d,e\n", ":3: row has 3 columns"),
         ("d.json", "[]", "empty"),
         ("d.jsonl", "\n\n", "empty"),

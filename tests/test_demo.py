@@ -22,8 +22,13 @@ Q = "What are your support hours?"
 
 def test_demo_then_ask_and_agent(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    demo = subprocess.run([*CLI, "demo", "--workdir", str(tmp_path), "--keep-serving"],
-                          capture_output=True, text=True, timeout=1200, env=env)
+    demo = subprocess.run(
+        [*CLI, "demo", "--workdir", str(tmp_path), "--keep-serving"],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env=env,
+    )
     out = demo.stdout
     assert demo.returncode == 0, out[-3000:] + demo.stderr[-3000:]
     m = re.search(r"server still running at (\S+) \(pid (\d+)\)", out)
@@ -37,8 +42,13 @@ def test_demo_then_ask_and_agent(tmp_path: Path) -> None:
         assert "STEP" in out and "ANSWER" in out
 
         def ask(*args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run([*CLI, "ask", *args, "--server", url], capture_output=True,
-                                  text=True, timeout=120, env=env)
+            return subprocess.run(
+                [*CLI, "ask", *args, "--server", url],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env=env,
+            )
 
         streamed = ask("support-bot", Q)
         assert streamed.returncode == 0 and streamed.stdout.strip() == V1  # rolled back
@@ -49,16 +59,26 @@ def test_demo_then_ask_and_agent(tmp_path: Path) -> None:
         assert "Traceback" not in unknown.stderr
 
         agent_cfg = tmp_path / "agent.yaml"
-        agent_cfg.write_text((ROOT / "configs" / "agent.yaml").read_text().replace(
-            "http://127.0.0.1:8000/v1", url))
-        agent = subprocess.run([sys.executable, str(ROOT / "examples" / "agent.py"), Q,
-                                "--config", str(agent_cfg)], capture_output=True, text=True,
-                               timeout=120, env=env)
+        agent_cfg.write_text(
+            (ROOT / "configs" / "agent.yaml").read_text().replace("http://127.0.0.1:8000/v1", url)
+        )
+        agent = subprocess.run(
+            [sys.executable, str(ROOT / "examples" / "agent.py"), Q, "--config", str(agent_cfg)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
         assert agent.returncode == 0, agent.stderr
         assert f"support (support-bot): {V1}" in agent.stdout
         assert f"support-stable (support-bot@v0001): {V1}" in agent.stdout
     finally:
         os.killpg(pid, signal.SIGTERM)
-    down = subprocess.run([*CLI, "ask", "support-bot", Q, "--server", "http://127.0.0.1:9/v1"],
-                          capture_output=True, text=True, timeout=60, env=env)
+    down = subprocess.run(
+        [*CLI, "ask", "support-bot", Q, "--server", "http://127.0.0.1:9/v1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert down.returncode == 1 and "cannot reach" in down.stderr

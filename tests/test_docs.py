@@ -32,7 +32,10 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 def test_public_api() -> None:
     assert sorted(agent_finetune.__all__) == [
-        "FineTuningConfig", "__version__", "generate_text", "load_model_and_tokenizer",
+        "FineTuningConfig",
+        "__version__",
+        "generate_text",
+        "load_model_and_tokenizer",
         "run_fine_tuning",
     ]
     for name in agent_finetune.__all__:

@@ -30,7 +30,8 @@ def test_chat_template_masks_prompt_and_matches_serving_prompt(tokenizer: Any) -
     data = tokenize_examples(tokenizer, [row], max_seq_length=256)
     ids, labels = data.rows[0]["input_ids"], data.rows[0]["labels"]
     served_prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "如何重置密码？"}], add_generation_prompt=True, tokenize=False)
+        [{"role": "user", "content": "如何重置密码？"}], add_generation_prompt=True, tokenize=False
+    )
     n_prompt = len(tokenizer(served_prompt, add_special_tokens=False)["input_ids"])
     assert ids[:n_prompt] == tokenizer(served_prompt, add_special_tokens=False)["input_ids"]
     assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
@@ -48,16 +49,24 @@ def test_template_with_domain_variable(tokenizer: Any) -> None:
     template = "领域: {domain}\n问题: {instruction}\n回答: {response}"
     prompt, response = render_template(template, ex("头疼怎么办？", "多休息。"), {"domain": "医疗"})
     assert prompt == "领域: 医疗\n问题: 头疼怎么办？\n回答: " and response == "多休息。"
-    data = tokenize_examples(tokenizer, [ex("头疼怎么办？", "多休息。")], max_seq_length=256,
-                             prompt_template=template, template_vars={"domain": "医疗"})
+    data = tokenize_examples(
+        tokenizer,
+        [ex("头疼怎么办？", "多休息。")],
+        max_seq_length=256,
+        prompt_template=template,
+        template_vars={"domain": "医疗"},
+    )
     row = data.rows[0]
-    kept = [i for i, lbl in zip(row["input_ids"], row["labels"], strict=True) if lbl != IGNORE_INDEX]
+    kept = [
+        i for i, lbl in zip(row["input_ids"], row["labels"], strict=True) if lbl != IGNORE_INDEX
+    ]
     assert tokenizer.decode(kept).startswith("多休息。")
 
 
 def test_row_field_wins_over_template_var() -> None:
-    prompt, _ = render_template("{domain}: {instruction}{response}",
-                                ex("q", "a", domain="法律"), {"domain": "医疗"})
+    prompt, _ = render_template(
+        "{domain}: {instruction}{response}", ex("q", "a", domain="法律"), {"domain": "医疗"}
+    )
     assert prompt == "法律: q"
 
 

@@ -43,8 +43,12 @@ def test_versions_history_and_parent(reg: Registry, adapter: Path) -> None:
     assert info.version == "v0002" and info.manifest["parent"] == "v0001"
     assert reg.versions("bot") == ["v0001", "v0002"] and reg.current("bot") == "v0002"
     moves = [(e["action"], e["from"], e["to"]) for e in reg.history("bot")]
-    assert moves == [("publish", None, "v0001"), ("promote", None, "v0001"),
-                     ("publish", None, "v0002"), ("promote", "v0001", "v0002")]
+    assert moves == [
+        ("publish", None, "v0001"),
+        ("promote", None, "v0001"),
+        ("publish", None, "v0002"),
+        ("promote", "v0001", "v0002"),
+    ]
     assert reg.history("bot")[-1]["reason"] == "better data"
 
 
@@ -127,10 +131,12 @@ def test_list_and_names_ignore_staging_and_junk(reg: Registry, adapter: Path) ->
     (reg.root / "bot" / "versions" / "junk").mkdir()
     (reg.root / "README.txt").write_text("x")
     assert reg.names() == ["bot", "other"]
-    assert [(i.name, i.version, i.current) for i in reg.list()] == [
-        ("bot", "v0001", True), ("other", "v0001", True)]
+    assert [(i.name, i.version, i.current) for i in reg.entries()] == [
+        ("bot", "v0001", True),
+        ("other", "v0001", True),
+    ]
     with pytest.raises(NotFoundError):
-        reg.list("nope")
+        reg.entries("nope")
 
 
 def test_corrupt_current_pointer_reads_as_none(reg: Registry, adapter: Path) -> None:

@@ -11,7 +11,12 @@ from typing import Any
 
 import pytest
 
-from agent_finetune import FineTuningConfig, generate_text, load_model_and_tokenizer, run_fine_tuning
+from agent_finetune import (
+    FineTuningConfig,
+    generate_text,
+    load_model_and_tokenizer,
+    run_fine_tuning,
+)
 from agent_finetune.registry import Registry
 from agent_finetune.train import train
 
@@ -46,11 +51,14 @@ def paraphrase_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_model: Path, paraphrase_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+def trained(
+    tiny_model: Path, paraphrase_data: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Any:
     out = tmp_path_factory.mktemp("run")
     registry = tmp_path_factory.mktemp("registry")
-    cfg = tiny_config(tiny_model, out, adapter_name="faq-bot", registry_dir=str(registry),
-                      num_train_epochs=20)
+    cfg = tiny_config(
+        tiny_model, out, adapter_name="faq-bot", registry_dir=str(registry), num_train_epochs=20
+    )
     return train(cfg, paraphrase_data, train_test_split=0.2), registry
 
 
@@ -79,8 +87,9 @@ def test_adapter_loads_with_plain_peft_and_is_published(trained: Any, tiny_model
     from transformers import AutoModelForCausalLM
 
     result, registry = trained
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model),
-                                      result.adapter_dir)
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model), result.adapter_dir
+    )
     assert model.peft_config["default"].r == 16
     reg = Registry(registry)
     assert reg.current("faq-bot") == "v0001"
@@ -93,8 +102,10 @@ def test_adapter_loads_with_plain_peft_and_is_published(trained: Any, tiny_model
 
 def test_seed_guide_example_runs_as_written(tiny_model: Path, tmp_path: Path) -> None:
     """The seed guide's usage, with the tiny model in place of a hub model."""
-    data = [{"instruction": "什么是机器学习？", "response": "机器学习是让计算机从数据中学习的方法。"},
-            {"instruction": "What is LoRA?", "response": "A low-rank adapter for fine-tuning."}] * 4
+    data = [
+        {"instruction": "什么是机器学习？", "response": "机器学习是让计算机从数据中学习的方法。"},
+        {"instruction": "What is LoRA?", "response": "A low-rank adapter for fine-tuning."},
+    ] * 4
     (tmp_path / "data.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
 
     config = FineTuningConfig(
@@ -133,11 +144,27 @@ def test_torchrun_two_processes_rank0_publishes(
     registry = tmp_path / "registry"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "AGENT_FINETUNE_REGISTRY": str(registry)}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", "29533", "-m", "agent_finetune.cli", "train",
-        "-c", str(ROOT / "configs" / "tiny-cpu.yaml"), "-d", str(paraphrase_data),
-        "--model", str(tiny_model), "--output-dir", str(tmp_path / "run"),
-        "--set", "num_train_epochs=2", "--json",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "agent_finetune.cli",
+        "train",
+        "-c",
+        str(ROOT / "configs" / "tiny-cpu.yaml"),
+        "-d",
+        str(paraphrase_data),
+        "--model",
+        str(tiny_model),
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--set",
+        "num_train_epochs=2",
+        "--json",
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
