@@ -44,6 +44,9 @@ def resolve_backend(config: FineTuningConfig) -> Backend:
     chosen: Backend = "unsloth" if can_unsloth else "hf"
     if config.backend == "auto":
         log.info("backend auto -> %s", chosen)
+    if chosen == "unsloth":
+        # Unsloth patches transformers/TRL on import: it must come before them.
+        import unsloth  # noqa: F401
     return chosen
 
 
@@ -76,8 +79,7 @@ def load_for_training(config: FineTuningConfig, backend: Backend) -> tuple[Any, 
 
 
 def _load_unsloth(config: FineTuningConfig) -> tuple[Any, Any]:
-    import unsloth  # noqa: F401  # must be imported before transformers to patch it
-    from unsloth import FastLanguageModel
+    from unsloth import FastLanguageModel  # imported first by resolve_backend
 
     dtype = None if not (config.bf16 or config.fp16) else _dtype(config)
     model, tokenizer = FastLanguageModel.from_pretrained(
