@@ -53,8 +53,17 @@ if [ -f "$stamp" ]; then
 fi
 
 say "installing agent-finetune[$extras] into $VENV ($stack stack)"
-"$py" -m pip install --quiet --upgrade pip
-"$py" -m pip install --quiet --progress-bar off -e ".[$extras]" \
+# Some machines' pip config lists local wheel folders that may not exist: drop those warnings.
+quiet_pip() {
+  local rc
+  set +e
+  "$py" -m pip "$@" 2>&1 | grep -v "^WARNING: Location 'file:"
+  rc=${PIPESTATUS[0]}
+  set -e
+  return "$rc"
+}
+quiet_pip install --quiet --upgrade pip
+quiet_pip install --quiet --progress-bar off -e ".[$extras]" \
   || die "pip install failed; see the messages above"
 
 if [ "$stack" = cpu ]; then
