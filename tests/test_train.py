@@ -138,19 +138,37 @@ def test_seed_guide_example_runs_as_written(tiny_model: Path, tmp_path: Path) ->
     assert greedy == "A low-rank adapter for fine-tuning."
 
 
-def test_torchrun_two_processes_rank0_publishes(
-    tiny_model: Path, paraphrase_data: Path, tmp_path: Path
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"],
+    # --multi_gpu selects accelerate's torch.distributed launcher; without CUDA it runs on the
+    # CPU with gloo (--cpu would start a single process).
+    "accelerate": [
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29534",
+    ],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_processes_rank0_publishes(
+    launcher: str, tiny_model: Path, paraphrase_data: Path, tmp_path: Path
 ) -> None:
     registry = tmp_path / "registry"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "AGENT_FINETUNE_REGISTRY": str(registry)}
     cmd = [
         sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29533",
+        *LAUNCHERS[launcher],
         "-m",
         "agent_finetune.cli",
         "train",
