@@ -263,7 +263,10 @@ class Timing:
         def dev(e: Any) -> float:
             return float(getattr(e, "self_device_time_total", 0) or 0)
 
-        kernels_us = sum(dev(e) for e in avg)
+        # GPU-side events only (kernels, memcpy, memset): an aten op's self device time is the
+        # same kernels again.
+        gpu_events = [e for e in avg if str(getattr(e, "device_type", "")).endswith("CUDA")]
+        kernels_us = sum(dev(e) for e in gpu_events)
         self.profile = {
             "profiled_step_wall_s": round(wall, 4),
             "gpu_kernel_s": round(kernels_us / 1e6, 4),
@@ -283,7 +286,7 @@ class Timing:
             ),
             "top_gpu": [
                 (e.key[:70], round(dev(e) / 1e3, 2), e.count)
-                for e in sorted(avg, key=dev, reverse=True)[:15]
+                for e in sorted(gpu_events, key=dev, reverse=True)[:15]
             ],
         }
         assert self.profile_dir is not None
@@ -350,7 +353,7 @@ def run_project(backend: str, mode: str, root: Path, args: argparse.Namespace) -
     from agent_finetune.registry import Registry
     from agent_finetune.train import train
 
-    run_dir = root / "runs" / f"{backend}-{mode}"
+    run_dir = root / "runs" / f"{backend}-{mode}{'-nogc' if args.no_grad_ckpt else ''}"
     registry = root / "registry"
     config = FineTuningConfig(
         model_name=str(root / "model"),
@@ -366,7 +369,7 @@ def run_project(backend: str, mode: str, root: Path, args: argparse.Namespace) -
         warmup_ratio=0.0,
         lr_scheduler_type="constant",
         bf16=_cuda() or args.bf16_cpu,
-        gradient_checkpointing=True,
+        gradient_checkpointing=not args.no_grad_ckpt,
         packing=mode == "pack",
         output_dir=str(run_dir),
         save_steps=100_000,
@@ -513,7 +516,7 @@ def run_raw(impl: str, mode: str, root: Path, args: argparse.Namespace) -> dict[
             lora_alpha=LORA_R,
             lora_dropout=0.0,
             bias="none",
-            use_gradient_checkpointing="unsloth",
+            use_gradient_checkpointing=False if args.no_grad_ckpt else "unsloth",
             random_state=SEED,
         )
         FastLanguageModel.for_training(model)
@@ -526,7 +529,8 @@ def run_raw(impl: str, mode: str, root: Path, args: argparse.Namespace) -> dict[
         if _cuda():
             model = model.cuda()
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model.gradient_checkpointing_enable({"use_reentrant": False})
+        if not args.no_grad_ckpt:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
         model.enable_input_require_grads()
         model = get_peft_model(
             model,
@@ -643,8 +647,10 @@ def worker(args: argparse.Namespace) -> None:
             traceback.print_exc()
             res["error"] = f"{type(e).__name__}: {e}"[:2000]
         res["wall_seconds"] = round(time.perf_counter() - started, 1)
+        if args.no_grad_ckpt:
+            res["variant"] += "+nogc"
         res["unsloth_imported"] = "unsloth" in sys.modules
-        Path(args.result_dir, f"{args.worker}-{mode}.json").write_text(json.dumps(res, indent=2))
+        Path(args.result_dir, f"{res['variant']}-{mode}.json").write_text(json.dumps(res, indent=2))
         log(
             f"{args.worker}/{mode}: "
             + json.dumps({k: res.get(k) for k in ("tokens_per_second", "peak_alloc_gib", "error")})
@@ -789,6 +795,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run one extra step after the timed ones under torch.profiler",
     )
+    p.add_argument(
+        "--no-grad-ckpt",
+        action="store_true",
+        help="turn gradient checkpointing off in every variant (labelled +nogc)",
+    )
     p.add_argument("--bf16-cpu", action="store_true", help="bf16 on CPU too (smoke tests)")
     p.add_argument("--quiet", action="store_true", help="do not echo worker output")
     # internal
@@ -850,6 +861,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         + (["--bf16-cpu"] if args.bf16_cpu else [])
         + (["--profile"] if args.profile else [])
+        + (["--no-grad-ckpt"] if args.no_grad_ckpt else [])
     )
     rc = _spawn([*common, "--worker", "prepare"], result_dir / "prepare.log", 900)
     if rc != 0:
