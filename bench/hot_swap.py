@@ -63,20 +63,20 @@ class Swapper:
         self.plugin_swap_s: list[float] = []
         self.plugin_load_s: list[float] = []
 
-    def _record_plugin_side(self) -> None:
+    def _record_plugin_side(self, loaded: bool) -> None:
         status = self.server.get_json("/v1/adapters")["data"][0]
         if status.get("swap_seconds") is not None:
             self.plugin_swap_s.append(status["swap_seconds"])
-        if status.get("load_seconds") is not None:
+        if loaded and status.get("load_seconds") is not None:
             self.plugin_load_s.append(status["load_seconds"])
 
-    def _first_response(self, target: str, t0: float) -> float:
+    def _first_response(self, target: str, t0: float, loaded: bool) -> float:
         want = f"{NAME}@{target}"
         while True:
             served, ids = ask(self.client, NAME, max_tokens=4)
             if served == want and ids == self.refs[target][:4]:
                 took = time.perf_counter() - t0
-                self._record_plugin_side()
+                self._record_plugin_side(loaded)
                 return took
             if time.perf_counter() - t0 > 60:
                 raise TimeoutError(f"{want} not served 60 s after the pointer moved")
@@ -85,14 +85,14 @@ class Swapper:
         self.epochs.append(version)
         t0 = time.perf_counter()
         self.registry.promote(NAME, version)
-        return self._first_response(version, t0)
+        return self._first_response(version, t0, loaded=True)
 
     def rollback(self) -> float:
         target = self.epochs[-2]
         self.epochs.append(target)
         t0 = time.perf_counter()
         self.registry.rollback(NAME, to=target)
-        return self._first_response(target, t0)
+        return self._first_response(target, t0, loaded=False)
 
 
 def load_clients(
@@ -282,7 +282,7 @@ def main() -> int:
         f"{ps['pointer_to_repoint_s']['p95'] * ms:.1f} ms"
     )
     print(
-        f"{'plugin side: copy+verify+load p50 / p95':52s} "
+        f"{'plugin side: copy+verify+load (new) p50 / p95':52s} "
         f"{ps['copy_verify_load_s']['p50'] * ms:.1f} ms / "
         f"{ps['copy_verify_load_s']['p95'] * ms:.1f} ms"
     )

@@ -84,10 +84,13 @@ async def list_models(request: Request) -> Response:
     version's LoRARequest, whose ``lora_name`` is ``name@vNNNN``)."""
     models = request.app.state.openai_serving_models
     result = await models.show_available_models()
-    names = list(models.lora_requests)  # same order, read before any other await
-    n_base = len(result.data) - len(names)
-    for card, name in zip(result.data[n_base:], names, strict=False):
-        card.id = name
+    try:
+        names = list(models.lora_requests)  # same order, read before any other await
+        n_base = len(result.data) - len(names)
+        for card, name in zip(result.data[n_base:], names, strict=False):
+            card.id = name
+    except Exception:
+        logger.exception("agent_finetune: renaming /v1/models entries failed")
     return JSONResponse(content=result.model_dump())
 
 

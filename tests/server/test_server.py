@@ -14,8 +14,8 @@ from typing import Any
 
 import openai
 import pytest
-from conftest import BAD_KINDS, MAX_TOKENS, PROMPT, RESYNC_S, Live
 from hotswap_helpers import set_current, write_version
+from hotswap_live import BAD_KINDS, MAX_TOKENS, PROMPT, RESYNC_S, Live
 
 from server_plugin.sidecar import SyncOptions, sync
 

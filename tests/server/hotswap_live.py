@@ -1,0 +1,121 @@
+"""The session's live vLLM server for the end-to-end tests, and the constants they share."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent_finetune.registry import Registry
+from server_plugin.launch import ServerHandle, start_server
+
+API_KEY = "test-key"
+RESYNC_S = 1.0
+PROMPT = "How do I reset my password?"
+MAX_TOKENS = 16
+GOOD_SEEDS = range(8)
+BAD_KINDS = (
+    "rank",
+    "modules_to_save",
+    "dora",
+    "embed",
+    "shapes",
+    "base_name",
+    "truncated",
+    "checksum",
+)
+
+
+class Live:
+    """The session's vLLM server with the plugin, its registry and its adapters."""
+
+    def __init__(self, model: Path, workdir: Path) -> None:
+        self.model = model
+        self.workdir = workdir
+        self.registry = Registry(workdir / "registry")
+        self.registry.root.mkdir(parents=True, exist_ok=True)
+        self.good: dict[int, Path] = {}
+        self.bad: dict[str, Path] = {}
+        self.server: ServerHandle | None = None
+        self.runtime_updates = False
+        self.starts = 0
+
+    # -- server -----------------------------------------------------------------------
+    def start(self, *, runtime_updates: bool = False, wait: bool = True) -> None:
+        settings = {
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            "HF_HUB_OFFLINE": "1",
+            "AGENT_FINETUNE_RESYNC_S": str(RESYNC_S),
+            "AGENT_FINETUNE_CACHE_DIR": str(self.workdir / "cache"),
+            "AGENT_FINETUNE_MAX_PINNED": "4",
+        }
+        if runtime_updates:
+            settings["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+        self.starts += 1
+        self.runtime_updates = runtime_updates
+        self.server = start_server(
+            str(self.model),
+            self.registry.root,
+            log_path=self.workdir / f"vllm-{self.starts}.log",
+            settings=settings,
+            extra_args=["--max-model-len", "256", "--dtype", "bfloat16", "--api-key", API_KEY],
+            max_cpu_loras=8,
+            wait=wait,
+        )
+
+    def restart(self, *, runtime_updates: bool = False) -> None:
+        assert self.server is not None
+        self.server.stop()
+        self.start(runtime_updates=runtime_updates)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+    @property
+    def handle(self) -> ServerHandle:
+        assert self.server is not None
+        return self.server
+
+    # -- client side --------------------------------------------------------------------
+    def client(self) -> Any:
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.handle.base_url, api_key=API_KEY, max_retries=0, timeout=120)
+
+    def ask(self, model: str, client: Any = None, max_tokens: int = MAX_TOKENS) -> list[int]:
+        """The greedy answer's token ids."""
+        r = (client or self.client()).chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": PROMPT}],
+            max_tokens=max_tokens,
+            temperature=0,
+            extra_body={"return_token_ids": True},
+        )
+        return list(r.choices[0].token_ids)
+
+    def status(self) -> dict[str, Any]:
+        return dict(self.handle.get_json("/v1/adapters"))
+
+    def adapter(self, name: str) -> dict[str, Any] | None:
+        return next((a for a in self.status()["data"] if a["name"] == name), None)
+
+    def wait_for(self, check: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            value = check()
+            if value:
+                return value
+            if not self.handle.alive:
+                raise AssertionError(f"server died waiting for {what}:\n{self.handle.log_tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; status: {self.status()}")
+            time.sleep(0.05)
+
+    def wait_live(self, name: str, version: str, timeout: float = 30 * RESYNC_S + 10) -> None:
+        def live() -> bool:
+            a = self.adapter(name)
+            return a is not None and a["live"] == version and a["state"] == "live"
+
+        self.wait_for(live, f"{name} to serve {version}", timeout)
