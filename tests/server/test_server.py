@@ -163,6 +163,12 @@ def test_deleting_registry_folders_never_crashes_the_server(live: Live) -> None:
     passes = live.status()["last_sync"]
     live.wait_for(lambda: live.status()["last_sync"] != passes, "a resync")
     assert live.ask("fragile") == fragile
+    # Push fragile out of vLLM's CPU LoRA cache (--max-cpu-loras 8): the engine then
+    # re-reads it from its path, which must be the plugin's copy, not the deleted folder.
+    for seed in range(9):
+        version = live.registry.publish("filler", live.good[seed % 8], make_current=False).version
+        live.ask(f"filler@{version}", max_tokens=1)
+    assert live.ask("fragile") == fragile
 
     shutil.rmtree(live.registry.name_dir("fragile"))  # the whole name goes
     live.wait_for(lambda: live.adapter("fragile") is None, "fragile to leave", 30 * RESYNC_S)
