@@ -69,6 +69,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _hint(problem: str) -> str:
+    if "does not match the served model" in problem:
+        return problem + " (same model under another name? set AGENT_FINETUNE_STRICT_BASE=0)"
+    return problem
+
+
 class AdapterCache:
     """Copy, verify and validate registry versions into ``root``; forget unused copies."""
 
@@ -121,7 +127,7 @@ class AdapterCache:
                 base_config=limits.base_config,
                 check_base_name=limits.check_base_name,
             )
-            problems += [p.replace(str(tmp), str(src)) for p in report.problems]
+            problems += [_hint(p.replace(str(tmp), str(src))) for p in report.problems]
             if problems:
                 raise ValidationError(
                     f"{name}@{version} ({src}) cannot be served:\n  - " + "\n  - ".join(problems),
