@@ -117,12 +117,58 @@ def load_clients(
     return threads
 
 
+def middleware_overhead_us(n: int = 20000) -> float:
+    """Per-request cost of the plugin's only hot-path code (the pinned-model middleware)
+    on a typical chat body, in microseconds, against calling the app directly."""
+    import asyncio
+
+    from server_plugin.plugin import PinnedModelMiddleware
+
+    body = json.dumps(
+        {
+            "model": NAME,
+            "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": 16,
+            "temperature": 0,
+        }
+    ).encode()
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "root_path": ""}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: Any) -> None:
+        return None
+
+    plugin = type("Plugin", (), {"reconciler": object()})()
+    wrapped = PinnedModelMiddleware(app, plugin)
+
+    async def timed(call: Any) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            await call(scope, receive, send)
+        return time.perf_counter() - t0
+
+    async def both() -> float:
+        return (await timed(wrapped) - await timed(app)) / n * 1e6
+
+    return asyncio.run(both())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--swaps", type=int, default=50, help="swaps and rollbacks (each)")
     parser.add_argument("--load-swaps", type=int, default=24, help="swaps under client load")
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients under load")
     parser.add_argument("--latency-requests", type=int, default=200, help="per server")
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="A/A run: two servers without the plugin, latency only (this machine's noise)",
+    )
     parser.add_argument("--workdir", default=None, help="scratch folder (default: temp)")
     parser.add_argument("--json", default=str(ROOT / "bench" / "hot_swap.json"))
     args = parser.parse_args()
@@ -134,16 +180,28 @@ def main() -> int:
     from agent_finetune.tiny_model import build_tiny_model
     from server_plugin.launch import start_server
 
+    load_start = os.getloadavg()[0]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="hot-swap-bench-"))
     model = build_tiny_model(work / "tiny")
     weights = [make_adapter(model, work / f"adapter{i}", seed=1000 + i) for i in range(6)]
     registry = Registry(work / "registry")
     registry.publish(NAME, weights[0])
     common: dict[str, Any] = {"extra_args": VLLM_ARGS, "wait": False}
-    with_plugin = start_server(
-        str(model), registry.root, log_path=work / "plugin.log", settings=SETTINGS, **common
-    )
     static = ["--lora-modules", f"{NAME}={registry.version_dir(NAME, 'v0001')}"]
+    if args.control:  # A/A: the "plugin" server is a second plain server
+        with_plugin = start_server(
+            str(model),
+            None,
+            plugin=False,
+            log_path=work / "control.log",
+            settings=SETTINGS,
+            extra_args=VLLM_ARGS + static,
+            wait=False,
+        )
+    else:
+        with_plugin = start_server(
+            str(model), registry.root, log_path=work / "plugin.log", settings=SETTINGS, **common
+        )
     without = start_server(
         str(model),
         None,
@@ -170,7 +228,38 @@ def main() -> int:
         refs["v0001"] = by_weights[0] = ask(client, NAME)[1]
         swapper = Swapper(registry, client, refs, with_plugin)
 
-        # 1. idle: new version (full load), then rollback (repoint), args.swaps times each
+        # 1. request latency, both servers fresh, alternating (same adapter weights)
+        base_client = OpenAI(base_url=without.base_url, api_key="x", max_retries=0)
+        assert ask(base_client, NAME)[1] == refs["v0001"], "baseline serves other weights"
+        lat: dict[str, list[float]] = {"plugin": [], "baseline": []}
+        pair_ratios: list[float] = []
+        order = random.Random(0)
+        clients = {"plugin": client, "baseline": base_client}
+        for i in range(args.latency_requests + 10):
+            pair = ["plugin", "baseline"]
+            order.shuffle(pair)  # no server always goes first
+            took = {}
+            for which in pair:
+                t0 = time.perf_counter()
+                ask(clients[which], NAME)
+                took[which] = time.perf_counter() - t0
+            if i >= 10:  # warm-up
+                for which, seconds in took.items():
+                    lat[which].append(seconds)
+                pair_ratios.append(took["plugin"] / took["baseline"])
+
+        if args.control:
+            control = {
+                "control_latency_ratio_p50": statistics.median(lat["plugin"])
+                / statistics.median(lat["baseline"]),
+                "control_latency_ratio_pairwise_median": statistics.median(pair_ratios),
+                "pairs": len(pair_ratios),
+            }
+            Path(args.json).write_text(json.dumps(control, indent=2) + "\n")
+            print(json.dumps(control, indent=2))
+            return 0
+
+        # 2. idle: new version (full load), then rollback (repoint), args.swaps times each
         swap_s, rollback_s = [], []
         for i in range(1, args.swaps + 1):
             swap_s.append(swapper.promote(publish(i)))
@@ -178,7 +267,7 @@ def main() -> int:
 
         plugin_swap_s, plugin_load_s = list(swapper.plugin_swap_s), list(swapper.plugin_load_s)
 
-        # 2. under load: failed / torn answers while versions move
+        # 3. under load: failed / torn answers while versions move
         stop, results = threading.Event(), list[Any]()
         threads = load_clients(with_plugin, swapper, args.clients, stop, results)
         load_swap_s = []
@@ -200,34 +289,17 @@ def main() -> int:
             version = served.partition("@")[2]
             torn += int(version not in allowed or ids != refs.get(version))
 
-        # 3. request latency, alternating servers (same adapter weights on both)
-        registry.rollback(NAME, to="v0001")
-        while ask(client, NAME, 1)[0] != f"{NAME}@v0001":
-            time.sleep(0.05)
-        base_client = OpenAI(base_url=without.base_url, api_key="x", max_retries=0)
-        assert ask(base_client, NAME)[1] == refs["v0001"], "baseline serves other weights"
-        lat: dict[str, list[float]] = {"plugin": [], "baseline": []}
-        pair_ratios: list[float] = []
-        order = random.Random(0)
-        clients = {"plugin": client, "baseline": base_client}
-        for i in range(args.latency_requests + 10):
-            pair = ["plugin", "baseline"]
-            order.shuffle(pair)  # no server always goes first
-            took = {}
-            for which in pair:
-                t0 = time.perf_counter()
-                ask(clients[which], NAME)
-                took[which] = time.perf_counter() - t0
-            if i >= 10:  # warm-up
-                for which, seconds in took.items():
-                    lat[which].append(seconds)
-                pair_ratios.append(took["plugin"] / took["baseline"])
     finally:
         with_plugin.stop()
         without.stop()
 
     report = {
-        "machine": {"cpus": os.cpu_count(), "loadavg_1m_at_end": os.getloadavg()[0]},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "loadavg_1m_at_start": load_start,
+            "loadavg_1m_at_end": os.getloadavg()[0],
+        },
+        "middleware_overhead_us": middleware_overhead_us(),
         "swaps": args.swaps,
         "plugin_side_idle": {
             "pointer_to_repoint_s": {
@@ -307,6 +379,10 @@ def main() -> int:
     print(
         f"{'request latency: median of pairwise ratios':52s} "
         f"{report['latency_ratio_pairwise_median']:.3f}"
+    )
+    print(
+        f"{'pinned-model middleware cost per request':52s} "
+        f"{report['middleware_overhead_us']:.1f} us"
     )
     print(f"JSON: {args.json}")
     return 0
