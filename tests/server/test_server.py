@@ -15,7 +15,7 @@ from typing import Any
 import openai
 import pytest
 from hotswap_helpers import set_current, write_version
-from hotswap_live import BAD_KINDS, MAX_TOKENS, PROMPT, RESYNC_S, Live
+from hotswap_live import API_KEY, BAD_KINDS, MAX_TOKENS, PROMPT, RESYNC_S, Live
 
 from server_plugin.sidecar import SyncOptions, sync
 
@@ -190,6 +190,15 @@ def test_adapters_route_honours_api_key_and_metrics_are_exported(live: Live) -> 
     assert {a["name"] for a in status["data"]} >= {"agent"}
     for a in status["data"]:
         assert set(a) >= {"desired", "live", "state", "error", "loaded_at", "load_seconds"}
+    if not live.runtime_updates:  # the plugin works without vLLM's runtime LoRA routes
+        req = urllib.request.Request(
+            live.handle.url + "/v1/load_lora_adapter",
+            data=b"{}",
+            headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(req, timeout=10)
+        assert missing.value.code in (404, 405)
     with urllib.request.urlopen(live.handle.url + "/metrics", timeout=10) as r:
         text = r.read().decode()
     for metric in (
