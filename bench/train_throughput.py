@@ -6,7 +6,7 @@ runs so machine noise hits both. Reports real (non-padding) tokens/s over the ti
 after warm-up, peak memory, and the ratio.
 
     .venv/bin/python bench/train_throughput.py --repeats 3 \
-        --json bench/results/train_throughput.json
+        --json bench/train_throughput.json
 """
 
 from __future__ import annotations
