@@ -9,8 +9,9 @@ change here. A role with ``version: v0002`` is sent as ``model="support-bot@v000
 that exact version whatever is current.
 
 During a swap or rollback nothing fails: a request admitted before the pointer moved
-finishes on the old version, the next one gets the new version. ``--watch`` shows this:
-it asks every half second and prints a line whenever a role's answer changes.
+finishes on the old version, the next one gets the new version. Each response's ``model``
+field names the version that answered (``support-bot@v0002``). ``--watch`` shows this: it
+asks every half second and prints a line whenever a role's answer changes.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agent_finetune.agent_config import AgentConfig, RoleConfig
 
 
-def answer(client: openai.OpenAI, role: RoleConfig, question: str) -> str:
+def answer(client: openai.OpenAI, role: RoleConfig, question: str) -> tuple[str, str]:
+    """(reply, the version that produced it, e.g. ``support-bot@v0002``)."""
     messages = [{"role": "system", "content": role.system_prompt}] if role.system_prompt else []
     messages.append({"role": "user", "content": question})
     resp = client.chat.completions.create(
@@ -35,7 +37,7 @@ def answer(client: openai.OpenAI, role: RoleConfig, question: str) -> str:
         temperature=role.temperature,
         max_tokens=role.max_tokens,
     )
-    return resp.choices[0].message.content or ""
+    return resp.choices[0].message.content or "", resp.model
 
 
 def main() -> int:
@@ -55,11 +57,15 @@ def main() -> int:
     while True:
         for name, role in config.roles.items():
             try:
-                text = answer(client, role, a.question)
+                text, served_by = answer(client, role, a.question)
             except openai.NotFoundError:
-                text = f"<{role.model} is not served>"
+                text, served_by = f"<{role.model} is not served>", "-"
             if last.get(name) != text:
-                print(f"[{time.strftime('%H:%M:%S')}] {name} ({role.model}): {text}", flush=True)
+                print(
+                    f"[{time.strftime('%H:%M:%S')}] {name} ({role.model}, answered by "
+                    f"{served_by}): {text}",
+                    flush=True,
+                )
                 last[name] = text
         if time.monotonic() >= deadline:
             return 0

@@ -70,8 +70,11 @@ def test_demo_then_ask_and_agent(tmp_path: Path) -> None:
             env=env,
         )
         assert agent.returncode == 0, agent.stderr
-        assert f"support (support-bot): {V1}" in agent.stdout
-        assert f"support-stable (support-bot@v0001): {V1}" in agent.stdout
+        assert f"support (support-bot, answered by support-bot@v0001): {V1}" in agent.stdout
+        assert (
+            f"support-stable (support-bot@v0001, answered by support-bot@v0001): {V1}"
+            in agent.stdout
+        )
     finally:
         os.killpg(pid, signal.SIGTERM)
     down = subprocess.run(
