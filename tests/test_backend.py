@@ -15,7 +15,7 @@ def test_hf_is_always_available_and_auto_falls_back() -> None:
 
 @pytest.mark.skipif(cuda_available(), reason="checks the CPU-only error")
 def test_unsloth_without_gpu_is_a_clear_error() -> None:
-    with pytest.raises(BackendError, match="no CUDA GPU.*backend: hf"):
+    with pytest.raises(BackendError, match=r"no CUDA GPU.*backend: hf"):
         resolve_backend(FineTuningConfig(backend="unsloth"))
 
 
