@@ -129,13 +129,17 @@ def run_demo(args: argparse.Namespace) -> int:
         registry,
         port=args.port,
         log_path=log,
-        timeout=args.server_timeout,
         # 1 GiB of KV cache and short contexts: plenty for the tiny model on a small CPU box.
         settings={"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"},
         extra_args=["--max-model-len", "256", "--dtype", "bfloat16"],
+        wait=False,  # waited for inside try: Ctrl-C during start-up still stops it
     )
     keep = False
     try:
+        try:
+            server.wait_ready(args.server_timeout)
+        except (RuntimeError, TimeoutError) as e:  # vLLM died or hung: its log tail says why
+            raise DemoError(f"the vLLM server did not start: {e}") from None
         story.add("start vLLM server", t, server.base_url)
         print(f"server up at {server.base_url} (log: {log})")
         base_id = server.get_json("/v1/models")["data"][0]["id"]  # the base model comes first
