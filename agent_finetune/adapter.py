@@ -21,9 +21,8 @@ ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 
 # The linear layers vLLM's LoRA path serves for decoder-only models (Llama, Qwen2,
 # Mistral, Gemma, ...). Embeddings and lm_head are refused: see DESIGN.md.
-SERVABLE_MODULES = frozenset(
-    {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-)
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SERVABLE_MODULES = frozenset(LINEAR_MODULES)
 FORBIDDEN_MODULES = frozenset({"embed_tokens", "lm_head", "wte", "wpe", "embed_in", "embed_out"})
 
 _LORA_KEY = re.compile(

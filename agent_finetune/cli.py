@@ -18,11 +18,11 @@ from typing import Any
 import yaml
 
 from agent_finetune._version import __version__
-from agent_finetune.adapter import load_base_config, validate_adapter
+from agent_finetune.adapter import load_base_config
 from agent_finetune.ask import add_ask_parser
 from agent_finetune.demo import add_demo_parser
 from agent_finetune.errors import AgentFinetuneError
-from agent_finetune.registry import ENV_REGISTRY, MANIFEST, Registry, verify_checksums
+from agent_finetune.registry import ENV_REGISTRY, Registry, verify_folder
 from server_plugin.commands import add_serve_parser, add_sync_parser
 
 Handler = Callable[[argparse.Namespace], int]
@@ -249,11 +249,9 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     path = Path(args.path)
     base_config = load_base_config(args.base_model) if args.base_model else None
-    report = validate_adapter(
+    report = verify_folder(
         path, max_rank=args.max_rank, base_model=args.base_model, base_config=base_config
     )
-    if (path / MANIFEST).is_file():
-        report.problems[:0] = verify_checksums(path, json.loads((path / MANIFEST).read_text()))
     if args.base_model and base_config is None:
         print(
             f"note: {args.base_model} is not a local model folder; shapes not checked",

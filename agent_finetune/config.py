@@ -13,17 +13,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from agent_finetune.adapter import LINEAR_MODULES
 from agent_finetune.errors import ConfigError
 
-DEFAULT_TARGET_MODULES = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-]
+DEFAULT_TARGET_MODULES = list(LINEAR_MODULES)
 
 
 class FineTuningConfig(BaseModel):

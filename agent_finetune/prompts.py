@@ -57,11 +57,9 @@ def render_template(
     """(prompt text, response text) for one row. The response part starts at ``{response}``."""
     values = {**template_vars, **ex.fields}
     head, sep, tail = template.partition("{response}")
-    prompt = head.format(**values)
-    response = ex.response + tail.format(**values) if sep else ex.response
     if not sep:  # no {response}: the answer follows the prompt directly
-        prompt = template.format(**values)
-    return prompt, response
+        return template.format(**values), ex.response
+    return head.format(**values), ex.response + tail.format(**values)
 
 
 def render_chat(tokenizer: Any, ex: Example) -> tuple[str, str]:

@@ -139,6 +139,23 @@ def verify_checksums(folder: Path, manifest: dict[str, Any]) -> list[str]:
     return problems
 
 
+def verify_folder(folder: Path, **limits: Any) -> AdapterReport:
+    """``validate_adapter`` plus, when the folder has a manifest, its sizes and sha256."""
+    report = validate_adapter(folder, **limits)
+    path = folder / MANIFEST
+    if path.is_file():
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            report.problems.insert(0, f"{path}: invalid JSON: {e}")
+            return report
+        if not isinstance(manifest, dict):
+            report.problems.insert(0, f"{path}: expected a JSON object")
+            return report
+        report.problems[:0] = verify_checksums(folder, manifest)
+    return report
+
+
 @dataclass(frozen=True)
 class VersionInfo:
     """One published version, as listed."""
@@ -245,10 +262,9 @@ class Registry:
     def verify(self, name: str, version: str, **limits: Any) -> AdapterReport:
         """Validate a published version: manifest checksums plus the adapter checks."""
         vdir = self.version_dir(name, version)
-        manifest = self.manifest(name, version)
-        report = validate_adapter(vdir, **limits)
-        report.problems[:0] = verify_checksums(vdir, manifest)
-        return report
+        if not (vdir / MANIFEST).is_file():
+            raise NotFoundError(f"{name}@{version} not found in {self.root}")
+        return verify_folder(vdir, **limits)
 
     # -- writing ----------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -7,7 +7,6 @@ for GPU throughput benchmarks, where weight values do not matter.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -164,11 +163,3 @@ def build_model_from_config(
     config = AutoConfig.for_model(model_type, **cfg_dict)
     with torch.device(device or "cpu"):
         return AutoModelForCausalLM.from_config(config, torch_dtype=dtype or torch.bfloat16)
-
-
-def save_shape_config(shape: str, out_dir: str | Path) -> Path:
-    """Write a known shape's config.json (for shape validation of adapters)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(KNOWN_SHAPES[shape], indent=2), encoding="utf-8")
-    return out

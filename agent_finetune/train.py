@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_finetune.adapter import validate_adapter
-from agent_finetune.backend import Backend, load_for_training, resolve_backend
+from agent_finetune.backend import Backend, cuda_available, load_for_training, resolve_backend
 from agent_finetune.config import FineTuningConfig
 from agent_finetune.data import load_dataset_file
 from agent_finetune.errors import DataError, UnservableAdapterError
@@ -236,7 +236,7 @@ def _make_trainer(
         run_name=config.wandb_run_name,
         include_num_input_tokens_seen="non_padding",
         dataset_num_proc=None,
-        ddp_backend="gloo" if _distributed() and not _cuda() else None,
+        ddp_backend="gloo" if _distributed() and not cuda_available() else None,
         ddp_find_unused_parameters=False,
         disable_tqdm=False,
     )
@@ -252,12 +252,6 @@ def _make_trainer(
 
 def _distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def _cuda() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available())
 
 
 def _save_adapter(

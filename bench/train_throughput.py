@@ -23,8 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent_finetune.adapter import LINEAR_MODULES
+
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MODULES = list(LINEAR_MODULES)
 
 
 def make_callback(warmup: int) -> Any:

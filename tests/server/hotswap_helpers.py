@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from agent_finetune.adapter import LINEAR_MODULES
 from agent_finetune.registry import (
     MANIFEST,
     VERSIONS,
@@ -22,7 +23,7 @@ from agent_finetune.registry import (
     version_number,
 )
 
-LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LINEAR = list(LINEAR_MODULES)
 
 
 def make_adapter(
