@@ -124,3 +124,12 @@ def test_console_script_starts_without_heavy_imports() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_validate_reports_a_malformed_manifest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = make_adapter(tmp_path / "a")
+    (folder / "manifest.json").write_text("{bad")
+    code, out, _ = run(capsys, "validate", str(folder))
+    assert code == 1 and "manifest.json: invalid JSON" in out
