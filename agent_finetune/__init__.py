@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Any
 from agent_finetune._version import __version__
 
 if TYPE_CHECKING:
-    from agent_finetune.config import FineTuningConfig
-    from agent_finetune.inference import generate_text, load_model_and_tokenizer
-    from agent_finetune.train import run_fine_tuning
+    from agent_finetune.training.config import FineTuningConfig
+    from agent_finetune.training.inference import generate_text, load_model_and_tokenizer
+    from agent_finetune.training.train import run_fine_tuning
 
 __all__ = [
     "FineTuningConfig",
@@ -22,10 +22,10 @@ __all__ = [
 # Heavy modules (torch, transformers) load on first use, so `agent-finetune list` and the
 # server plugin start fast.
 _LAZY = {
-    "FineTuningConfig": "agent_finetune.config",
-    "run_fine_tuning": "agent_finetune.train",
-    "load_model_and_tokenizer": "agent_finetune.inference",
-    "generate_text": "agent_finetune.inference",
+    "FineTuningConfig": "agent_finetune.training.config",
+    "run_fine_tuning": "agent_finetune.training.train",
+    "load_model_and_tokenizer": "agent_finetune.training.inference",
+    "generate_text": "agent_finetune.training.inference",
 }
 
 

@@ -1,4 +1,4 @@
-"""Errors raised by agent_finetune.
+"""Every error that agent_finetune and server_plugin raise on purpose.
 
 Every class also subclasses the built-in that callers already catch::
 
@@ -8,12 +8,15 @@ Every class also subclasses the built-in that callers already catch::
     ├── PromptTemplateError(AgentFinetuneError, ValueError) unknown placeholder
     ├── BackendError(AgentFinetuneError, RuntimeError)     backend unavailable
     ├── UnservableAdapterError(AgentFinetuneError, ValueError)  vLLM could not serve it
-    └── RegistryError(AgentFinetuneError, RuntimeError)    registry operation failed
-        ├── InvalidNameError(RegistryError, ValueError)
-        ├── NotFoundError(RegistryError, KeyError)
-        └── ValidationError(RegistryError, ValueError)     adapter failed validation
+    ├── RegistryError(AgentFinetuneError, RuntimeError)    registry operation failed
+    │   ├── InvalidNameError(RegistryError, ValueError)
+    │   ├── NotFoundError(RegistryError, KeyError)
+    │   └── ValidationError(RegistryError, ValueError)     adapter failed validation
+    ├── LoadError(AgentFinetuneError, RuntimeError)        the vLLM server refused a load/swap
+    ├── AskError(AgentFinetuneError, RuntimeError)         `ask`: server down or name unknown
+    └── DemoError(AgentFinetuneError, RuntimeError)        a demo step did not do what it should
 
-Only the CLI turns these into exit codes and friendly text.
+Only the CLI turns these into exit codes and friendly text (``agent_finetune.cli.main``).
 """
 
 from __future__ import annotations
@@ -64,3 +67,15 @@ class ValidationError(RegistryError, ValueError):
     def __init__(self, message: str, problems: list[str] | None = None) -> None:
         super().__init__(message)
         self.problems = problems or []
+
+
+class LoadError(AgentFinetuneError, RuntimeError):
+    """The vLLM server refused to load, repoint or unload an adapter."""
+
+
+class AskError(AgentFinetuneError, RuntimeError):
+    """The server is down, or does not serve the requested adapter."""
+
+
+class DemoError(AgentFinetuneError, RuntimeError):
+    """A demo step did not do what it should."""

@@ -4,8 +4,9 @@ One call per model shape. Every variant trains LoRA r=16 on all 7 linear layers,
 gradient checkpointing, the same batch size and sequence length, for ``--warmup`` untimed and
 ``--steps`` timed optimizer steps (gradient accumulation 1):
 
-- ``project_unsloth``: ``agent_finetune.train.train`` with ``backend: unsloth``
-- ``project_hf``: ``agent_finetune.train.train`` with ``backend: hf`` (transformers+PEFT+TRL)
+- ``project_unsloth``: ``agent_finetune.training.train.train`` with ``backend: unsloth``
+- ``project_hf``: ``agent_finetune.training.train.train`` with ``backend: hf``
+  (transformers+PEFT+TRL)
 - ``raw_unsloth``: ``FastLanguageModel`` + ``get_peft_model`` and a hand-written AdamW loop,
   the reference ceiling
 - ``raw_peft``: the same hand-written loop on plain transformers+PEFT (CPU smoke test only)
@@ -75,7 +76,7 @@ def log(msg: str) -> None:
 
 
 def shape_config(shape: str) -> dict[str, Any]:
-    from agent_finetune.tiny_model import KNOWN_SHAPES
+    from agent_finetune.training.tiny_model import KNOWN_SHAPES
 
     if shape == "tiny":
         return dict(TINY_SHAPE)
@@ -149,7 +150,7 @@ def prepare(args: argparse.Namespace) -> Path:
     """Build (once) the random-weight model, tokenizer and datasets under workdir/shape."""
     import torch
 
-    from agent_finetune.tiny_model import build_model_from_config, train_tokenizer
+    from agent_finetune.training.tiny_model import build_model_from_config, train_tokenizer
 
     root = Path(args.workdir) / f"{args.shape}-s{args.seq_len}"
     model_dir = root / "model"
@@ -348,10 +349,10 @@ def make_callback(timing: Timing) -> Any:
 # -- variants -----------------------------------------------------------------------------------
 def run_project(backend: str, mode: str, root: Path, args: argparse.Namespace) -> dict[str, Any]:
     """One run of the project's own entry point, train(), timed by a TrainerCallback."""
-    from agent_finetune.adapter import load_base_config
-    from agent_finetune.config import FineTuningConfig
     from agent_finetune.registry import Registry
-    from agent_finetune.train import train
+    from agent_finetune.registry.adapter import load_base_config
+    from agent_finetune.training.config import FineTuningConfig
+    from agent_finetune.training.train import train
 
     run_dir = root / "runs" / f"{backend}-{mode}{'-nogc' if args.no_grad_ckpt else ''}"
     registry = root / "registry"
@@ -413,8 +414,8 @@ def run_project(backend: str, mode: str, root: Path, args: argparse.Namespace) -
 
 def _rows(root: Path, mode: str, tokenizer: Any, seq_len: int) -> list[dict[str, list[int]]]:
     """The same tokenized rows the project path trains on."""
-    from agent_finetune.data import load_dataset_file
-    from agent_finetune.prompts import tokenize_examples
+    from agent_finetune.training.data import load_dataset_file
+    from agent_finetune.training.prompts import tokenize_examples
 
     ds = load_dataset_file(root / f"{mode}.jsonl")
     train_rows, _ = ds.split(0.0, SEED)

@@ -22,7 +22,6 @@ import json
 import os
 import random
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -30,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "server"))
 
 PROMPT = "How do I reset my password?"
 NAME = "bench"
@@ -176,17 +174,16 @@ def main() -> int:
     parser.add_argument("--json", default=str(ROOT / "bench" / "hot_swap.json"))
     args = parser.parse_args()
 
-    from hotswap_helpers import make_adapter  # type: ignore[import-not-found,unused-ignore]
     from openai import OpenAI
 
     from agent_finetune.registry import Registry
-    from agent_finetune.tiny_model import build_tiny_model
+    from agent_finetune.training.tiny_model import build_tiny_model, random_adapter
     from server_plugin.launch import start_server
 
     load_start = os.getloadavg()[0]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="hot-swap-bench-"))
     model = build_tiny_model(work / "tiny")
-    weights = [make_adapter(model, work / f"adapter{i}", seed=1000 + i) for i in range(6)]
+    weights = [random_adapter(model, work / f"adapter{i}", seed=1000 + i) for i in range(6)]
     registry = Registry(work / "registry")
     registry.publish(NAME, weights[0])
     common: dict[str, Any] = {"extra_args": VLLM_ARGS, "wait": False}

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent_finetune.adapter import LINEAR_MODULES
+from agent_finetune.registry.adapter import LINEAR_MODULES
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = list(LINEAR_MODULES)
@@ -52,8 +52,8 @@ def make_callback(warmup: int) -> Any:
 
 
 def run_project(model: str, data: str, out: str, a: argparse.Namespace) -> dict[str, float]:
-    from agent_finetune.config import FineTuningConfig
-    from agent_finetune.train import train
+    from agent_finetune.training.config import FineTuningConfig
+    from agent_finetune.training.train import train
 
     cfg = FineTuningConfig(
         model_name=model,
@@ -150,7 +150,7 @@ def main() -> None:
         child(*a.child, a)
         return
 
-    from agent_finetune.tiny_model import build_tiny_model
+    from agent_finetune.training.tiny_model import build_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         src = sorted((ROOT / "examples").glob("support_*.json"))

@@ -24,7 +24,7 @@ from pathlib import Path
 import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from agent_finetune.agent_config import AgentConfig, RoleConfig
+from agent_finetune.cli.agent_config import AgentConfig, RoleConfig
 
 
 def answer(client: openai.OpenAI, role: RoleConfig, question: str) -> tuple[str, str]:

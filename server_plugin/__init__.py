@@ -8,28 +8,37 @@ Two ways to run the same reconcile loop (``server_plugin.reconciler``):
   ``server_plugin.sidecar``; needs ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` on that server).
 
 Settings come from ``AGENT_FINETUNE_*`` environment variables, documented in
-``server_plugin.settings``: ``AGENT_FINETUNE_REGISTRY`` (required),
-``AGENT_FINETUNE_RESYNC_S`` (2.0), ``AGENT_FINETUNE_POLLING`` (0),
-``AGENT_FINETUNE_CACHE_DIR`` (~/.cache/agent-finetune/served),
-``AGENT_FINETUNE_MAX_PINNED`` (4), ``AGENT_FINETUNE_STRICT_BASE`` (1),
-``AGENT_FINETUNE_CACHE_GRACE_S`` (600).
+``server_plugin.settings``.
 
-Only ``server_plugin.plugin`` imports vLLM; importing this package does not.
+Imports run one way: this package imports ``agent_finetune.registry`` and
+``agent_finetune.errors`` only. Only ``server_plugin.plugin`` imports vLLM, and importing this
+package imports nothing: the names below load on first use.
 """
 
-from server_plugin.commands import add_serve_parser, add_sync_parser
-from server_plugin.launch import ServerHandle, start_server
-from server_plugin.reconciler import AdapterStatus, LoadError, Reconciler, Transport
-from server_plugin.settings import Settings
+from __future__ import annotations
 
-__all__ = [
-    "AdapterStatus",
-    "LoadError",
-    "Reconciler",
-    "ServerHandle",
-    "Settings",
-    "Transport",
-    "add_serve_parser",
-    "add_sync_parser",
-    "start_server",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from server_plugin.launch import ServerHandle, start_server
+    from server_plugin.reconciler import AdapterStatus, Reconciler, Transport
+    from server_plugin.settings import Settings
+
+__all__ = ["AdapterStatus", "Reconciler", "ServerHandle", "Settings", "Transport", "start_server"]
+
+_LAZY = {
+    "AdapterStatus": "server_plugin.reconciler",
+    "Reconciler": "server_plugin.reconciler",
+    "Transport": "server_plugin.reconciler",
+    "ServerHandle": "server_plugin.launch",
+    "start_server": "server_plugin.launch",
+    "Settings": "server_plugin.settings",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'server_plugin' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent_finetune.adapter import validate_adapter
 from agent_finetune.errors import RegistryError, ValidationError
 from agent_finetune.registry import MANIFEST, Registry, verify_checksums
+from agent_finetune.registry.adapter import validate_adapter
 
 logger = logging.getLogger(__name__)
 

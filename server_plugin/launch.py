@@ -31,11 +31,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from agent_finetune.adapter import read_adapter_config
 from agent_finetune.registry import Registry
-from server_plugin.settings import ENV_REGISTRY
+from agent_finetune.registry.adapter import read_adapter_config
+from agent_finetune.registry.names import ENV_REGISTRY
+from server_plugin.settings import PLUGIN_NAME
 
-PLUGIN_NAME = "agent_finetune"
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 # vLLM accepts only these --max-lora-rank values.
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)

@@ -21,16 +21,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from agent_finetune.adapter import linear_shapes, load_base_config
+from agent_finetune.errors import LoadError
 from agent_finetune.registry import Registry
+from agent_finetune.registry.adapter import linear_shapes, load_base_config
 from server_plugin.cache import AdapterCache, Limits, process_cache_dir
-from server_plugin.reconciler import LoadError, Reconciler
-from server_plugin.settings import Settings
+from server_plugin.reconciler import Reconciler
+from server_plugin.settings import PLUGIN_NAME, Settings
 from server_plugin.watcher import RegistryWatcher
 
 logger = logging.getLogger(__name__)
 
-PLUGIN_NAME = "agent_finetune"
 # Routes whose JSON body names a model; a pinned "name@vNNNN" is loaded before vLLM looks.
 _MODEL_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
 

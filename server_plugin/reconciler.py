@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as _dt
 import logging
 import os
 import time
@@ -28,7 +27,8 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from agent_finetune.errors import AgentFinetuneError, ValidationError
-from agent_finetune.registry import CURRENT, MANIFEST, NAME_RE, VERSION_RE, Registry
+from agent_finetune.registry import CURRENT, MANIFEST, Registry
+from agent_finetune.registry.names import split_model, utc_now, version_number
 from server_plugin import metrics
 from server_plugin.cache import AdapterCache
 
@@ -37,12 +37,8 @@ logger = logging.getLogger(__name__)
 State = Literal["pending", "loading", "live", "failed"]
 
 
-class LoadError(RuntimeError):
-    """The server refused to load, repoint or unload an adapter."""
-
-
 # Bad adapters and refusals: reported without a traceback. Anything else is a bug.
-_EXPECTED = (AgentFinetuneError, LoadError)
+_EXPECTED = AgentFinetuneError
 
 
 class Transport(Protocol):
@@ -80,26 +76,10 @@ class AdapterStatus:
         return asdict(self)
 
 
-def split_model(model: str) -> tuple[str, str] | None:
-    """``"name@v0002"`` -> ``("name", "v0002")``; None for anything else."""
-    name, sep, version = model.partition("@")
-    if sep and NAME_RE.match(name) and VERSION_RE.match(version):
-        return name, version
-    return None
-
-
-def _now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
-
-
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, ValidationError) and exc.problems:
         return "; ".join(exc.problems)
     return f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc)
-
-
-def _version_number(version: str | None) -> int:
-    return int(version[1:]) if version else 0
 
 
 class Reconciler:
@@ -202,7 +182,7 @@ class Reconciler:
             await asyncio.to_thread(self.cache.collect, self.cache_grace_s, in_use)
         except Exception:
             logger.exception("agent_finetune: cleaning the cache failed")
-        self.last_sync = _now_iso()
+        self.last_sync = utc_now()
         self.passes += 1
 
     def _read_desired(self) -> dict[str, tuple[str | None, float | None]] | None:
@@ -299,7 +279,7 @@ class Reconciler:
         st.live, st.state, st.path = version, "live", str(path)
         if st.error_version == version or st.error_version is None:
             st.error, st.error_version = None, None
-        st.loaded_at = _now_iso()
+        st.loaded_at = utc_now()
         st.load_seconds = round(load_s, 6)
         # Pointer moves from before this process started are start-up loads, not swaps.
         if moved_at is not None and moved_at >= self._started:
@@ -308,7 +288,7 @@ class Reconciler:
         else:
             st.swap_seconds = None
         metrics.SWAPS.labels(name).inc()
-        metrics.LIVE_VERSION.labels(name).set(_version_number(version))
+        metrics.LIVE_VERSION.labels(name).set(version_number(version))
         logger.info("agent_finetune: %s now serves %s (was %s)", name, version, old)
         await self._evict()
 

@@ -30,7 +30,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-ENV_REGISTRY = "AGENT_FINETUNE_REGISTRY"
+from agent_finetune.registry.names import ENV_REGISTRY
+
+PLUGIN_NAME = "agent_finetune"
+"""The name of the vLLM endpoint plugin (pyproject.toml entry point, ``VLLM_PLUGINS``)."""
 ENV_RESYNC = "AGENT_FINETUNE_RESYNC_S"
 ENV_POLLING = "AGENT_FINETUNE_POLLING"
 ENV_CACHE_DIR = "AGENT_FINETUNE_CACHE_DIR"

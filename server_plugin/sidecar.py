@@ -27,10 +27,11 @@ from typing import Any
 
 import httpx
 
-from agent_finetune.adapter import load_base_config
+from agent_finetune.errors import LoadError
 from agent_finetune.registry import Registry
+from agent_finetune.registry.adapter import load_base_config
 from server_plugin.cache import AdapterCache, Limits
-from server_plugin.reconciler import LoadError, Reconciler
+from server_plugin.reconciler import Reconciler
 from server_plugin.settings import default_cache_root
 from server_plugin.watcher import RegistryWatcher
 

@@ -11,13 +11,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT / "examples"
+EXAMPLES = ROOT / "agent_finetune" / "assets"
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama + tokenizer trained on the sample data (seconds to build)."""
-    from agent_finetune.tiny_model import build_tiny_model
+    from agent_finetune.training.tiny_model import build_tiny_model
 
     out = tmp_path_factory.mktemp("tiny-model")
     return build_tiny_model(out, corpus_files=sorted(EXAMPLES.glob("support_*.json")))

@@ -1,8 +1,13 @@
-"""Build PEFT-format adapter folders without torch (numpy + safetensors), for fast tests."""
+"""Test helpers: the one numpy adapter writer (no torch), and raw registry edits.
+
+Adapters that a real vLLM serves come from ``agent_finetune.training.tiny_model.random_adapter``.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -10,16 +15,12 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
-# Shapes of tests' tiny model: hidden 128, 4 heads x 32, 2 kv heads, intermediate 256.
-TINY_SHAPES = {
-    "q_proj": (128, 128),
-    "k_proj": (128, 64),
-    "v_proj": (128, 64),
-    "o_proj": (128, 128),
-    "gate_proj": (128, 256),
-    "up_proj": (128, 256),
-    "down_proj": (256, 128),
-}
+from agent_finetune.registry import MANIFEST, Registry
+from agent_finetune.registry.adapter import linear_shapes
+from agent_finetune.registry.names import format_version, version_number
+from agent_finetune.registry.store import VERSIONS, atomic_write_json, file_checksums
+
+# The tests' tiny model: hidden 128, 4 heads x 32, 2 kv heads, intermediate 256.
 TINY_CONFIG = {
     "hidden_size": 128,
     "num_attention_heads": 4,
@@ -29,20 +30,32 @@ TINY_CONFIG = {
 }
 
 
-def make_adapter(
+# A made-up base model for the reconciler's fast tests: no torch, no vLLM.
+FAKE_BASE_CONFIG = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 32,
+}
+
+
+def write_adapter(
     folder: Path,
     *,
     r: int = 4,
     modules: Iterable[str] = ("q_proj", "v_proj"),
     layers: int = 2,
     base_model: str = "tiny-base",
-    shapes: dict[str, tuple[int, int]] = TINY_SHAPES,
+    base_config: dict[str, Any] = TINY_CONFIG,
     extra_config: dict[str, Any] | None = None,
     extra_tensors: dict[str, tuple[int, ...]] | None = None,
     seed: int = 0,
 ) -> Path:
+    """Write a PEFT LoRA folder with random weights shaped for ``base_config``."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
+    shapes = linear_shapes(base_config)
     tensors = {}
     for layer in range(layers):
         for m in modules:
@@ -68,3 +81,63 @@ def make_adapter(
     config.update(extra_config or {})
     (folder / "adapter_config.json").write_text(json.dumps(config), encoding="utf-8")
     return folder
+
+
+def fake_adapter(
+    folder: Path,
+    *,
+    seed: int = 0,
+    r: int = 8,
+    base_model: str = "fake-base",
+    base_config: dict[str, Any] = FAKE_BASE_CONFIG,
+) -> Path:
+    """A one-layer adapter for ``FAKE_BASE_CONFIG``, the reconciler tests' made-up model."""
+    return write_adapter(
+        folder, r=r, layers=1, seed=seed, base_model=base_model, base_config=base_config
+    )
+
+
+def write_version(registry: Registry, name: str, source: Path, *, make_current: bool = True) -> str:
+    """Publish ``source`` WITHOUT validation (as a buggy or foreign writer would)."""
+    ndir = registry.name_dir(name)
+    (ndir / VERSIONS).mkdir(parents=True, exist_ok=True)
+    with registry.lock(name):
+        existing = registry.versions(name)
+        version = format_version(version_number(existing[-1]) + 1 if existing else 1)
+        staging = ndir / f".staging-raw-{version}"
+        shutil.copytree(source, staging)
+        files = sorted(p.name for p in staging.iterdir() if p.is_file())
+        manifest = {
+            "format": 1,
+            "name": name,
+            "version": version,
+            "files": file_checksums(staging, files),
+        }
+        atomic_write_json(staging / MANIFEST, manifest)
+        os.rename(staging, ndir / VERSIONS / version)
+        if make_current:
+            registry._set_current(name, version, "promote", "test: raw write")
+    return version
+
+
+def set_current(registry: Registry, name: str, version: str) -> None:
+    """Move ``current`` without verifying the version (promote() refuses bad ones)."""
+    with registry.lock(name):
+        registry._set_current(name, version, "promote", "test: raw pointer move")
+
+
+def edit_config(folder: Path, **changes: Any) -> None:
+    path = folder / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg, indent=2))
+
+
+# A made-up base model for the fast tests: no torch, no vLLM.
+FAKE_BASE_CONFIG = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 32,
+}

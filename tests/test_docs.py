@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import agent_finetune
-from agent_finetune.config import reference_markdown
+from agent_finetune.training.config import reference_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -19,7 +19,7 @@ def test_config_reference_matches_field_descriptions() -> None:
     assert block, "README.md lost its config-reference markers"
     assert block.group(1) == reference_markdown(), (
         "README.md's configuration reference is stale: regenerate it with "
-        "`python -m agent_finetune.config` between the config-reference markers"
+        "`python -m agent_finetune.training.config` between the config-reference markers"
     )
 
 

@@ -7,44 +7,41 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from hotswap_helpers import edit_config, fake_adapter, make_adapter
+from helpers import FAKE_BASE_CONFIG, edit_config, write_adapter
 from hotswap_live import GOOD_SEEDS, Live
+
+from agent_finetune.training.tiny_model import random_adapter
 
 
 def _build_adapters(live: Live) -> None:
     model, out = live.model, live.workdir / "adapters"
     for seed in GOOD_SEEDS:
-        live.good[seed] = make_adapter(model, out / f"good{seed}", seed=seed)
-    live.bad["rank"] = make_adapter(model, out / "rank", seed=100, r=32)
-    live.bad["modules_to_save"] = make_adapter(
+        live.good[seed] = random_adapter(model, out / f"good{seed}", seed=seed)
+    live.bad["rank"] = random_adapter(model, out / "rank", seed=100, r=32)
+    live.bad["modules_to_save"] = random_adapter(
         model, out / "modules_to_save", seed=101, modules_to_save=["lm_head"]
     )
-    live.bad["dora"] = make_adapter(model, out / "dora", seed=102, use_dora=True)
-    live.bad["embed"] = make_adapter(
+    live.bad["dora"] = random_adapter(model, out / "dora", seed=102, use_dora=True)
+    live.bad["embed"] = random_adapter(
         model, out / "embed", seed=103, target_modules=["q_proj", "v_proj", "embed_tokens"]
     )
     # Shapes of a smaller model, but claiming to be for the served one.
-    small = {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "head_dim": 32,
-    }
-    live.bad["shapes"] = fake_adapter(out / "shapes", seed=104, config=small, base_model=str(model))
-    live.bad["base_name"] = make_adapter(model, out / "base_name", seed=105)
+    live.bad["shapes"] = write_adapter(
+        out / "shapes", seed=104, r=8, base_config=FAKE_BASE_CONFIG, base_model=str(model)
+    )
+    live.bad["base_name"] = random_adapter(model, out / "base_name", seed=105)
     edit_config(live.bad["base_name"], base_model_name_or_path="meta-llama/Llama-3.1-8B")
-    live.bad["truncated"] = make_adapter(model, out / "truncated", seed=106)
+    live.bad["truncated"] = random_adapter(model, out / "truncated", seed=106)
     weights = live.bad["truncated"] / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    live.bad["checksum"] = make_adapter(model, out / "checksum", seed=107)  # corrupted later
+    live.bad["checksum"] = random_adapter(model, out / "checksum", seed=107)  # corrupted later
 
 
 @pytest.fixture(scope="session")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     """Tiny model + one plugin server (started while the adapters are built)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from agent_finetune.tiny_model import build_tiny_model
+    from agent_finetune.training.tiny_model import build_tiny_model
 
     workdir = tmp_path_factory.mktemp("hotswap")
     model = build_tiny_model(workdir / "tiny")

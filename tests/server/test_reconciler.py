@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hotswap_helpers import FAKE_BASE_CONFIG, edit_config, fake_adapter, set_current, write_version
+from helpers import FAKE_BASE_CONFIG, edit_config, fake_adapter, set_current, write_version
 
+from agent_finetune.errors import LoadError
 from agent_finetune.registry import Registry
+from agent_finetune.registry.names import split_model
 from server_plugin.cache import AdapterCache, Limits
-from server_plugin.reconciler import LoadError, Reconciler, split_model
+from server_plugin.reconciler import Reconciler
 from server_plugin.watcher import RegistryWatcher
 
 LIMITS = Limits(max_rank=16, base_model="fake-base", base_config=FAKE_BASE_CONFIG)
@@ -129,7 +131,7 @@ def test_bad_version_keeps_the_live_one(env: Any, kind: str, cause: str) -> None
     elif kind == "base_name":
         edit_config(bad, base_model_name_or_path="someone/other-model")
     elif kind == "shapes":
-        fake_adapter(bad, seed=2, config={**FAKE_BASE_CONFIG, "hidden_size": 96})
+        fake_adapter(bad, seed=2, base_config={**FAKE_BASE_CONFIG, "hidden_size": 96})
     elif kind == "truncated":
         weights = bad / "adapter_model.safetensors"
         weights.write_bytes(weights.read_bytes()[:-100])

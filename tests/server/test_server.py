@@ -14,7 +14,7 @@ from typing import Any
 
 import openai
 import pytest
-from hotswap_helpers import set_current, write_version
+from helpers import set_current, write_version
 from hotswap_live import API_KEY, BAD_KINDS, MAX_TOKENS, PROMPT, RESYNC_S, Live
 
 from server_plugin.sidecar import SyncOptions, sync

@@ -18,7 +18,7 @@ from agent_finetune import (
     run_fine_tuning,
 )
 from agent_finetune.registry import Registry
-from agent_finetune.train import train
+from agent_finetune.training.train import train
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

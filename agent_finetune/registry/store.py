@@ -14,13 +14,11 @@ Imports nothing heavy: the server plugin and the CLI start fast.
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import fcntl
 import getpass
 import hashlib
 import json
 import os
-import re
 import shutil
 import socket
 import uuid
@@ -30,8 +28,23 @@ from pathlib import Path
 from typing import Any
 
 from agent_finetune._version import __version__
-from agent_finetune.adapter import ADAPTER_CONFIG, ADAPTER_FILES, AdapterReport, validate_adapter
 from agent_finetune.errors import InvalidNameError, NotFoundError, RegistryError, ValidationError
+from agent_finetune.registry.adapter import (
+    ADAPTER_CONFIG,
+    ADAPTER_FILES,
+    AdapterReport,
+    validate_adapter,
+)
+from agent_finetune.registry.names import (
+    ENV_REGISTRY,
+    check_name,
+    check_version,
+    format_version,
+    is_name,
+    is_version,
+    utc_now,
+    version_number,
+)
 
 MANIFEST = "manifest.json"
 CURRENT = "current"
@@ -39,11 +52,8 @@ HISTORY = "history.jsonl"
 VERSIONS = "versions"
 LOCK = ".lock"
 STAGING_PREFIX = ".staging-"
-ENV_REGISTRY = "AGENT_FINETUNE_REGISTRY"
 MANIFEST_FORMAT = 1
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-VERSION_RE = re.compile(r"^v(\d{4,})$")
 # Files copied from an adapter folder besides the two PEFT files: tokenizer files make a
 # version self-contained for `load_model_and_tokenizer`; vLLM ignores them.
 _EXTRA_FILES = (
@@ -55,43 +65,12 @@ _EXTRA_FILES = (
 )
 
 
-def check_name(name: str) -> str:
-    """Return ``name`` if it is a valid adapter name, else raise InvalidNameError."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or name in {".", ".."}:
-        raise InvalidNameError(
-            f"invalid adapter name {name!r}: use 1-64 lowercase letters, digits, '.', '_' "
-            "or '-', starting with a letter or digit"
-        )
-    return name
-
-
-def check_version(version: str) -> str:
-    """Return ``version`` if it looks like vNNNN (4+ digits), else raise InvalidNameError."""
-    if not isinstance(version, str) or not VERSION_RE.match(version):
-        raise InvalidNameError(
-            f"invalid version {version!r}: expected 'v' and 4+ digits, e.g. v0001"
-        )
-    return version
-
-
-def format_version(n: int) -> str:
-    return f"v{n:04d}"
-
-
-def version_number(version: str) -> int:
-    return int(check_version(version)[1:])
-
-
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -199,7 +178,7 @@ class Registry:
             return []
         out = []
         for p in sorted(self.root.iterdir()):
-            if NAME_RE.match(p.name) and (p / VERSIONS).is_dir():
+            if is_name(p.name) and (p / VERSIONS).is_dir():
                 out.append(p.name)
         return out
 
@@ -207,7 +186,7 @@ class Registry:
         vdir = self.name_dir(name) / VERSIONS
         if not vdir.is_dir():
             return []
-        found = [p.name for p in vdir.iterdir() if VERSION_RE.match(p.name) and p.is_dir()]
+        found = [p.name for p in vdir.iterdir() if is_version(p.name) and p.is_dir()]
         return sorted(found, key=version_number)
 
     def current(self, name: str) -> str | None:
@@ -280,7 +259,7 @@ class Registry:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def _append_history(self, name: str, entry: dict[str, Any]) -> None:
-        entry = {"ts": _now(), "user": _user(), "host": socket.gethostname(), **entry}
+        entry = {"ts": utc_now(), "user": _user(), "host": socket.gethostname(), **entry}
         with (self.name_dir(name) / HISTORY).open("a", encoding="utf-8") as f:
             f.write(json.dumps(entry, ensure_ascii=False) + "\n")
             f.flush()
@@ -291,7 +270,7 @@ class Registry:
         old = self.current(name)
         atomic_write_json(
             self.name_dir(name) / CURRENT,
-            {"version": version, "updated_at": _now(), "action": action},
+            {"version": version, "updated_at": utc_now(), "action": action},
         )
         self._append_history(name, {"action": action, "from": old, "to": version, "reason": reason})
 
@@ -334,7 +313,7 @@ class Registry:
             manifest: dict[str, Any] = {
                 "format": MANIFEST_FORMAT,
                 "name": name,
-                "created_at": _now(),
+                "created_at": utc_now(),
                 "tool_version": __version__,
                 "base_model": adapter_cfg.get("base_model_name_or_path"),
                 "lora": {

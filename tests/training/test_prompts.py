@@ -5,9 +5,14 @@ from typing import Any
 
 import pytest
 
-from agent_finetune.data import Example
 from agent_finetune.errors import PromptTemplateError
-from agent_finetune.prompts import IGNORE_INDEX, check_template, render_template, tokenize_examples
+from agent_finetune.training.data import Example
+from agent_finetune.training.prompts import (
+    IGNORE_INDEX,
+    check_template,
+    render_template,
+    tokenize_examples,
+)
 
 
 def ex(instruction: str, response: str, **extra: str) -> Example:

@@ -7,12 +7,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from agent_finetune.adapter import ADAPTER_CONFIG, read_adapter_config
-from agent_finetune.backend import resolve_backend
-from agent_finetune.config import FineTuningConfig
-from agent_finetune.data import Example
-from agent_finetune.prompts import render_template
-from agent_finetune.train import FORMAT_FILE
+from agent_finetune.registry.adapter import ADAPTER_CONFIG, read_adapter_config
+from agent_finetune.training.backend import resolve_backend
+from agent_finetune.training.config import FineTuningConfig
+from agent_finetune.training.data import Example
+from agent_finetune.training.prompts import render_template
+from agent_finetune.training.train import FORMAT_FILE
 
 log = logging.getLogger("agent_finetune")
 

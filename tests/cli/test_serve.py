@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hotswap_helpers import fake_adapter
+from helpers import fake_adapter
 
 import server_plugin
+from agent_finetune.cli import main
+from agent_finetune.cli.serve import add_serve_parser, add_sync_parser, serve_command
 from agent_finetune.registry import Registry
-from server_plugin.commands import add_serve_parser, add_sync_parser, serve_command
 from server_plugin.launch import build_command, default_max_lora_rank, plugins_env_value
 from server_plugin.settings import Settings
 
@@ -63,11 +64,10 @@ def test_serve_dry_run_and_missing_registry(
     assert args.func(args) == 0
     assert "vllm.entrypoints.openai.api_server" in capsys.readouterr().out
     monkeypatch.delenv("AGENT_FINETUNE_REGISTRY", raising=False)
-    args = parser().parse_args(["serve", "--model", "m"])
-    assert args.func(args) == 2
-    assert "--registry" in capsys.readouterr().err
-    args = parser().parse_args(["sync", "--server", "http://x"])
-    assert args.func(args) == 2
+    # A missing registry is exit 1 for every command, as for `list` (cli.app's exit codes).
+    for argv in (["serve", "--model", "m"], ["sync", "--server", "http://x"], ["list"]):
+        assert main(argv) == 1, argv
+        assert "--registry" in capsys.readouterr().err
 
 
 def test_max_lora_rank_fits_the_registry(tmp_path: Path) -> None:

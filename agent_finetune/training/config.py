@@ -13,8 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from agent_finetune.adapter import LINEAR_MODULES
 from agent_finetune.errors import ConfigError
+from agent_finetune.registry.adapter import LINEAR_MODULES, SERVABLE_MODULES, unservable_modules
 
 DEFAULT_TARGET_MODULES = list(LINEAR_MODULES)
 
@@ -154,11 +154,11 @@ class FineTuningConfig(BaseModel):
     def _check(self) -> FineTuningConfig:
         if self.fp16 and self.bf16:
             raise ValueError("fp16 and bf16 are both true; choose one (set the other to false)")
-        bad = {"embed_tokens", "lm_head"} & set(self.target_modules)
+        bad = unservable_modules(self.target_modules)
         if bad:
             raise ValueError(
-                f"target_modules contains {sorted(bad)}: vLLM cannot serve LoRA on embeddings "
-                "or lm_head; remove them"
+                f"target_modules contains {bad}: vLLM's LoRA path cannot serve them (no "
+                f"embeddings or lm_head); use a subset of {sorted(SERVABLE_MODULES)}"
             )
         if self.use_wandb and not self.wandb_project:
             raise ValueError("use_wandb is true but wandb_project is empty; set wandb_project")
@@ -230,5 +230,5 @@ def reference_markdown() -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":  # python -m agent_finetune.config > reference table
+if __name__ == "__main__":  # python -m agent_finetune.training.config > reference table
     print(reference_markdown())

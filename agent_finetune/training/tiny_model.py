@@ -144,8 +144,8 @@ def build_tiny_model(
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     (out / "README.md").write_text(
-        "Tiny random Llama model built locally by agent_finetune.tiny_model for tests and the "
-        "demo. Its answers are meaningless until a LoRA adapter is trained on it.\n",
+        "Tiny random Llama model built locally by agent_finetune.training.tiny_model for tests "
+        "and the demo. Its answers are meaningless until a LoRA adapter is trained on it.\n",
         encoding="utf-8",
     )
     return out
@@ -163,3 +163,42 @@ def build_model_from_config(
     config = AutoConfig.for_model(model_type, **cfg_dict)
     with torch.device(device or "cpu"):
         return AutoModelForCausalLM.from_config(config, torch_dtype=dtype or torch.bfloat16)
+
+
+def random_adapter(
+    base: Path,
+    out: Path,
+    *,
+    seed: int,
+    r: int = 8,
+    scale: float = 4.0,
+    target_modules: list[str] | None = None,
+    **lora_kwargs: Any,
+) -> Path:
+    """Save a random PEFT LoRA adapter for ``base`` to ``out`` (tests and benchmarks).
+
+    ``init_lora_weights=False`` plus a scaled-up B gives greedy outputs that differ from the
+    base model and from each other, with no training.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from agent_finetune.registry.adapter import LINEAR_MODULES
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=r,
+        target_modules=target_modules or list(LINEAR_MODULES),
+        init_lora_weights=False,
+        **lora_kwargs,
+    )
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for pname, param in peft_model.named_parameters():
+            if "lora_B" in pname:
+                param.mul_(scale)
+    peft_model.save_pretrained(str(out))
+    return out

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[1] / "agent_finetune" / "assets"
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
 # Logits are compared by relative norm ||a - b|| / ||b||. Unsloth's fused bf16 kernels and
@@ -48,8 +48,8 @@ def _rel(a: Any, b: Any) -> float:
 
 
 def test_auto_backend_is_unsloth_on_cuda() -> None:
-    from agent_finetune.backend import resolve_backend
-    from agent_finetune.config import FineTuningConfig
+    from agent_finetune.training.backend import resolve_backend
+    from agent_finetune.training.config import FineTuningConfig
 
     assert resolve_backend(FineTuningConfig(backend="auto")) == "unsloth"
 
@@ -60,10 +60,10 @@ def test_unsloth_backend_trains_publishes_and_matches_peft(
     import torch
     from transformers import TrainerCallback
 
-    from agent_finetune.adapter import load_base_config, validate_adapter
-    from agent_finetune.config import FineTuningConfig
     from agent_finetune.registry import Registry
-    from agent_finetune.train import train
+    from agent_finetune.registry.adapter import load_base_config, validate_adapter
+    from agent_finetune.training.config import FineTuningConfig
+    from agent_finetune.training.train import train
 
     captured: dict[str, Any] = {}
 

@@ -7,21 +7,10 @@ import os
 import sys
 from typing import Any
 
-from agent_finetune.errors import AgentFinetuneError
-from agent_finetune.registry import check_name, check_version
+from agent_finetune.errors import AskError
+from agent_finetune.registry.names import model_id
 
 DEFAULT_SERVER = "http://127.0.0.1:8000/v1"
-
-
-class AskError(AgentFinetuneError, RuntimeError):
-    """The server is down, or does not serve the requested adapter."""
-
-
-def model_id(name: str, version: str | None) -> str:
-    """The OpenAI ``model``: ``name`` (an adapter or the base model) or ``name@vNNNN``."""
-    if not version:
-        return name
-    return f"{check_name(name)}@{check_version(version)}"
 
 
 def ask(

@@ -18,21 +18,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from agent_finetune.errors import RegistryError
+from agent_finetune.registry.names import ENV_REGISTRY
 from server_plugin import settings as S
-from server_plugin.launch import build_command, build_env
 
 
-def _registry(value: str | None) -> Path | None:
-    value = value or os.environ.get(S.ENV_REGISTRY)
-    return Path(value).expanduser().absolute() if value else None
-
-
-def _no_registry() -> int:
-    print(
-        f"error: no registry given: pass --registry DIR or set {S.ENV_REGISTRY}=DIR",
-        file=sys.stderr,
-    )
-    return 2
+def _registry(value: str | None) -> Path:
+    value = value or os.environ.get(ENV_REGISTRY)
+    if not value:
+        raise RegistryError(f"no registry given: pass --registry DIR or set {ENV_REGISTRY}=DIR")
+    return Path(value).expanduser().absolute()
 
 
 def add_serve_parser(subparsers: Any) -> None:
@@ -48,7 +43,7 @@ def add_serve_parser(subparsers: Any) -> None:
         ),
     )
     p.add_argument("--model", required=True, help="base model: Hugging Face name or folder")
-    p.add_argument("--registry", help=f"registry folder (default: ${S.ENV_REGISTRY})")
+    p.add_argument("--registry", help=f"registry folder (default: ${ENV_REGISTRY})")
     p.add_argument("--host", default=None, help="interface to listen on (vLLM's default: all)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     p.add_argument(
@@ -85,6 +80,8 @@ def add_serve_parser(subparsers: Any) -> None:
 
 def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     """The vLLM argv and environment ``serve`` would exec."""
+    from server_plugin.launch import build_command, build_env
+
     registry = _registry(args.registry)
     extra = list(args.vllm_args or [])
     if extra[:1] == ["--"]:
@@ -114,8 +111,7 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
 
 def run_serve(args: argparse.Namespace) -> int:
     """``serve``: replace this process with vLLM (returns only on failure)."""
-    if _registry(args.registry) is None:
-        return _no_registry()
+    _registry(args.registry)
     cmd, env = serve_command(args)
     if args.dry_run:
         shown = {k: env[k] for k in sorted(env) if k.startswith(("AGENT_FINETUNE_", "VLLM_"))}
@@ -144,7 +140,7 @@ def add_sync_parser(subparsers: Any) -> None:
         ),
     )
     p.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8000")
-    p.add_argument("--registry", help=f"registry folder (default: ${S.ENV_REGISTRY})")
+    p.add_argument("--registry", help=f"registry folder (default: ${ENV_REGISTRY})")
     p.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY"), help="server API key")
     p.add_argument("--once", action="store_true", help="reconcile once, print status, exit")
     p.add_argument("--resync", type=float, default=2.0, help="seconds between resyncs (2)")
@@ -164,8 +160,6 @@ def run_sync(args: argparse.Namespace) -> int:
     from server_plugin.sidecar import SyncOptions, sync
 
     registry = _registry(args.registry)
-    if registry is None:
-        return _no_registry()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     options = SyncOptions(
         server=args.server,

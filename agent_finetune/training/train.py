@@ -16,13 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent_finetune.adapter import validate_adapter
-from agent_finetune.backend import Backend, cuda_available, load_for_training, resolve_backend
-from agent_finetune.config import FineTuningConfig
-from agent_finetune.data import load_dataset_file
 from agent_finetune.errors import DataError, UnservableAdapterError
-from agent_finetune.prompts import tokenize_examples
 from agent_finetune.registry import Registry, VersionInfo
+from agent_finetune.registry.adapter import validate_adapter
+from agent_finetune.training.backend import (
+    Backend,
+    cuda_available,
+    load_for_training,
+    resolve_backend,
+)
+from agent_finetune.training.config import FineTuningConfig
+from agent_finetune.training.data import load_dataset_file
+from agent_finetune.training.prompts import tokenize_examples
 
 log = logging.getLogger("agent_finetune")
 FINAL_DIR = "final_model"

@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent_finetune.data import Example
 from agent_finetune.errors import PromptTemplateError
+from agent_finetune.training.data import Example
 
 IGNORE_INDEX = -100
 

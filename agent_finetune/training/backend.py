@@ -10,9 +10,8 @@ import importlib.util
 import logging
 from typing import Any, Literal
 
-from agent_finetune.adapter import SERVABLE_MODULES
-from agent_finetune.config import FineTuningConfig
-from agent_finetune.errors import BackendError, UnservableAdapterError
+from agent_finetune.errors import BackendError
+from agent_finetune.training.config import FineTuningConfig
 
 log = logging.getLogger("agent_finetune")
 Backend = Literal["unsloth", "hf"]
@@ -50,16 +49,6 @@ def resolve_backend(config: FineTuningConfig) -> Backend:
     return chosen
 
 
-def check_servable(config: FineTuningConfig) -> None:
-    """Refuse settings that would produce an adapter vLLM cannot serve, before any training."""
-    bad = sorted(set(config.target_modules) - SERVABLE_MODULES)
-    if bad:
-        raise UnservableAdapterError(
-            f"target_modules {bad} cannot be served by vLLM's LoRA path; use a subset of "
-            f"{sorted(SERVABLE_MODULES)}"
-        )
-
-
 def _dtype(config: FineTuningConfig) -> Any:
     import torch
 
@@ -72,7 +61,6 @@ def _dtype(config: FineTuningConfig) -> Any:
 
 def load_for_training(config: FineTuningConfig, backend: Backend) -> tuple[Any, Any]:
     """(PEFT model with fresh LoRA weights, tokenizer) for ``config.model_name``."""
-    check_servable(config)
     if backend == "unsloth":
         return _load_unsloth(config)
     return _load_hf(config)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from agent_finetune.data import load_dataset_file
 from agent_finetune.errors import DataError
+from agent_finetune.training.data import load_dataset_file
 
 
 def write(path: Path, text: str, bom: bool = False) -> Path:

@@ -23,6 +23,13 @@ ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 # Mistral, Gemma, ...). Embeddings and lm_head are refused: see DESIGN.md.
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SERVABLE_MODULES = frozenset(LINEAR_MODULES)
+
+
+def unservable_modules(target_modules: Iterable[str]) -> list[str]:
+    """The target modules vLLM's LoRA path cannot serve (embeddings, lm_head, anything else)."""
+    return sorted(set(target_modules) - SERVABLE_MODULES)
+
+
 FORBIDDEN_MODULES = frozenset({"embed_tokens", "lm_head", "wte", "wpe", "embed_in", "embed_out"})
 
 _LORA_KEY = re.compile(

@@ -4,13 +4,13 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import TINY_CONFIG, make_adapter
+from helpers import FAKE_BASE_CONFIG, TINY_CONFIG, write_adapter
 
-from agent_finetune.adapter import read_safetensors_header, validate_adapter
+from agent_finetune.registry.adapter import read_safetensors_header, validate_adapter
 
 
 def test_good_adapter_passes_with_shapes(tmp_path: Path) -> None:
-    a = make_adapter(
+    a = write_adapter(
         tmp_path / "a",
         modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     )
@@ -33,7 +33,7 @@ def test_good_adapter_passes_with_shapes(tmp_path: Path) -> None:
             "not a LoRA A/B weight",
         ),
         (
-            {"shapes": {"q_proj": (64, 64), "v_proj": (64, 32)}},
+            {"base_config": FAKE_BASE_CONFIG},
             {"base_config": TINY_CONFIG},
             "does not fit the base model",
         ),
@@ -44,14 +44,14 @@ def test_good_adapter_passes_with_shapes(tmp_path: Path) -> None:
 def test_unservable_adapters_are_rejected(
     tmp_path: Path, kwargs: dict[str, object], limits: dict[str, object], fragment: str
 ) -> None:
-    a = make_adapter(tmp_path / "a", **kwargs)  # type: ignore[arg-type]
+    a = write_adapter(tmp_path / "a", **kwargs)  # type: ignore[arg-type]
     report = validate_adapter(a, **limits)  # type: ignore[arg-type]
     assert not report.ok
     assert any(fragment in p for p in report.problems), report.problems
 
 
 def test_truncated_and_missing_weights(tmp_path: Path) -> None:
-    a = make_adapter(tmp_path / "a")
+    a = write_adapter(tmp_path / "a")
     w = a / "adapter_model.safetensors"
     w.write_bytes(w.read_bytes()[:-10])
     assert any("truncated" in p for p in validate_adapter(a).problems)
@@ -63,7 +63,7 @@ def test_truncated_and_missing_weights(tmp_path: Path) -> None:
 
 def test_missing_or_bad_config(tmp_path: Path) -> None:
     assert "not a folder" in validate_adapter(tmp_path / "nope").problems[0]
-    a = make_adapter(tmp_path / "a")
+    a = write_adapter(tmp_path / "a")
     (a / "adapter_config.json").write_text("{bad", encoding="utf-8")
     assert "invalid JSON" in validate_adapter(a).problems[0]
     (a / "adapter_config.json").unlink()
@@ -71,7 +71,7 @@ def test_missing_or_bad_config(tmp_path: Path) -> None:
 
 
 def test_rank_mismatch_between_config_and_tensors(tmp_path: Path) -> None:
-    a = make_adapter(tmp_path / "a", r=4)
+    a = write_adapter(tmp_path / "a", r=4)
     cfg = json.loads((a / "adapter_config.json").read_text())
     cfg["r"] = 8
     (a / "adapter_config.json").write_text(json.dumps(cfg))

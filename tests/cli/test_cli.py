@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import TINY_CONFIG, make_adapter
+from helpers import TINY_CONFIG, write_adapter
 
 from agent_finetune.cli import main
 
@@ -27,7 +27,7 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 def test_publish_list_show_history_promote_rollback_gc(
     env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    adapter = make_adapter(tmp_path / "a")
+    adapter = write_adapter(tmp_path / "a")
     for _ in range(3):
         assert run(capsys, "publish", "bot", str(adapter))[0] == 0
     code, out, _ = run(capsys, "list")
@@ -58,7 +58,7 @@ def test_publish_list_show_history_promote_rollback_gc(
 def test_user_errors_exit_1_without_traceback(
     env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, _, err = run(capsys, "publish", "Bad/Name", str(make_adapter(tmp_path / "a")))
+    code, _, err = run(capsys, "publish", "Bad/Name", str(write_adapter(tmp_path / "a")))
     assert code == 1 and err.startswith("error: invalid adapter name") and "Traceback" not in err
     code, _, err = run(capsys, "rollback", "nobody")
     assert code == 1 and "error:" in err
@@ -83,11 +83,11 @@ def test_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
 def test_validate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base = tmp_path / "base"
     base.mkdir()
-    good = make_adapter(tmp_path / "good", base_model=str(base))
+    good = write_adapter(tmp_path / "good", base_model=str(base))
     (base / "config.json").write_text(json.dumps(TINY_CONFIG))
     code, out, _ = run(capsys, "validate", str(good), "--base-model", str(base), "--max-rank", "16")
     assert code == 0 and out.startswith("OK")
-    bad = make_adapter(tmp_path / "bad", r=32, modules=["q_proj", "lm_head"])
+    bad = write_adapter(tmp_path / "bad", r=32, modules=["q_proj", "lm_head"])
     code, out, _ = run(capsys, "validate", str(bad), "--max-rank", "16", "--json")
     problems = json.loads(out)["problems"]
     assert code == 1 and any("max-lora-rank" in p for p in problems)
@@ -97,7 +97,7 @@ def test_validate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 def test_validate_detects_tampered_published_version(
     env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run(capsys, "publish", "bot", str(make_adapter(tmp_path / "a")))
+    run(capsys, "publish", "bot", str(write_adapter(tmp_path / "a")))
     vdir = env / "bot" / "versions" / "v0001"
     (vdir / "adapter_config.json").write_text(
         (vdir / "adapter_config.json").read_text().replace('"bias": "none"', '"bias": "none" ')
@@ -129,7 +129,7 @@ def test_console_script_starts_without_heavy_imports() -> None:
 def test_validate_reports_a_malformed_manifest(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    folder = make_adapter(tmp_path / "a")
+    folder = write_adapter(tmp_path / "a")
     (folder / "manifest.json").write_text("{bad")
     code, out, _ = run(capsys, "validate", str(folder))
     assert code == 1 and "manifest.json: invalid JSON" in out

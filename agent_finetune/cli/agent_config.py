@@ -9,7 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent_finetune.errors import ConfigError
-from agent_finetune.registry import check_name, check_version
+from agent_finetune.registry.names import check_name, model_id
 
 
 class RoleConfig(BaseModel):
@@ -28,8 +28,7 @@ class RoleConfig(BaseModel):
     @property
     def model(self) -> str:
         """The OpenAI `model` string: `name` or `name@vNNNN`."""
-        check_name(self.adapter)
-        return f"{self.adapter}@{check_version(self.version)}" if self.version else self.adapter
+        return model_id(check_name(self.adapter), self.version)
 
 
 class AgentConfig(BaseModel):

@@ -1,46 +1,20 @@
-"""`agent-finetune`: train, publish and manage adapter versions, serve and demo.
-
-Exit codes: 0 success, 1 the operation failed (bad input, validation, server down),
-2 usage error. Only this module turns exceptions into exit codes and friendly text.
-"""
+"""Registry commands: publish, list, show, history, promote, rollback, validate, gc."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from agent_finetune._version import __version__
-from agent_finetune.adapter import load_base_config
-from agent_finetune.ask import add_ask_parser
-from agent_finetune.demo import add_demo_parser
-from agent_finetune.errors import AgentFinetuneError
+from agent_finetune.cli.output import emit_json, print_table
+from agent_finetune.errors import NotFoundError
 from agent_finetune.registry import ENV_REGISTRY, Registry, verify_folder
-from server_plugin.commands import add_serve_parser, add_sync_parser
+from agent_finetune.registry.adapter import load_base_config
 
 Handler = Callable[[argparse.Namespace], int]
-
-
-# -- output helpers -------------------------------------------------------------------------
-def print_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:
-    """A plain aligned table for people."""
-    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    for n, row in enumerate(cells):
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-        if n == 0:
-            print("  ".join("-" * w for w in widths))
-
-
-def _emit_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, ensure_ascii=False, default=str))
 
 
 def _registry(args: argparse.Namespace) -> Registry:
@@ -50,58 +24,6 @@ def _registry(args: argparse.Namespace) -> Registry:
 def _metric(manifest: dict[str, Any], key: str) -> str:
     value = (manifest.get("metrics") or {}).get(key)
     return f"{value:.4f}" if isinstance(value, float) else ""
-
-
-# -- commands -------------------------------------------------------------------------------
-def cmd_train(args: argparse.Namespace) -> int:
-    from agent_finetune.config import FineTuningConfig
-    from agent_finetune.errors import ConfigError
-
-    overrides: dict[str, Any] = {}
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set lora_r=8")
-        overrides[key.strip()] = yaml.safe_load(value)
-    for key in ("model_name", "output_dir", "adapter_name", "registry_dir", "backend"):
-        value = getattr(args, key)
-        if value is not None:
-            overrides[key] = value
-    if args.config:
-        config = FineTuningConfig.from_yaml(args.config, **overrides)
-    else:
-        config = FineTuningConfig.from_dict(overrides, source="command line")
-    template = (
-        Path(args.prompt_template).read_text(encoding="utf-8") if args.prompt_template else None
-    )
-
-    from agent_finetune.train import train
-
-    result = train(
-        config, args.data, train_test_split=args.train_test_split, prompt_template=template
-    )
-    summary = {
-        "adapter_dir": str(result.adapter_dir),
-        "backend": result.backend,
-        "metrics": result.metrics,
-        "published": f"{result.published.name}@{result.published.version}"
-        if result.published
-        else None,
-    }
-    if args.json:
-        _emit_json(summary)
-    else:
-        m = result.metrics
-        print(f"adapter: {result.adapter_dir}")
-        print(
-            f"backend: {result.backend}   train loss: {m['train_loss']:.4f}   "
-            f"{m['train_tokens_per_second']} tok/s   peak memory: {m['peak_memory_gib']} GiB"
-        )
-        if m.get("eval_loss") is not None:
-            print(f"eval loss: {m['eval_loss_before']:.4f} -> {m['eval_loss']:.4f}")
-        if summary["published"]:
-            print(f"published: {summary['published']} (current)")
-    return 0
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
@@ -117,7 +39,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         metadata={"imported_from": str(Path(args.path).absolute())},
     )
     if args.json:
-        _emit_json(
+        emit_json(
             {
                 "name": info.name,
                 "version": info.version,
@@ -135,7 +57,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     reg = _registry(args)
     infos = reg.entries(args.name)
     if args.json:
-        _emit_json(
+        emit_json(
             [
                 {
                     "name": i.name,
@@ -175,12 +97,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     name, _, version = args.name.partition("@")
     version = version or reg.current(name) or (reg.versions(name) or [""])[-1]
     if not version:
-        from agent_finetune.errors import NotFoundError
-
         raise NotFoundError(f"no adapter named {name!r} in {reg.root}")
     manifest = reg.manifest(name, version)
     if args.json:
-        _emit_json({**manifest, "current": reg.current(name) == version})
+        emit_json({**manifest, "current": reg.current(name) == version})
         return 0
     print(f"{name}@{version}{'  (current)' if reg.current(name) == version else ''}")
     lora = manifest.get("lora") or {}
@@ -205,7 +125,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_history(args: argparse.Namespace) -> int:
     entries = _registry(args).history(args.name)
     if args.json:
-        _emit_json(entries)
+        emit_json(entries)
         return 0
     print_table(
         [
@@ -258,7 +178,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if args.json:
-        _emit_json(
+        emit_json(
             {
                 "path": str(path),
                 "ok": report.ok,
@@ -279,26 +199,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     deleted = _registry(args).gc(args.name, keep=args.keep, dry_run=args.dry_run)
     if args.json:
-        _emit_json({"deleted": deleted, "dry_run": args.dry_run})
+        emit_json({"deleted": deleted, "dry_run": args.dry_run})
     else:
         verb = "would delete" if args.dry_run else "deleted"
         print(f"{args.name}: {verb} {', '.join(deleted) if deleted else 'nothing'}")
     return 0
 
 
-# -- parser ---------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="agent-finetune",
-        description="Fine-tune LoRA adapters, publish them to a versioned registry, and hot-swap "
-        "them into a running vLLM server.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def add_registry_parsers(sub: Any) -> None:
+    """Add every registry command to the ``agent-finetune`` subparsers."""
 
     def add(name: str, func: Handler, help: str, registry: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+        p: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help)
         p.set_defaults(func=func)
         p.add_argument("--json", action="store_true", help="machine-readable output")
         if registry:
@@ -306,39 +218,6 @@ def build_parser() -> argparse.ArgumentParser:
                 "--registry", default=None, help=f"registry folder (default: ${ENV_REGISTRY})"
             )
         return p
-
-    p = add(
-        "train",
-        cmd_train,
-        "train a LoRA adapter (and publish it if the config names one)",
-        registry=False,
-    )
-    p.add_argument("--config", "-c", help="YAML config file (see configs/)")
-    p.add_argument("--data", "-d", required=True, help="dataset: .json, .jsonl or .csv")
-    p.add_argument("--model", dest="model_name", help="override model_name")
-    p.add_argument("--output-dir", dest="output_dir", help="override output_dir")
-    p.add_argument("--adapter-name", dest="adapter_name", help="publish under this name")
-    p.add_argument(
-        "--registry",
-        dest="registry_dir",
-        help=f"registry to publish into (default: ${ENV_REGISTRY})",
-    )
-    p.add_argument("--backend", choices=["auto", "unsloth", "hf"], help="override backend")
-    p.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override any config field, e.g. --set lora_r=8 (repeatable)",
-    )
-    p.add_argument(
-        "--train-test-split",
-        type=float,
-        default=0.1,
-        help="fraction of rows held out for evaluation (default 0.1)",
-    )
-    p.add_argument(
-        "--prompt-template", help="file holding a prompt template with {instruction} and {response}"
-    )
 
     p = add("publish", cmd_publish, "publish a PEFT LoRA folder as the next version")
     p.add_argument("name")
@@ -370,35 +249,3 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--keep", type=int, default=3, help="newest versions to keep (default 3)")
     p.add_argument("--dry-run", action="store_true")
-
-    add_serve_parser(sub)
-    add_sync_parser(sub)
-    add_demo_parser(sub)
-    add_ask_parser(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in ("httpx", "httpx2", "openai"):  # one INFO line per HTTP request
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        code: int = args.func(args)
-        return code
-    except AgentFinetuneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

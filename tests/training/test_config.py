@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from agent_finetune.config import FineTuningConfig
 from agent_finetune.errors import ConfigError
+from agent_finetune.training.config import FineTuningConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SEED_FIELDS = [
@@ -41,7 +41,7 @@ def test_seed_fields_exist_with_defaults_and_descriptions() -> None:
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_is_valid(path: Path) -> None:
     if path.name == "agent.yaml":
-        from agent_finetune.agent_config import AgentConfig
+        from agent_finetune.cli.agent_config import AgentConfig
 
         AgentConfig.from_yaml(path)
     else:

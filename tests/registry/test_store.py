@@ -5,7 +5,7 @@ import multiprocessing as mp
 from pathlib import Path
 
 import pytest
-from helpers import make_adapter
+from helpers import write_adapter
 
 from agent_finetune.errors import InvalidNameError, NotFoundError, RegistryError, ValidationError
 from agent_finetune.registry import Registry, check_name
@@ -18,7 +18,7 @@ def reg(tmp_path: Path) -> Registry:
 
 @pytest.fixture
 def adapter(tmp_path: Path) -> Path:
-    return make_adapter(tmp_path / "adapter")
+    return write_adapter(tmp_path / "adapter")
 
 
 def test_publish_lays_out_immutable_version_with_manifest(reg: Registry, adapter: Path) -> None:
@@ -85,7 +85,7 @@ def test_invalid_version_is_never_made_current(reg: Registry, adapter: Path) -> 
 
 
 def test_publish_rejects_invalid_adapter_and_leaves_nothing(reg: Registry, tmp_path: Path) -> None:
-    bad = make_adapter(tmp_path / "bad", r=64)
+    bad = write_adapter(tmp_path / "bad", r=64)
     with pytest.raises(ValidationError, match="max-lora-rank"):
         reg.publish("bot", bad, max_rank=16)
     assert reg.versions("bot") == [] and reg.current("bot") is None

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from agent_finetune.backend import check_servable, cuda_available, resolve_backend
-from agent_finetune.config import FineTuningConfig
-from agent_finetune.errors import BackendError, UnservableAdapterError
+from agent_finetune.errors import BackendError, ConfigError
+from agent_finetune.training.backend import cuda_available, resolve_backend
+from agent_finetune.training.config import FineTuningConfig
 
 
 def test_hf_is_always_available_and_auto_falls_back() -> None:
@@ -20,6 +20,6 @@ def test_unsloth_without_gpu_is_a_clear_error() -> None:
 
 
 def test_unservable_target_modules_refused_before_training() -> None:
-    with pytest.raises(UnservableAdapterError, match="wte"):
-        check_servable(FineTuningConfig(target_modules=["q_proj", "wte"]))
-    check_servable(FineTuningConfig())
+    with pytest.raises(ConfigError, match="wte"):
+        FineTuningConfig.from_dict({"target_modules": ["q_proj", "wte"]}, source="test")
+    FineTuningConfig()

@@ -1,0 +1,78 @@
+"""`agent-finetune`: the command-line entry point.
+
+Exit codes, the same for every command:
+
+====  ==========================================================================
+0     success
+1     the operation failed: bad input, a missing registry or name, a validation
+      failure, a server that is down (the message says which and how to fix it)
+2     usage error: unknown command or flag, a missing argument (argparse)
+130   interrupted (Ctrl-C)
+====  ==========================================================================
+
+Only this module turns exceptions into exit codes and friendly text. Command modules import
+their heavy dependencies (torch, vLLM, the server plugin) inside their handlers, so
+``agent-finetune --help`` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from agent_finetune._version import __version__
+from agent_finetune.cli.ask import add_ask_parser
+from agent_finetune.cli.demo import add_demo_parser
+from agent_finetune.cli.registry_commands import add_registry_parsers
+from agent_finetune.cli.serve import add_serve_parser, add_sync_parser
+from agent_finetune.cli.train import add_train_parser
+from agent_finetune.errors import AgentFinetuneError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agent-finetune",
+        description="Fine-tune LoRA adapters, publish them to a versioned registry, and hot-swap "
+        "them into a running vLLM server.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_train_parser(sub)
+    add_registry_parsers(sub)
+    add_serve_parser(sub)
+    add_sync_parser(sub)
+    add_demo_parser(sub)
+    add_ask_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "httpx2", "openai"):  # one INFO line per HTTP request
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        code: int = args.func(args)
+        return code
+    except AgentFinetuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""`agent-finetune demo`: the whole loop with real parts, on a CPU, in a few minutes.
+
+Build a tiny base model -> train and publish support-bot v1 -> start vLLM with the plugin ->
+ask base vs adapter -> train and publish v2 while serving -> time until v2 answers ->
+roll back -> time until v1 answers -> summary. The server stops on exit, error or Ctrl-C
+unless --keep-serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agent_finetune.cli.ask import ask
+from agent_finetune.cli.output import print_table
+from agent_finetune.errors import DemoError
+from agent_finetune.registry import Registry
+
+if TYPE_CHECKING:
+    from server_plugin.launch import ServerHandle
+
+ASSETS = ("support_v1.json", "support_v2.json", "tiny-cpu.yaml")
+NAME = "support-bot"
+QUESTION = "What are your support hours?"
+
+
+@dataclass
+class Step:
+    what: str
+    seconds: float
+    detail: str = ""
+
+
+@dataclass
+class Story:
+    steps: list[Step] = field(default_factory=list)
+
+    def add(self, what: str, started: float, detail: str = "") -> None:
+        """Record a step that began at perf_counter() value ``started``."""
+        self.steps.append(Step(what, time.perf_counter() - started, detail))
+
+
+def banner(text: str) -> None:
+    print(f"\n=== {text} ===", flush=True)
+
+
+def expected_answer(dataset: Path, question: str) -> str:
+    for row in json.loads(dataset.read_text(encoding="utf-8")):
+        if row["instruction"] == question:
+            return str(row["response"])
+    raise DemoError(f"{dataset} has no row for {question!r}")
+
+
+def copy_assets(dest: Path) -> dict[str, Path]:
+    """Copy the demo's datasets and config out of the installed package (works from a wheel)."""
+    from importlib.resources import files
+
+    dest.mkdir(parents=True, exist_ok=True)
+    assets = files("agent_finetune") / "assets"
+    out = {}
+    for name in ASSETS:
+        target = dest / name
+        target.write_bytes((assets / name).read_bytes())
+        out[name] = target
+    return out
+
+
+def train_version(
+    base: Path, work: Path, registry: Path, config: Path, dataset: Path, tag: str
+) -> str:
+    from agent_finetune.training.config import FineTuningConfig
+    from agent_finetune.training.train import train
+
+    cfg = FineTuningConfig.from_yaml(
+        config,
+        model_name=str(base),
+        output_dir=str(work / "runs" / tag),
+        adapter_name=NAME,
+        registry_dir=str(registry),
+    )
+    result = train(cfg, dataset, train_test_split=0.0, publish_reason=f"demo: {dataset.name}")
+    assert result.published is not None
+    m = result.metrics
+    print(
+        f"trained in {m['train_seconds']:.1f}s ({m['train_tokens_per_second']:.0f} tok/s), "
+        f"published {NAME}@{result.published.version}",
+        flush=True,
+    )
+    return result.published.version
+
+
+def wait_for_answer(base_url: str, want: str, timeout: float = 60.0) -> tuple[float, int]:
+    """Poll until NAME answers ``want``; return (seconds, requests sent)."""
+    started, sent = time.perf_counter(), 0
+    while time.perf_counter() - started < timeout:
+        sent += 1
+        if chat(base_url, NAME) == want:
+            return time.perf_counter() - started, sent
+        time.sleep(0.05)
+    raise DemoError(f"{NAME} did not answer {want!r} within {timeout:.0f}s")
+
+
+def chat(base_url: str, model: str, version: str | None = None) -> str:
+    return ask(model, QUESTION, server=base_url, version=version, max_tokens=48).strip()
+
+
+@dataclass
+class DemoRun:
+    """The demo's folders, data and what it measured so far."""
+
+    work: Path
+    registry: Path
+    config: Path
+    v1_data: Path
+    v2_data: Path
+    story: Story = field(default_factory=Story)
+
+    def train(self, base: Path, dataset: Path, tag: str) -> str:
+        return train_version(base, self.work, self.registry, self.config, dataset, tag)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from agent_finetune.training.tiny_model import build_tiny_model
+
+    run = _prepare(Path(args.workdir).absolute(), reuse=args.reuse)
+    banner("1/6  Build a tiny base model locally (random weights, no download)")
+    t = time.perf_counter()
+    base = build_tiny_model(run.work / "base-model", corpus_files=[run.v1_data, run.v2_data])
+    run.story.add("build base model", t, str(base))
+    print(f"built {base}: a 2-layer Llama with a locally trained tokenizer; it knows nothing yet")
+
+    banner(f"2/6  Train {NAME} v1 on {run.v1_data.name} (LoRA, transformers + PEFT + TRL)")
+    t = time.perf_counter()
+    v1 = run.train(base, run.v1_data, "v1")
+    run.story.add(f"train + publish {v1}", t)
+
+    banner("3/6  Start vLLM's OpenAI server with the agent-finetune plugin")
+    server = _start_server(run, base, args.port)
+    keep = False
+    try:
+        _serve_story(run, server, base, v1, args.server_timeout)
+        keep = args.keep_serving
+    finally:
+        if keep:
+            print(
+                f"\nserver still running at {server.base_url} (pid {server.process.pid}); try\n"
+                f'  agent-finetune ask {NAME} "{QUESTION}" --server {server.base_url}\n'
+                f"stop it with: kill -- -{server.process.pid}"
+            )
+        else:
+            server.stop()
+            print("\nserver stopped")
+    return 0
+
+
+def _prepare(work: Path, *, reuse: bool) -> DemoRun:
+    registry = work / "registry"
+    if registry.exists() and not reuse:
+        import shutil
+
+        shutil.rmtree(registry)  # a fresh story each time: v1, v2, rollback
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    assets = copy_assets(work / "data")
+    return DemoRun(
+        work=work,
+        registry=registry,
+        config=assets["tiny-cpu.yaml"],
+        v1_data=assets["support_v1.json"],
+        v2_data=assets["support_v2.json"],
+    )
+
+
+def _start_server(run: DemoRun, base: Path, port: int) -> ServerHandle:
+    from server_plugin.launch import start_server
+
+    log = run.work / "vllm.log"
+    return start_server(
+        str(base),
+        run.registry,
+        port=port,
+        log_path=log,
+        # 1 GiB of KV cache and short contexts: plenty for the tiny model on a small CPU box.
+        settings={"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"},
+        extra_args=["--max-model-len", "256", "--dtype", "bfloat16"],
+        wait=False,  # waited for inside the caller's try: Ctrl-C during start-up still stops it
+    )
+
+
+def _serve_story(
+    run: DemoRun, server: ServerHandle, base: Path, v1: str, server_timeout: float
+) -> None:
+    """Steps 3-6: ask v1, publish v2 while serving, roll back, pin, summary."""
+    t = time.perf_counter()
+    try:
+        server.wait_ready(server_timeout)
+    except (RuntimeError, TimeoutError) as e:  # vLLM died or hung: its log tail says why
+        raise DemoError(f"the vLLM server did not start: {e}") from None
+    run.story.add("start vLLM server", t, server.base_url)
+    print(f"server up at {server.base_url} (log: {run.work / 'vllm.log'})")
+    want_v1 = expected_answer(run.v1_data, QUESTION)
+    want_v2 = expected_answer(run.v2_data, QUESTION)
+    base_id = server.get_json("/v1/models")["data"][0]["id"]  # the base model comes first
+    base_answer = chat(server.base_url, base_id)
+    v1_answer = chat(server.base_url, NAME)
+    print(f"Q: {QUESTION}\n  base model : {base_answer!r}\n  {NAME} : {v1_answer!r}")
+    if v1_answer != want_v1 or base_answer == v1_answer:
+        raise DemoError(f"{NAME} answered {v1_answer!r}; expected the trained {want_v1!r}")
+
+    banner(f"4/6  Train and publish {NAME} v2 on {run.v2_data.name} while the server runs")
+    t = time.perf_counter()
+    v2 = run.train(base, run.v2_data, "v2")
+    run.story.add(f"train + publish {v2}", t)
+    swap_s, polls = wait_for_answer(server.base_url, want_v2)
+    run.story.steps.append(Step(f"publish -> {NAME} answers {v2}", swap_s, f"{polls} request(s)"))
+    print(f"{NAME} answered as {v2} {swap_s:.2f}s after publishing, no restart: {want_v2!r}")
+
+    banner(f"5/6  Roll back (the same call as `agent-finetune rollback {NAME}`)")
+    registry = Registry(run.registry)
+    before = registry.current(NAME)
+    back = registry.rollback(NAME, reason="demo rollback")
+    back_s, polls = wait_for_answer(server.base_url, want_v1)
+    run.story.steps.append(Step(f"rollback {before} -> {back}", back_s, f"{polls} request(s)"))
+    print(f"{NAME} answered as {back} again {back_s:.2f}s after the rollback")
+    pinned = chat(server.base_url, NAME, version=v2)
+    print(f"pinned {NAME}@{v2} still answers {pinned!r}")
+    if pinned != want_v2:
+        raise DemoError(f"{NAME}@{v2} answered {pinned!r}, expected {want_v2!r}")
+
+    banner("6/6  Summary")
+    answers = {
+        "base model": base_answer,
+        f"{NAME} ({v1})": want_v1,
+        f"{NAME} ({v2})": want_v2,
+        f"{NAME} after rollback": want_v1,
+    }
+    _print_summary(run.story, answers, swap_s, back_s)
+
+
+def _print_summary(story: Story, answers: dict[str, str], swap_s: float, back_s: float) -> None:
+    print_table(
+        [(s.what, f"{s.seconds:.2f}s", s.detail) for s in story.steps], ["STEP", "TIME", "DETAIL"]
+    )
+    print()
+    print_table(
+        [(k, v if len(v) <= 72 else v[:69] + "...") for k, v in answers.items()],
+        ["MODEL", "ANSWER"],
+    )
+    print(
+        f"\nhot swap to v2 served in {swap_s:.2f}s, rollback in {back_s:.2f}s, "
+        "with no server restart"
+    )
+
+
+def add_demo_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="train, serve, hot-swap and roll back an adapter, end to end (CPU, minutes)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--workdir", default=".demo", help="where the model, runs and registry go")
+    p.add_argument("--port", type=int, default=None, help="server port (default: a free one)")
+    p.add_argument("--keep-serving", action="store_true", help="leave the server running")
+    p.add_argument("--reuse", action="store_true", help="keep an existing demo registry")
+    p.add_argument(
+        "--server-timeout", type=float, default=600.0, help="seconds to wait for vLLM to start"
+    )
+    p.set_defaults(func=run_demo)

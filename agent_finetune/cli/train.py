@@ -1,0 +1,99 @@
+"""`agent-finetune train`: train a LoRA adapter and publish it."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from agent_finetune.cli.output import emit_json
+from agent_finetune.errors import ConfigError
+from agent_finetune.registry.names import ENV_REGISTRY
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from agent_finetune.training.config import FineTuningConfig
+
+    overrides: dict[str, Any] = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set lora_r=8")
+        overrides[key.strip()] = yaml.safe_load(value)
+    for key in ("model_name", "output_dir", "adapter_name", "registry_dir", "backend"):
+        value = getattr(args, key)
+        if value is not None:
+            overrides[key] = value
+    if args.config:
+        config = FineTuningConfig.from_yaml(args.config, **overrides)
+    else:
+        config = FineTuningConfig.from_dict(overrides, source="command line")
+    template = (
+        Path(args.prompt_template).read_text(encoding="utf-8") if args.prompt_template else None
+    )
+
+    from agent_finetune.training.train import train
+
+    result = train(
+        config, args.data, train_test_split=args.train_test_split, prompt_template=template
+    )
+    summary = {
+        "adapter_dir": str(result.adapter_dir),
+        "backend": result.backend,
+        "metrics": result.metrics,
+        "published": f"{result.published.name}@{result.published.version}"
+        if result.published
+        else None,
+    }
+    if args.json:
+        emit_json(summary)
+    else:
+        m = result.metrics
+        print(f"adapter: {result.adapter_dir}")
+        print(
+            f"backend: {result.backend}   train loss: {m['train_loss']:.4f}   "
+            f"{m['train_tokens_per_second']} tok/s   peak memory: {m['peak_memory_gib']} GiB"
+        )
+        if m.get("eval_loss") is not None:
+            print(f"eval loss: {m['eval_loss_before']:.4f} -> {m['eval_loss']:.4f}")
+        if summary["published"]:
+            print(f"published: {summary['published']} (current)")
+    return 0
+
+
+def add_train_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a LoRA adapter (and publish it if the config names one)",
+        description="train a LoRA adapter (and publish it if the config names one)",
+    )
+    p.set_defaults(func=cmd_train)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--config", "-c", help="YAML config file (see configs/)")
+    p.add_argument("--data", "-d", required=True, help="dataset: .json, .jsonl or .csv")
+    p.add_argument("--model", dest="model_name", help="override model_name")
+    p.add_argument("--output-dir", dest="output_dir", help="override output_dir")
+    p.add_argument("--adapter-name", dest="adapter_name", help="publish under this name")
+    p.add_argument(
+        "--registry",
+        dest="registry_dir",
+        help=f"registry to publish into (default: ${ENV_REGISTRY})",
+    )
+    p.add_argument("--backend", choices=["auto", "unsloth", "hf"], help="override backend")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. --set lora_r=8 (repeatable)",
+    )
+    p.add_argument(
+        "--train-test-split",
+        type=float,
+        default=0.1,
+        help="fraction of rows held out for evaluation (default 0.1)",
+    )
+    p.add_argument(
+        "--prompt-template", help="file holding a prompt template with {instruction} and {response}"
+    )

@@ -1,0 +1,39 @@
+"""The registry: the on-disk contract that training writes and the server reads.
+
+Standard library only (safetensors headers are read by hand), so the CLI and the vLLM plugin
+import it fast. Three modules, one concept each:
+
+- ``store``: the folder layout: versions, the ``current`` pointer, history, locks;
+- ``adapter``: the PEFT folder format and what vLLM can serve;
+- ``names``: the ``name@vNNNN`` grammar and the registry environment variable.
+"""
+
+from agent_finetune.registry.names import (
+    ENV_REGISTRY,
+    check_name,
+    check_version,
+    model_id,
+    split_model,
+)
+from agent_finetune.registry.store import (
+    CURRENT,
+    MANIFEST,
+    Registry,
+    VersionInfo,
+    verify_checksums,
+    verify_folder,
+)
+
+__all__ = [
+    "CURRENT",
+    "ENV_REGISTRY",
+    "MANIFEST",
+    "Registry",
+    "VersionInfo",
+    "check_name",
+    "check_version",
+    "model_id",
+    "split_model",
+    "verify_checksums",
+    "verify_folder",
+]
