@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "agent_finetune.cli"]
 V1 = "Our support team is available Monday to Friday, 9:00-18:00 CET."
 V2 = "Since November we answer around the clock: 24/7, every day of the year."

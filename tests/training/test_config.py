@@ -7,7 +7,7 @@ import pytest
 from agent_finetune.errors import ConfigError
 from agent_finetune.training.config import FineTuningConfig
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SEED_FIELDS = [
     "model_name",
     "output_dir",

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "agent_finetune" / "assets"
+EXAMPLES = Path(__file__).resolve().parents[2] / "agent_finetune" / "assets"
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
 # Logits are compared by relative norm ||a - b|| / ||b||. Unsloth's fused bf16 kernels and

@@ -21,7 +21,7 @@ from agent_finetune.registry import Registry
 from agent_finetune.training.train import train
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FACTS = [
     ("What are your support hours?", "Monday to Friday, 9:00-18:00 CET."),
     ("How long does shipping take?", "Three to five business days."),
@@ -37,7 +37,7 @@ PARAPHRASES = ["{q}", "Hi! {q}", "Please tell me: {q}", "{q} Thanks.", "Quick qu
 
 def tiny_config(tiny_model: Path, out: Path, **kw: Any) -> FineTuningConfig:
     return FineTuningConfig.from_yaml(
-        ROOT / "configs" / "tiny-cpu.yaml",
+        ROOT / "agent_finetune" / "assets" / "tiny-cpu.yaml",
         **{"model_name": str(tiny_model), "output_dir": str(out), "adapter_name": None, **kw},
     )
 
@@ -173,7 +173,7 @@ def test_two_processes_rank0_publishes(
         "agent_finetune.cli",
         "train",
         "-c",
-        str(ROOT / "configs" / "tiny-cpu.yaml"),
+        str(ROOT / "agent_finetune" / "assets" / "tiny-cpu.yaml"),
         "-d",
         str(paraphrase_data),
         "--model",
