@@ -58,7 +58,9 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, cfg: Any, weight_bytes: int = 2) -> ModelShape:
-        get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+        def get(key: str, default: Any = None) -> Any:
+            return cfg.get(key, default) if isinstance(cfg, dict) else getattr(cfg, key, default)
+
         h, layers = int(get("hidden_size")), int(get("num_hidden_layers"))
         heads = int(get("num_attention_heads"))
         kv = int(get("num_key_value_heads") or heads)
@@ -66,8 +68,9 @@ class ModelShape:
         inter, vocab = int(get("intermediate_size")), int(get("vocab_size"))
         per_layer = h * heads * hd * 2 + h * kv * hd * 2 + 3 * h * inter
         embeddings = vocab * h * (1 if get("tie_word_embeddings", False) else 2)
-        return cls(h, inter, layers, heads, kv, hd, vocab, layers * per_layer + embeddings,
-                   weight_bytes)
+        return cls(
+            h, inter, layers, heads, kv, hd, vocab, layers * per_layer + embeddings, weight_bytes
+        )
 
     def lora_params(self, rank: int) -> int:
         """LoRA parameters on all 7 linear layers of every decoder layer."""

@@ -23,6 +23,7 @@ per document: slow, exact, and what the CPU tests check the boundary logic with.
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import weakref
 from typing import Any
@@ -58,7 +59,9 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tens
     which attends only to itself and carries no loss).
     """
     if position_ids.dim() != 2:
-        raise ValueError(f"position_ids must be (batch, length), got shape {tuple(position_ids.shape)}")
+        raise ValueError(
+            f"position_ids must be (batch, length), got shape {tuple(position_ids.shape)}"
+        )
     length = position_ids.shape[1]
     flat = position_ids.reshape(-1)
     starts = torch.ones_like(flat, dtype=torch.bool)
@@ -102,7 +105,7 @@ def reference_varlen_attention(
     k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
     bounds = cu_seqlens.tolist()
     outs = []
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+    for a, b in itertools.pairwise(bounds):
         qi, ki, vi = (x[a:b].transpose(0, 1) for x in (q, k, v))
         outs.append(
             F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale).transpose(0, 1)
@@ -160,7 +163,7 @@ def gqa_varlen_attn(
         extra["enable_gqa"] = True
     elif enable_gqa:
         key, value = _repeat_kv(key, query.shape[1]), _repeat_kv(value, query.shape[1])
-    return _torch_varlen_attn(  # type: ignore[no-any-return]
+    return _torch_varlen_attn(
         query,
         key,
         value,
@@ -189,9 +192,8 @@ class _Boundaries:
         key = (_ref(position_ids), _ref(mask))
         if self._key is not None and self._value is not None and _same(self._key, key):
             return self._value
-        device = (mask if mask is not None else position_ids).device if (
-            mask is not None or position_ids is not None
-        ) else torch.device("cpu")
+        anchor = mask if mask is not None else position_ids
+        device = anchor.device if anchor is not None else torch.device("cpu")
         indices: torch.Tensor | None = None
         if mask is not None and not bool(mask.all()):
             if position_ids is not None and batch == 1 and _is_packed(position_ids):
@@ -215,7 +217,8 @@ def _ref(t: torch.Tensor | None) -> Any:
 
 def _same(a: tuple[Any, Any], b: tuple[Any, Any]) -> bool:
     return all(
-        (x is None and y is None) or (x is not None and y is not None and x() is not None and x() is y())
+        (x is None and y is None)
+        or (x is not None and y is not None and x() is not None and x() is y())
         for x, y in zip(a, b, strict=True)
     )
 
@@ -243,9 +246,13 @@ def varlen_attention_forward(
     """transformers attention function: query (batch, heads, length, dim), key/value (batch,
     kv_heads, length, dim) -> ((batch, length, heads, dim), None)."""
     if dropout:
-        raise NotImplementedError(f"{ATTN_IMPLEMENTATION}: attention dropout {dropout} is not supported")
+        raise NotImplementedError(
+            f"{ATTN_IMPLEMENTATION}: attention dropout {dropout} is not supported"
+        )
     if softcap:
-        raise NotImplementedError(f"{ATTN_IMPLEMENTATION}: attention logit softcapping is not supported")
+        raise NotImplementedError(
+            f"{ATTN_IMPLEMENTATION}: attention logit softcapping is not supported"
+        )
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(
             f"{ATTN_IMPLEMENTATION} takes a 2D padding mask or none, got a {attention_mask.dim()}D "
@@ -255,7 +262,9 @@ def varlen_attention_forward(
     if key.shape[2] != length:
         raise NotImplementedError(f"{ATTN_IMPLEMENTATION} is a training path: no KV cache")
     indices, cu, longest = _BOUNDARIES.get(position_ids, attention_mask, batch, length)
-    q, k, v = (x.transpose(1, 2).reshape(batch * length, x.shape[1], dim) for x in (query, key, value))
+    q, k, v = (
+        x.transpose(1, 2).reshape(batch * length, x.shape[1], dim) for x in (query, key, value)
+    )
     if indices is not None:
         q, k, v = q[indices], k[indices], v[indices]
     window = (sliding_window - 1, 0) if sliding_window else (-1, 0)
