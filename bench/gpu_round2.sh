@@ -24,14 +24,25 @@ print(json.dumps({p.stem: json.loads(p.read_text()) for p in sorted(pathlib.Path
 PY
     python3 bench/gpu_train.py --shape qwen2.5-7b --batch 2 --seq-len 4096 --steps 8 --warmup 3 \
       --variants project_unsloth,project_hf,project_hf_noliger --profile --logits-check \
-      --budget-s 360 --worker-timeout-s 200 --quiet --out "$OUT/7b_round2.json"
+      --budget-s 330 --worker-timeout-s 180 --quiet --out "$OUT/7b_round2.json"
     ;;
   small)
     python3 bench/gpu_train.py --shape qwen2.5-1.5b --batch 2 --seq-len 4096 --steps 8 --warmup 3 \
       --variants project_unsloth,project_hf --profile --budget-s 200 --worker-timeout-s 150 \
       --quiet --out "$OUT/1.5b_round2.json"
     ;;
-  *) echo "usage: $0 tests7b|small" >&2; exit 2 ;;
+  expandable)
+    # the 7B Unsloth padded run again with expandable segments (a 2 s step in tests7b), its
+    # logits check with the fp32 noise floor, then the 1.5B shape, all in one call
+    export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+    python3 bench/gpu_train.py --shape qwen2.5-7b --batch 2 --seq-len 4096 --steps 8 --warmup 3 \
+      --variants project_unsloth:pad --logits-check --budget-s 120 --worker-timeout-s 150 \
+      --quiet --out "$OUT/7b_unsloth_expandable.json"
+    python3 bench/gpu_train.py --shape qwen2.5-1.5b --batch 2 --seq-len 4096 --steps 8 --warmup 3 \
+      --variants project_unsloth,project_hf --budget-s 100 --worker-timeout-s 100 \
+      --quiet --out "$OUT/1.5b_round2.json"
+    ;;
+  *) echo "usage: $0 tests7b|small|expandable" >&2; exit 2 ;;
 esac
 cat /tmp/agent_bench/results/*/profiles/*/profile.txt > "$OUT/profiles.txt" 2>/dev/null
 tail -n 60 /tmp/agent_bench/results/*/*.log > "$OUT/worker_logs.txt" 2>/dev/null

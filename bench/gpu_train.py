@@ -210,9 +210,13 @@ def _peak() -> dict[str, float | None]:
 
     if not torch.cuda.is_available():
         return {"peak_alloc_gib": None, "peak_reserved_gib": None}
+    stats = torch.cuda.memory_stats()
     return {
         "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3),
+        # cudaMalloc failures that made the caching allocator free everything and retry
+        "num_alloc_retries": int(stats.get("num_alloc_retries", 0)),
+        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
     }
 
 
@@ -709,6 +713,9 @@ def logits_check(args: argparse.Namespace) -> None:
         peft_logits = model(input_ids=ids).logits.float().cpu()
         with model.disable_adapter():
             base_logits = model(input_ids=ids).logits.float().cpu()
+        # the bf16 noise floor: the same PEFT model in fp32
+        model = model.float()
+        peft32 = model(input_ids=ids).logits.float().cpu()
     uns = torch.load(Path(args.result_dir) / "logits_unsloth.pt")
 
     def rel(a: Any, b: Any) -> float:
@@ -723,6 +730,8 @@ def logits_check(args: argparse.Namespace) -> None:
         "peft_logit_abs_max": float(peft_logits.abs().max()),
         "adapter_effect_rel_norm": rel(peft_logits, base_logits),
         "argmax_agreement": float((uns.argmax(-1) == peft_logits.argmax(-1)).float().mean()),
+        "unsloth_bf16_vs_peft_fp32_rel_norm": rel(uns, peft32),
+        "peft_bf16_vs_peft_fp32_rel_norm": rel(peft_logits, peft32),
         "unsloth_imported": "unsloth" in sys.modules,
     }
     Path(args.result_dir, "logits_check.json").write_text(json.dumps(res, indent=2))
