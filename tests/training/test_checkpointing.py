@@ -28,13 +28,14 @@ def test_shape_counts_the_7b_weights() -> None:
 
 
 def test_estimate_bounds_the_measured_unsloth_peak() -> None:
-    """Measured on the H200 (bench/GPU_NOTES.md): 43.2 GiB without checkpointing, 17.0 with."""
+    """Measured on the H200 (bench/gpu_results): 43.2-47.6 GiB without checkpointing, 17.0 with."""
     off = ck.estimate_peak_bytes(SHAPE_7B, TOKENS, "unsloth", checkpointing=False) / GIB
     on = ck.estimate_peak_bytes(SHAPE_7B, TOKENS, "unsloth", checkpointing=True) / GIB
-    assert 43.2 <= off <= 43.2 * 1.5
+    assert 47.6 <= off <= 43.2 * 1.5
     assert 17.0 <= on < off
     hf = ck.estimate_peak_bytes(SHAPE_7B, TOKENS, "hf", checkpointing=False) / GIB
     assert hf > off  # unfused modules keep more
+    assert hf >= 63.3  # measured for the hf backend without Liger (bench/gpu_results/7b_round2)
 
 
 def test_auto_turns_checkpointing_off_on_an_h200_and_on_on_a_48g_card() -> None:
