@@ -36,7 +36,7 @@ PY
     # logits check with the fp32 noise floor, then the 1.5B shape, all in one call
     export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
     python3 bench/gpu_train.py --shape qwen2.5-7b --batch 2 --seq-len 4096 --steps 8 --warmup 3 \
-      --variants project_unsloth:pad --logits-check --budget-s 120 --worker-timeout-s 150 \
+      --variants project_unsloth:pad --logits-check --budget-s 300 --worker-timeout-s 150 \
       --quiet --out "$OUT/7b_unsloth_expandable.json"
     python3 bench/gpu_train.py --shape qwen2.5-1.5b --batch 2 --seq-len 4096 --steps 8 --warmup 3 \
       --variants project_unsloth,project_hf --budget-s 100 --worker-timeout-s 100 \

@@ -820,6 +820,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=["auto", "on", "off", "offload"],
         help="gradient_checkpointing for every variant (raw loops: off, else Unsloth's/HF's on)",
     )
+    p.add_argument(
+        "--no-grad-ckpt",
+        dest="grad_ckpt",
+        action="store_const",
+        const="off",
+        help="round 1's spelling of --grad-ckpt off (round 1 itself ran --grad-ckpt offload)",
+    )
     p.add_argument("--bf16-cpu", action="store_true", help="bf16 on CPU too (smoke tests)")
     p.add_argument("--quiet", action="store_true", help="do not echo worker output")
     # internal

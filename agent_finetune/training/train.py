@@ -123,13 +123,16 @@ def train(
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
+    retry: checkpointing.Plan | None = None
     try:
         out = trainer.train()
     except Exception as e:
         if not checkpointing.may_retry(plan, e):
             raise
+        retry = plan.after_oom(e)  # outside this block, so the traceback's tensors are freed
+    if retry is not None:
         # auto chose "off" and memory ran out: once more from fresh LoRA weights, checkpointed
-        plan = plan.after_oom(e)
+        plan = retry
         log.warning("gradient checkpointing: %s", plan.reason)
         del trainer, model
         checkpointing.release_memory()
