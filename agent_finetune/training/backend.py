@@ -11,6 +11,7 @@ import logging
 from typing import Any, Literal
 
 from agent_finetune.errors import BackendError
+from agent_finetune.training.checkpointing import Plan
 from agent_finetune.training.config import FineTuningConfig
 
 log = logging.getLogger("agent_finetune")
@@ -27,6 +28,11 @@ def cuda_available() -> bool:
 
 def unsloth_installed() -> bool:
     return importlib.util.find_spec("unsloth") is not None
+
+
+def liger_usable() -> bool:
+    """Liger's Triton kernels (fused RMSNorm, SwiGLU, RoPE, linear cross-entropy) need CUDA."""
+    return importlib.util.find_spec("liger_kernel") is not None and cuda_available()
 
 
 def resolve_backend(config: FineTuningConfig) -> Backend:
@@ -59,15 +65,22 @@ def _dtype(config: FineTuningConfig) -> Any:
     return torch.float32 if not cuda_available() else "auto"
 
 
-def load_for_training(config: FineTuningConfig, backend: Backend) -> tuple[Any, Any]:
+def load_for_training(
+    config: FineTuningConfig, backend: Backend, checkpointing: Plan
+) -> tuple[Any, Any]:
     """(PEFT model with fresh LoRA weights, tokenizer) for ``config.model_name``."""
     if backend == "unsloth":
-        return _load_unsloth(config)
-    return _load_hf(config)
+        return _load_unsloth(config, checkpointing)
+    return _load_hf(config, checkpointing)
 
 
-def _load_unsloth(config: FineTuningConfig) -> tuple[Any, Any]:
+def _load_unsloth(config: FineTuningConfig, checkpointing: Plan) -> tuple[Any, Any]:
     from unsloth import FastLanguageModel  # imported first by resolve_backend
+
+    if config.packing:
+        from agent_finetune.training.varlen_attention import enable_in_unsloth
+
+        log.info("packed attention: %s", enable_in_unsloth())
 
     dtype = None if not (config.bf16 or config.fp16) else _dtype(config)
     model, tokenizer = FastLanguageModel.from_pretrained(
@@ -83,17 +96,23 @@ def _load_unsloth(config: FineTuningConfig) -> tuple[Any, Any]:
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         bias="none",
-        use_gradient_checkpointing="unsloth" if config.gradient_checkpointing else False,
+        use_gradient_checkpointing=checkpointing.unsloth_mode,
         random_state=config.seed,
     )
     return model, _ensure_pad(tokenizer)
 
 
-def _load_hf(config: FineTuningConfig) -> tuple[Any, Any]:
+def _load_hf(config: FineTuningConfig, checkpointing: Plan) -> tuple[Any, Any]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"dtype": _dtype(config)}
+    if cuda_available():
+        from agent_finetune.training import varlen_attention
+
+        if varlen_attention.HAS_TORCH_VARLEN:
+            # one flash call per layer over all documents of a packed (or padded) batch
+            kwargs["attn_implementation"] = varlen_attention.register()
     if config.load_in_4bit:
         if not cuda_available():
             raise BackendError(
@@ -113,7 +132,7 @@ def _load_hf(config: FineTuningConfig) -> tuple[Any, Any]:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=config.gradient_checkpointing
+            model, use_gradient_checkpointing=checkpointing.recompute
         )
     lora = LoraConfig(
         r=config.lora_r,
@@ -123,7 +142,22 @@ def _load_hf(config: FineTuningConfig) -> tuple[Any, Any]:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora), _ensure_pad(tokenizer)
+    model = get_peft_model(model, lora)
+    if config.bf16 or config.fp16:
+        _keep_lora_inputs_in_half(model)
+    return model, _ensure_pad(tokenizer)
+
+
+def _keep_lora_inputs_in_half(model: Any) -> None:
+    """PEFT keeps LoRA weights in fp32 (the optimizer's master copy) and casts every LoRA input
+    to fp32 to match: a full copy of each projection's input, then autocast casts it back to
+    bf16 for the matmul. Under the Trainer's autocast (bf16/fp16) the cast buys nothing: the
+    matmul runs in half precision either way, and only the small weights need casting."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer) and hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
 
 
 def _ensure_pad(tokenizer: Any) -> Any:

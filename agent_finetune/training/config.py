@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from agent_finetune.errors import ConfigError
 from agent_finetune.registry.adapter import LINEAR_MODULES, SERVABLE_MODULES, unservable_modules
@@ -88,10 +95,13 @@ class FineTuningConfig(BaseModel):
         "linear", description="transformers scheduler name, e.g. linear, cosine, constant."
     )
     seed: int = Field(42, description="Seed for the data split, shuffling and LoRA init.")
-    gradient_checkpointing: bool = Field(
-        True,
-        description="Recompute activations in the backward pass: less memory, ~20% slower. "
-        "The unsloth backend uses Unsloth's offloaded variant.",
+    gradient_checkpointing: Literal["auto", "on", "off", "offload"] = Field(
+        "auto",
+        description="Recompute activations in the backward pass (less memory, ~30% slower). "
+        "`auto`: off when the estimated peak memory without it fits the free GPU memory with a "
+        "margin, else on (decision in the log and metrics.json; an out-of-memory error retries "
+        "once with it on). `offload`: Unsloth's variant that parks activations in host memory. "
+        "true/false mean on/off.",
     )
     packing: bool = Field(
         False,
@@ -149,6 +159,12 @@ class FineTuningConfig(BaseModel):
         description="Registry folder to publish into "
         "(default: $AGENT_FINETUNE_REGISTRY when adapter_name is set).",
     )
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _bool_checkpointing(cls, v: Any) -> Any:
+        # YAML files written before the policy say true/false.
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @model_validator(mode="after")
     def _check(self) -> FineTuningConfig:

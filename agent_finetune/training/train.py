@@ -19,9 +19,11 @@ from typing import Any
 from agent_finetune.errors import DataError, UnservableAdapterError
 from agent_finetune.registry import Registry, VersionInfo
 from agent_finetune.registry.adapter import validate_adapter
+from agent_finetune.training import checkpointing
 from agent_finetune.training.backend import (
     Backend,
     cuda_available,
+    liger_usable,
     load_for_training,
     resolve_backend,
 )
@@ -87,7 +89,8 @@ def train(
     from transformers import set_seed
 
     set_seed(config.seed)
-    model, tokenizer = load_for_training(config, backend)
+    plan = checkpointing.plan_for(config, backend)  # logs the decision
+    model, tokenizer = load_for_training(config, backend, plan)
 
     # 3. tokens: prompt masked, truncated to max_seq_length
     tok_kwargs = {
@@ -113,14 +116,33 @@ def train(
 
     # 4. train
     trainer = _make_trainer(
-        config, backend, model, tokenizer, train_tok.rows, eval_tok.rows, callbacks
+        config, backend, model, tokenizer, train_tok.rows, eval_tok.rows, callbacks, plan
     )
     run_dir = Path(config.output_dir)
     eval_before = trainer.evaluate()["eval_loss"] if eval_tok.rows else None
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    out = trainer.train()
+    retry: checkpointing.Plan | None = None
+    try:
+        out = trainer.train()
+    except Exception as e:
+        if not checkpointing.may_retry(plan, e):
+            raise
+        retry = plan.after_oom(e)  # outside this block, so the traceback's tensors are freed
+    if retry is not None:
+        # auto chose "off" and memory ran out: once more from fresh LoRA weights, checkpointed
+        plan = retry
+        log.warning("gradient checkpointing: %s", plan.reason)
+        del trainer, model
+        checkpointing.release_memory()
+        set_seed(config.seed)
+        model, _ = load_for_training(config, backend, plan)
+        trainer = _make_trainer(
+            config, backend, model, tokenizer, train_tok.rows, eval_tok.rows, callbacks, plan
+        )
+        started = time.perf_counter()
+        out = trainer.train()
     train_seconds = time.perf_counter() - started
     eval_after = trainer.evaluate()["eval_loss"] if eval_tok.rows else None
 
@@ -139,6 +161,9 @@ def train(
         "train_tokens_per_second": round(trainer.state.num_input_tokens_seen / train_seconds, 1),
         "peak_memory_gib": _peak_memory_gib(),
         "world_size": trainer.args.world_size,
+        "gradient_checkpointing": plan.as_metrics(),
+        "attention": getattr(model.config, "_attn_implementation", None),
+        "liger_kernel": bool(trainer.args.use_liger_kernel),
     }
     result = TrainResult(run_dir / FINAL_DIR, run_dir, backend, metrics)
     if not trainer.is_world_process_zero():
@@ -204,6 +229,7 @@ def _make_trainer(
     train_rows: list[dict[str, list[int]]],
     eval_rows: list[dict[str, list[int]]],
     callbacks: list[Any] | None,
+    plan: checkpointing.Plan,
 ) -> Any:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -232,8 +258,10 @@ def _make_trainer(
         fp16=config.fp16,
         bf16=config.bf16,
         # Unsloth applies its own (offloaded) checkpointing in get_peft_model.
-        gradient_checkpointing=config.gradient_checkpointing and backend == "hf",
+        gradient_checkpointing=plan.recompute and backend == "hf",
         gradient_checkpointing_kwargs={"use_reentrant": False},
+        # fused RMSNorm/SwiGLU/RoPE and linear cross-entropy (no logits tensor) on CUDA
+        use_liger_kernel=backend == "hf" and liger_usable(),
         max_length=config.max_seq_length,
         packing=config.packing,
         padding_free=config.packing,
