@@ -85,8 +85,9 @@ EXTRA_FILES = (
 MAX_WEIGHTS_BYTES = 16 << 30
 MAX_FILE_BYTES = 64 << 20
 
-# History actions that move ``current``. "promote" pushes onto the stack of past currents;
-# the others return to a version (popping back to it when it is on the stack).
+# History actions that move ``current``. "rollback" returns to a version (popping back to it
+# when it is on the stack of past currents); the others push, so a rollback after them goes
+# back to what was current before. "recover" logs a move whose writer died before logging it.
 POINTER_MOVES = ("promote", "rollback", "recover", "fsck")
 
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -252,7 +253,7 @@ def current_stack(history: list[dict[str, Any]]) -> list[str]:
         to, action = e.get("to"), e.get("action")
         if not isinstance(to, str) or action not in POINTER_MOVES:
             continue
-        if action == "promote" or to not in stack:
+        if action != "rollback" or to not in stack:
             stack.append(to)
         else:
             while stack[-1] != to:
