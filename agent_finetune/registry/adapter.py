@@ -131,6 +131,10 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _no_constants(name: str) -> Any:
+    raise AdapterFormatError(f"{name} is not valid JSON")
+
+
 def _tensor_info(name: str, info: Any) -> TensorInfo:
     """One header entry, checked like safetensors' TensorInfo; raises AdapterFormatError."""
     if not isinstance(info, dict):
@@ -179,7 +183,11 @@ def parse_safetensors_header(head: bytes, file_size: int) -> SafetensorsHeader:
     if len(head) < 8 + header_len:
         raise AdapterFormatError(f"header needs {8 + header_len} bytes, got {len(head)}")
     try:
-        header = json.loads(head[8 : 8 + header_len], object_pairs_hook=_no_duplicates)
+        header = json.loads(
+            head[8 : 8 + header_len],
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constants,
+        )
     except AdapterFormatError as e:
         raise AdapterFormatError(f"unreadable safetensors header: {e}") from None
     except (ValueError, RecursionError) as e:  # JSON, UTF-8, int-digits limit, deep nesting

@@ -148,10 +148,11 @@ def tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
 
 
-def atomic_write_json(path: Path, data: Any) -> None:
+def atomic_write_json(path: Path, data: Any, *, sync_dir: bool = True) -> None:
     """Write JSON to ``path`` via temp file + fsync + rename: readers see old or new, never half.
 
     On failure the temp file is removed and a RegistryError names the path and errno.
+    ``sync_dir=False`` skips the fsync that makes the rename itself durable.
     """
     tmp = tmp_path(path)
     body = (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode()
@@ -167,7 +168,19 @@ def atomic_write_json(path: Path, data: Any) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise os_error(e, "write", path) from e
-    _fsync_dir(path.parent)
+    if sync_dir:
+        _fsync_dir(path.parent)
+
+
+def _write_new_file(path: Path, body: bytes) -> None:
+    """Create ``path`` (it must not exist) with ``body``, fsync'd; for private staging folders."""
+    with _io("write", path):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o644)
+        try:
+            _write_all(fd, body)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def file_checksums(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
@@ -353,8 +366,8 @@ class Registry:
         return path
 
     def _inside_root(self, path: Path) -> bool:
-        # Names cannot contain '/', but a symlinked name folder could still point outside.
-        if not os.path.lexists(path):
+        # Names cannot contain '/', so only a symlinked name folder can point outside.
+        if not os.path.islink(path):
             return True
         real_root = os.path.realpath(self.root)
         return os.path.commonpath([real_root, os.path.realpath(path)]) == real_root
@@ -387,12 +400,13 @@ class Registry:
                     if entry.is_dir():
                         skipped.append(f"{path}: not a valid adapter name; ignored")
                     continue
-                if not self._inside_root(path):
+                if entry.is_symlink() and not self._inside_root(path):
                     skipped.append(f"{path}: symlink out of the registry root; ignored")
                     continue
-                if not stat.S_ISDIR(os.stat(path).st_mode):
-                    continue
-                if published_only and not stat.S_ISDIR(os.stat(path / VERSIONS).st_mode):
+                if published_only:
+                    if not stat.S_ISDIR(os.stat(path / VERSIONS).st_mode):
+                        continue
+                elif not stat.S_ISDIR(os.stat(path).st_mode):
                     continue
             except FileNotFoundError:
                 continue
@@ -645,10 +659,14 @@ class Registry:
                 number = self.next_version_number(name)
                 version = format_version(number)
                 # The mark moves first: a crash after it only skips a number, never reuses one.
-                atomic_write_json(ndir / NEXT_VERSION, number + 1)
+                # Its rename need not be durable at once: a version that became durably
+                # visible keeps its number through its folder; the mark only has to outlive
+                # a later hand deletion, and writeback flushes it long before that.
+                atomic_write_json(ndir / NEXT_VERSION, number + 1, sync_dir=False)
                 manifest["version"] = version
                 manifest["parent"] = self.current(name)
-                atomic_write_json(staging / MANIFEST, manifest)
+                body = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
+                _write_new_file(staging / MANIFEST, body.encode())
                 _fsync_dir(staging)
                 with _io("rename", staging):
                     os.rename(staging, ndir / VERSIONS / version)

@@ -55,7 +55,7 @@ def test_a_valid_file_parses(tmp_path: Path) -> None:
                 bytes(16),
                 raw_header=b'{"t":{"dtype":"F32","shape":[Infinity,16],"data_offsets":[0,16]}}',
             ),
-            "shape",
+            "Infinity is not valid JSON",
         ),
         (raw_file(one(shape=2), bytes(16)), "shape"),  # scalar shape
         (raw_file(one(shape=[None, 2]), bytes(16)), "shape"),  # null dims
@@ -95,7 +95,7 @@ def test_malformed_headers_are_validation_errors(
 
 def test_bad_header_is_a_problem_in_the_report_not_a_traceback(tmp_path: Path) -> None:
     a = write_adapter(tmp_path / "a")
-    (a / "adapter_model.safetensors").write_bytes(raw_file(one(shape=[float("inf"), 2])))
+    (a / "adapter_model.safetensors").write_bytes(raw_file(one(shape=[-1, 2])))
     report = validate_adapter(a)
     assert not report.ok and "shape" in report.problems[0]
 
@@ -123,7 +123,7 @@ def _library_accepts(content: bytes) -> bool:
         return False
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.binary(max_size=300))
 def test_arbitrary_bytes_raise_only_validation_errors(content: bytes) -> None:
     from agent_finetune.registry.adapter import parse_safetensors_header
@@ -159,7 +159,7 @@ def mutated_headers(draw: st.DrawFn) -> bytes:
     return raw_file(None, data, raw_header=json.dumps(header, allow_nan=True).encode())
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
 @given(mutated_headers())
 def test_mutated_headers_raise_only_validation_errors_and_never_accept_what_safetensors_refuses(
     content: bytes,
