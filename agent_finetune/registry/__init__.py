@@ -1,7 +1,7 @@
 """The registry: the on-disk contract that training writes and the server reads.
 
-
-
+Standard library only (safetensors headers are parsed by hand; numpy is imported by the
+NaN/Inf scan alone), so the CLI and the vLLM plugin import it fast. One concept per module:
 
 - ``store``: the folder layout: versions, the ``current`` pointer, history, locks;
 - ``adapter``: the PEFT folder format and what vLLM can serve;
