@@ -79,6 +79,9 @@ class FsckReport:
 def fsck(registry: Registry, *, repair: bool = False) -> FsckReport:
     """Check every adapter folder of ``registry``; with ``repair``, fix what can be fixed."""
     report = FsckReport()
+    if not registry.root.is_dir():
+        report.findings.append(Finding(registry.root, "registry folder does not exist"))
+        return report
     names, skipped = registry.scan(published_only=False)
     for problem in skipped:
         path, _, why = problem.partition(": ")
@@ -89,6 +92,9 @@ def fsck(registry: Registry, *, repair: bool = False) -> FsckReport:
                 _check_name(registry, name, repair, report)
         except RegistryError as e:
             report.findings.append(Finding(registry.root / name, f"cannot check: {e}"))
+        except OSError as e:
+            error = os_error(e, "check", registry.root / name)
+            report.findings.append(Finding(registry.root / name, str(error)))
     return report
 
 

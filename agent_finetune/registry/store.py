@@ -629,6 +629,8 @@ class Registry:
             with _io("lock", staging):
                 marker = os.open(staging, os.O_RDONLY | _O_CLOEXEC)
                 fcntl.flock(marker, fcntl.LOCK_EX)
+            if os.fstat(marker).st_nlink == 0:  # `fsck --repair` took it before our flock
+                raise RegistryError(f"{staging} was removed by a concurrent fsck; publish again")
             files = self._copy_in(src, staging)
             report = validate_adapter(staging, max_rank=max_rank, base_config=base_config)
             if not report.ok:

@@ -129,3 +129,8 @@ def test_odd_root_entries_are_reported_not_touched(reg: Registry, tmp_path: Path
     assert any("symlink out of the registry root" in p for p in found)
     assert not fsck(reg, repair=True).ok  # nothing it may fix: exit code stays non-zero
     assert (reg.root / "Bad Name").is_dir()
+
+
+def test_a_missing_registry_is_a_problem(tmp_path: Path) -> None:
+    report = fsck(Registry(tmp_path / "nope"))
+    assert not report.ok and "does not exist" in report.findings[0].problem
