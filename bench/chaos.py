@@ -53,6 +53,8 @@ from agent_finetune.registry.store import (  # noqa: E402
 from server_plugin.launch import ServerHandle, free_port, start_server  # noqa: E402
 
 NAME = "chaos"
+# The CLI's entry point (``python -m agent_finetune.cli`` needs a __main__ module).
+CLI = "import sys; from agent_finetune.cli import main; sys.exit(main())"
 PROMPT = "How do I reset my password?"
 MAX_TOKENS = 8
 API_KEY = "chaos-key"
@@ -60,7 +62,9 @@ VLLM_ARGS = ["--max-model-len", "256", "--dtype", "bfloat16", "--api-key", API_K
 PUBLISH = """
 import sys
 from agent_finetune.registry import Registry
-Registry(sys.argv[1]).publish(sys.argv[2], sys.argv[3])
+registry = Registry(sys.argv[1])
+print("ready", flush=True)
+registry.publish(sys.argv[2], sys.argv[3])
 """
 
 
@@ -323,8 +327,11 @@ class Bench:
                         str(self.good[i % len(self.good)]),
                     ],
                     env=env,
+                    stdout=subprocess.PIPE,
                 )
-                time.sleep(random.uniform(0.05, 0.6))
+                assert proc.stdout is not None
+                proc.stdout.readline()  # imported: the publish starts now
+                time.sleep(random.uniform(0.0, 0.08))  # mid-copy, mid-fsync or mid-rename
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
         self.converge("publishers killed with SIGKILL", time.time())
@@ -471,8 +478,8 @@ def run_phase(bench: Bench, phase: str, model: Path) -> dict[str, Any]:
             sidecar = subprocess.Popen(
                 [
                     sys.executable,
-                    "-m",
-                    "agent_finetune.cli",
+                    "-c",
+                    CLI,
                     "sync",
                     "--server",
                     server.url,

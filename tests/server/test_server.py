@@ -27,6 +27,8 @@ import server_plugin
 from server_plugin.sidecar import SyncOptions, sync
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+# The CLI's entry point (``python -m agent_finetune.cli`` needs a __main__ module).
+CLI = "import sys; from agent_finetune.cli import main; sys.exit(main())"
 REPO = Path(server_plugin.__file__).resolve().parents[1]
 
 
@@ -285,8 +287,8 @@ def test_sidecar_reloads_what_the_server_lost(live: Live) -> None:
     proc = subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "agent_finetune.cli",
+            "-c",
+            CLI,
             "sync",
             "--server",
             live.handle.url,
