@@ -353,8 +353,12 @@ class Bench:
         with self.tag("rm-live-version"):
             shutil.rmtree(self.registry.version_dir(NAME, live))
             time.sleep(hold_s)
-            others = [v for v in self.registry.versions(NAME) if v != live]
-            self.registry.promote(NAME, others[-1])
+            for other in reversed([v for v in self.registry.versions(NAME) if v != live]):
+                try:  # the newest servable one (promote refuses a corrupted version)
+                    self.registry.promote(NAME, other)
+                    break
+                except Exception:
+                    continue
         self.converge("live version folder deleted", time.time())
 
     def corrupt(self, hold_s: float) -> None:
