@@ -14,6 +14,7 @@ Every class also subclasses the built-in that callers already catch::
     │   └── ValidationError(RegistryError, ValueError)     adapter failed validation
     │       └── AdapterFormatError(ValidationError)         malformed safetensors header
     ├── LoadError(AgentFinetuneError, RuntimeError)        the vLLM server refused a load/swap
+    │   └── ServerUnavailableError(LoadError, ConnectionError)  5xx/timeout/down: retried
     ├── AskError(AgentFinetuneError, RuntimeError)         `ask`: server down or name unknown
     └── DemoError(AgentFinetuneError, RuntimeError)        a demo step did not do what it should
 
@@ -79,6 +80,12 @@ class AdapterFormatError(ValidationError):
 
 class LoadError(AgentFinetuneError, RuntimeError):
     """The vLLM server refused to load, repoint or unload an adapter."""
+
+
+class ServerUnavailableError(LoadError, ConnectionError):
+    """The server could not answer a load, repoint or unload (5xx, timeout, connection
+    refused, engine restarting): a transient failure, retried with backoff. Being an
+    ``OSError``, it is caught wherever I/O errors are."""
 
 
 class AskError(AgentFinetuneError, RuntimeError):

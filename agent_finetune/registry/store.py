@@ -9,6 +9,8 @@ Layout (see DESIGN.md)::
     <root>/<name>/.staging-*        publishes in progress (flock'd by their writer)
     <root>/<name>/.quarantine/      versions ``fsck --repair`` moved out (checksums broken)
     <root>/<name>/.lock             serialises writers (version numbers, pointer moves)
+    <root>/.agent-finetune-registry marker written by the first write: a root without it (an
+                                    unmounted volume, a recreated folder) is not a registry
 
 Crash safety: a version appears by one rename of a fully written, validated staging folder;
 ``current`` is replaced atomically and moved BEFORE its history entry is appended, so an
@@ -69,6 +71,7 @@ NEXT_VERSION = ".next-version"
 STAGING_PREFIX = ".staging-"
 QUARANTINE = ".quarantine"
 TMP_SUFFIX = ".tmp"
+MARKER = ".agent-finetune-registry"
 MANIFEST_FORMAT = 1
 
 # Files copied from an adapter folder besides the two PEFT files: tokenizer files make a
@@ -416,6 +419,14 @@ class Registry:
             names.append(entry.name)
         return names, skipped
 
+    def is_marked(self) -> bool:
+        """Whether the root carries the marker that every write leaves (read-only check).
+
+        Readers that act on absence (the server unloads names that left the registry) must
+        not trust a root without it: an unmounted network volume looks like an empty folder.
+        """
+        return (self.root / MARKER).is_file()
+
     def names(self) -> list[str]:
         """Adapter names that have at least one published version (bad entries are logged)."""
         names, skipped = self.scan()
@@ -499,6 +510,11 @@ class Registry:
         ndir = self.name_dir(name)
         with _io("create", ndir):
             ndir.mkdir(parents=True, exist_ok=True)
+        if not self.is_marked():
+            with _io("mark", self.root / MARKER):
+                (self.root / MARKER).write_text(
+                    "This folder is an agent-finetune adapter registry.\n", encoding="utf-8"
+                )
         with _io("lock", ndir / LOCK):
             fd = os.open(ndir / LOCK, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o644)
         try:
