@@ -30,6 +30,7 @@ import httpx
 from agent_finetune.errors import LoadError
 from agent_finetune.registry import Registry
 from agent_finetune.registry.adapter import load_base_config
+from agent_finetune.registry.names import server_root
 from server_plugin.cache import AdapterCache, Limits
 from server_plugin.reconciler import Reconciler
 from server_plugin.settings import default_cache_root
@@ -50,7 +51,9 @@ class HttpTransport:
         """``GET /v1/models`` as id -> model card."""
         r = await self.client.get("/v1/models")
         r.raise_for_status()
-        return {m["id"]: m for m in r.json().get("data", []) if isinstance(m, dict)}
+        cards = r.json().get("data", [])
+        # A plugin server also lists versions it has not loaded ("loaded": false).
+        return {m["id"]: m for m in cards if isinstance(m, dict) and m.get("loaded", True)}
 
     async def _post(self, route: str, payload: dict[str, Any]) -> httpx.Response:
         r = await self.client.post(route, json=payload)
@@ -159,7 +162,7 @@ async def _base_model(transport: HttpTransport) -> str | None:
 async def sync(options: SyncOptions) -> int:
     """Run the sidecar; with ``once`` reconcile one pass, print the status, exit 1 on failures."""
     headers = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
-    base_url = options.server.rstrip("/").removesuffix("/v1")
+    base_url = server_root(options.server)
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=60.0) as client:
         transport = HttpTransport(client)
         try:

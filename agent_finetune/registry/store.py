@@ -62,6 +62,7 @@ _EXTRA_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "chat_template.jinja",
+    "agent_finetune_format.json",
 )
 
 
@@ -352,49 +353,48 @@ class Registry:
             )
 
     def promote(self, name: str, version: str, *, reason: str | None = None) -> str:
-        """Make an existing, valid version current."""
+        """Make an existing, valid version current (already current: nothing is written)."""
         check_version(version)
         self._require_name(name)
         with self.lock(name):
             self._require_servable(name, version)
-            self._set_current(name, version, "promote", reason)
+            if self.current(name) != version:
+                self._set_current(name, version, "promote", reason)
         return version
 
     def rollback(self, name: str, *, to: str | None = None, reason: str | None = None) -> str:
-        """Point ``current`` back to the previous current version (or to ``to``); return it."""
+        """Undo the last pointer move: ``current`` goes back to the version that was current
+        just before it (or to ``to``); return it. Already there: nothing is written.
+
+        One rule, like ``cd -``: a second rollback undoes the first. To go further back in
+        history, name the version with ``to``.
+        """
         if to is not None:
             check_version(to)
         self._require_name(name)
         with self.lock(name):
             cur = self.current(name)
             if to is None:
-                stack = [v for v in self._current_stack(name) if v != cur]
-                existing = set(self.versions(name))
-                candidates = [v for v in stack if v in existing]
-                if not candidates:
+                to = self.previous_current(name)
+                if to is None:
                     raise RegistryError(
-                        f"{name}: no earlier version to roll back to (current is {cur}); "
-                        "use --to VERSION"
+                        f"{name}: no pointer move to undo (current is {cur} and was never "
+                        f"another version); use --to VERSION (published: "
+                        f"{', '.join(self.versions(name))})"
                     )
-                to = candidates[-1]
             self._require_servable(name, to)
-            self._set_current(name, to, "rollback", reason)
+            if to != cur:
+                self._set_current(name, to, "rollback", reason)
         return to
 
-    def _current_stack(self, name: str) -> list[str]:
-        """Versions that were current, oldest first, with rolled-back-from entries popped."""
-        stack: list[str] = []
-        for e in self.history(name):
-            to = e.get("to")
-            if e.get("action") == "promote" and to:
-                stack.append(to)
-            elif e.get("action") == "rollback" and to:
-                if to in stack:
-                    while stack[-1] != to:
-                        stack.pop()
-                else:
-                    stack.append(to)
-        return stack
+    def previous_current(self, name: str) -> str | None:
+        """The version that was current just before the last pointer move, if any."""
+        cur = self.current(name)
+        for e in reversed(self.history(name)):
+            if e.get("action") in ("promote", "rollback") and e.get("to") == cur:
+                before = e.get("from")
+                return before if isinstance(before, str) and before != cur else None
+        return None
 
     def _require_servable(self, name: str, version: str) -> None:
         if version not in self.versions(name):

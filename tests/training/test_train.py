@@ -21,7 +21,8 @@ from agent_finetune.registry import Registry
 from agent_finetune.training.train import train
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+TINY_YAML = ROOT / "agent_finetune" / "assets" / "tiny-cpu.yaml"
 FACTS = [
     ("What are your support hours?", "Monday to Friday, 9:00-18:00 CET."),
     ("How long does shipping take?", "Three to five business days."),
@@ -37,7 +38,7 @@ PARAPHRASES = ["{q}", "Hi! {q}", "Please tell me: {q}", "{q} Thanks.", "Quick qu
 
 def tiny_config(tiny_model: Path, out: Path, **kw: Any) -> FineTuningConfig:
     return FineTuningConfig.from_yaml(
-        ROOT / "configs" / "tiny-cpu.yaml",
+        TINY_YAML,
         **{"model_name": str(tiny_model), "output_dir": str(out), "adapter_name": None, **kw},
     )
 
@@ -160,9 +161,22 @@ LAUNCHERS = {
 }
 
 
+@pytest.fixture(scope="module")
+def one_process(
+    tiny_model: Path, paraphrase_data: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """The metrics of the multi-process runs' settings, trained in one process."""
+    out = tmp_path_factory.mktemp("one")
+    return train(tiny_config(tiny_model, out, num_train_epochs=2), paraphrase_data).metrics
+
+
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_two_processes_rank0_publishes(
-    launcher: str, tiny_model: Path, paraphrase_data: Path, tmp_path: Path
+    launcher: str,
+    tiny_model: Path,
+    paraphrase_data: Path,
+    tmp_path: Path,
+    one_process: dict[str, Any],
 ) -> None:
     registry = tmp_path / "registry"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "AGENT_FINETUNE_REGISTRY": str(registry)}
@@ -173,7 +187,7 @@ def test_two_processes_rank0_publishes(
         "agent_finetune.cli",
         "train",
         "-c",
-        str(ROOT / "configs" / "tiny-cpu.yaml"),
+        str(TINY_YAML),
         "-d",
         str(paraphrase_data),
         "--model",
@@ -189,3 +203,14 @@ def test_two_processes_rank0_publishes(
     assert Registry(registry).versions("support-bot") == ["v0001"]  # published once, by rank 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["world_size"] == 2
+    # One JSON document on stdout: rank 0 reports, rank 1 prints nothing.
+    assert json.loads(proc.stdout)["metrics"] == metrics
+    # The same loss scale as one process (it was doubled: each rank's loss was multiplied by
+    # the world size while the token count was not gathered). The loss before training is
+    # the base model's on the same eval rows, so it must match closely.
+    one = one_process
+    assert metrics["eval_loss_before"] == pytest.approx(one["eval_loss_before"], rel=0.05)
+    assert metrics["eval_loss"] < metrics["eval_loss_before"]
+    assert metrics["train_loss"] == pytest.approx(one["train_loss"], rel=0.3)
+    manifest = Registry(registry).manifest("support-bot", "v0001")
+    assert manifest["metrics"]["eval_loss_before"] == metrics["eval_loss_before"]
