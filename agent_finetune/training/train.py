@@ -94,6 +94,22 @@ def train(
         return result
 
     # 3. adapter: standard PEFT safetensors, checked as the server will check it
+    _write_run(trainer, model, tokenizer, result, config, template)
+
+    # 4. publish
+    result.published = _publish(config, result.adapter_dir, dataset, metrics, publish_reason)
+    return result
+
+
+def _write_run(
+    trainer: Any,
+    model: Any,
+    tokenizer: Any,
+    result: TrainResult,
+    config: FineTuningConfig,
+    template: str | None,
+) -> None:
+    """final_model/ (validated for vLLM), metrics.json, loss_curve.png, config.yaml."""
     _save_adapter(model, tokenizer, result.adapter_dir, config, template)
     report = validate_adapter(result.adapter_dir)
     if not report.ok:
@@ -101,14 +117,11 @@ def train(
             f"the trained adapter in {result.adapter_dir} cannot be served:\n  - "
             + "\n  - ".join(report.problems)
         )
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    run_dir = result.run_dir
+    (run_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2), encoding="utf-8")
     _plot_losses(trainer.state.log_history, run_dir / "loss_curve.png")
     config.to_yaml(run_dir / "config.yaml")
-    log.info("adapter saved to %s (%s)", result.adapter_dir, _summary(metrics))
-
-    # 4. publish
-    result.published = _publish(config, result.adapter_dir, dataset, metrics, publish_reason)
-    return result
+    log.info("adapter saved to %s (%s)", result.adapter_dir, _summary(result.metrics))
 
 
 def _check_optional_packages(config: FineTuningConfig) -> None:
