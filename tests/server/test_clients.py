@@ -34,10 +34,11 @@ MESSAGES: Any = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def served(live: Live) -> Live:
-    """``clients-bot`` with v0001 current and v0002 published but never requested."""
+    """``clients-bot``: v0001 current; v0002 and v0003 published, v0003 never requested."""
     if not live.registry.versions(NAME):
         live.registry.publish(NAME, live.good[5])
         live.registry.publish(NAME, live.good[6], make_current=False)
+        live.registry.publish(NAME, live.good[7], make_current=False)
     live.wait_live(NAME, "v0001")
     return live
 
@@ -66,10 +67,10 @@ def test_models_listing_links_names_and_versions(served: Live) -> None:
     assert cards[NAME]["version"] == f"{NAME}@v0001"
     assert cards[f"{NAME}@v0001"]["aliases"] == [NAME] and cards[f"{NAME}@v0001"]["loaded"]
     # Published, never requested: listed (it can be pinned), not loaded yet.
-    assert cards[f"{NAME}@v0002"]["loaded"] is False
+    assert cards[f"{NAME}@v0003"]["loaded"] is False
     assert client.models.retrieve(NAME).model_dump()["version"] == f"{NAME}@v0001"
-    assert client.models.retrieve(f"{NAME}@v0002").id == f"{NAME}@v0002"
-    with pytest.raises(openai.NotFoundError, match="v0001, v0002"):
+    assert client.models.retrieve(f"{NAME}@v0003").id == f"{NAME}@v0003"
+    with pytest.raises(openai.NotFoundError, match="v0001, v0002, v0003"):
         client.models.retrieve(f"{NAME}@v0009")
 
 
