@@ -7,6 +7,7 @@ Every class also subclasses the built-in that callers already catch::
     ├── DataError(AgentFinetuneError, ValueError)          bad dataset file / row
     ├── PromptTemplateError(AgentFinetuneError, ValueError) unknown placeholder
     ├── BackendError(AgentFinetuneError, RuntimeError)     backend unavailable
+    ├── ModelSourceError(AgentFinetuneError, OSError)      base model not local, hub unreachable
     ├── UnservableAdapterError(AgentFinetuneError, ValueError)  vLLM could not serve it
     ├── RegistryError(AgentFinetuneError, RuntimeError)    registry operation failed
     │   ├── InvalidNameError(RegistryError, ValueError)
@@ -42,6 +43,10 @@ class PromptTemplateError(AgentFinetuneError, ValueError):
 
 class BackendError(AgentFinetuneError, RuntimeError):
     """The requested training backend cannot run here."""
+
+
+class ModelSourceError(AgentFinetuneError, OSError):
+    """The base model is not a local folder, not cached, and the hub cannot be reached."""
 
 
 class UnservableAdapterError(AgentFinetuneError, ValueError):

@@ -4,7 +4,9 @@ Enabled by ``VLLM_PLUGINS=agent_finetune`` (entry point group ``vllm.endpoint_pl
 and configured by the ``AGENT_FINETUNE_*`` variables (see ``server_plugin.settings``).
 It runs the reconcile loop inside the API-server process and drives vLLM through
 ``state.openai_serving_models``: no ``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` needed, and the
-only route it adds (``GET /v1/adapters``) changes nothing. Every exception is logged and
+routes it adds (``GET /v1/adapters``, ``/v1/models``, ``/v1/models/{id}``) change nothing.
+Every model answer names the version that answered in the ``x-adapter-version`` header
+(``server_plugin.answers``). Every exception is logged and
 kept away from vLLM: a broken plugin leaves a server that serves the base model.
 """
 
@@ -25,7 +27,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from agent_finetune.errors import LoadError, ServerUnavailableError
 from agent_finetune.registry import Registry
 from agent_finetune.registry.adapter import linear_shapes, load_base_config
+from server_plugin.answers import AnswerHeaders, missing_model_message
 from server_plugin.cache import AdapterCache, Limits, ProcessDir
+from server_plugin.listing import annotate_cards
 from server_plugin.reconciler import PinRefusal, Reconciler
 from server_plugin.settings import PLUGIN_NAME, Settings, reconciler_options
 from server_plugin.watcher import RegistryWatcher
@@ -257,10 +261,49 @@ class EndpointPlugin:
     def attach_router(self, app: Any) -> None:
         try:
             app.add_api_route("/v1/adapters", self.adapters, methods=["GET"])
-            app.add_api_route("/v1/models", list_models, methods=["GET"])
+            app.add_api_route("/v1/models", self.models, methods=["GET"])
+            app.add_api_route("/v1/models/{model_id:path}", self.model_card, methods=["GET"])
             app.add_middleware(PinnedModelMiddleware, plugin=self)
+            app.add_middleware(AnswerHeaders, routes=_MODEL_ROUTES, describe=self.missing_model)
         except Exception:
             logger.exception("agent_finetune: attaching routes failed; plugin disabled")
+
+    async def models(self, request: Request) -> Response:
+        """``/v1/models`` with name <-> version links and every pinnable version."""
+        response = await list_models(request)
+        try:
+            payload = json.loads(bytes(response.body))
+            models = request.app.state.openai_serving_models
+            served_as = {name: req.lora_name for name, req in models.lora_requests.items()}
+            registry = self.reconciler.registry if self.reconciler is not None else None
+            base_id = models.base_model_paths[0].name if models.base_model_paths else None
+            payload["data"] = await asyncio.to_thread(
+                annotate_cards, payload["data"], served_as, registry, base_id
+            )
+        except Exception:
+            logger.exception("agent_finetune: annotating /v1/models failed")
+            return response
+        return JSONResponse(payload)
+
+    async def model_card(self, request: Request) -> Response:
+        """``GET /v1/models/{id}`` (the openai SDK's ``models.retrieve``): one card, or 404."""
+        model = request.path_params["model_id"]
+        listing = await self.models(request)
+        try:
+            cards = json.loads(bytes(listing.body))["data"]
+        except (ValueError, KeyError, TypeError):
+            cards = []
+        card = next((c for c in cards if c.get("id") == model), None)
+        if card is not None:
+            return JSONResponse(card)
+        message = await self.missing_model(model) or f"The model `{model}` does not exist."
+        return _error(404, message, "NotFoundError")
+
+    async def missing_model(self, model: str) -> str | None:
+        """What to say instead of vLLM's bare 404 for ``model``."""
+        if self.reconciler is None:
+            return None
+        return await asyncio.to_thread(missing_model_message, self.reconciler.registry, model)
 
     async def adapters(self, request: Request) -> Response:
         """Per adapter name: desired and live version, state, last error, load times."""

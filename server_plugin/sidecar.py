@@ -45,7 +45,7 @@ import httpx
 from agent_finetune.errors import LoadError, ServerUnavailableError
 from agent_finetune.registry import Registry
 from agent_finetune.registry.adapter import load_base_config
-from agent_finetune.registry.names import ENV_REGISTRY
+from agent_finetune.registry.names import ENV_REGISTRY, server_root
 from agent_finetune.registry.store import atomic_write_json
 from server_plugin.cache import AdapterCache, Limits, ProcessDir
 from server_plugin.reconciler import Reconciler
@@ -101,7 +101,9 @@ class HttpTransport:
         r = await self._request("GET", "/v1/models")
         if r.status_code != 200:
             raise ServerUnavailableError(f"{self.client.base_url}/v1/models: HTTP {r.status_code}")
-        return {m["id"]: m for m in r.json().get("data", []) if isinstance(m, dict)}
+        cards = r.json().get("data", [])
+        # A plugin server also lists versions it has not loaded ("loaded": false).
+        return {m["id"]: m for m in cards if isinstance(m, dict) and m.get("loaded", True)}
 
     async def served(self) -> dict[str, str]:
         """Every adapter the server serves (cards with a parent) -> its path."""
@@ -279,7 +281,7 @@ async def sync(options: SyncOptions) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     headers = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
-    base_url = options.server.rstrip("/").removesuffix("/v1")
+    base_url = server_root(options.server)
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=60.0) as client:
         transport = HttpTransport(client, drain_s=settings.drain_s)
         try:

@@ -8,6 +8,8 @@ Exit codes, the same for every command:
       failure, a server that is down (the message says which and how to fix it)
 2     usage error: unknown command or flag, a missing argument (argparse)
 130   interrupted (Ctrl-C)
+141   stdout was closed early (``agent-finetune history x --json | head``): the output
+      stops quietly, as a shell reports SIGPIPE
 ====  ==========================================================================
 
 Only this module turns exceptions into exit codes and friendly text. Command modules import
@@ -31,7 +33,7 @@ from agent_finetune.cli.serve import add_serve_parser, add_sync_parser
 from agent_finetune.cli.train import add_train_parser
 from agent_finetune.errors import AgentFinetuneError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         code: int = args.func(args)
+        sys.stdout.flush()  # a closed pipe surfaces here, not in the interpreter's exit
         return code
     except AgentFinetuneError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -72,6 +75,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`| head`). Point stdout at /dev/null so the interpreter's
+        # final flush cannot raise again (Python's documented recipe).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_PIPE
 
 
 if __name__ == "__main__":

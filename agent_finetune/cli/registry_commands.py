@@ -16,10 +16,31 @@ from agent_finetune.registry.adapter import load_base_config
 from agent_finetune.registry.fsck import fsck
 
 Handler = Callable[[argparse.Namespace], int]
+# The one statement of what rollback means (README says the same).
+ROLLBACK_RULE = (
+    "undo the last pointer move: current goes back to the version that was current just "
+    "before it (a second rollback undoes the first, like `cd -`); --to VERSION goes to any "
+    "version. Already current: nothing changes and no history entry is written"
+)
 
 
-def _registry(args: argparse.Namespace) -> Registry:
-    return Registry.from_env(args.registry)
+def _registry(args: argparse.Namespace, *, exists: bool = True) -> Registry:
+    """The registry of ``--registry``/$AGENT_FINETUNE_REGISTRY; it must exist unless
+    ``exists`` is False (publish creates it)."""
+    reg = Registry.from_env(args.registry)
+    if exists and not reg.root.is_dir():
+        raise RegistryError(
+            f"registry {reg.root} does not exist; check --registry / ${ENV_REGISTRY}, or "
+            "create it by publishing (`agent-finetune publish NAME FOLDER` or `train`)"
+        )
+    return reg
+
+
+def _require_name(reg: Registry, name: str) -> None:
+    if not reg.versions(name):
+        raise NotFoundError(
+            f"no adapter named {name!r} in {reg.root}; known: {', '.join(reg.names()) or 'none'}"
+        )
 
 
 def _metric(manifest: dict[str, Any], key: str) -> str:
@@ -44,7 +65,7 @@ def _no_traceback(func: Handler) -> Handler:
 
 @_no_traceback
 def cmd_publish(args: argparse.Namespace) -> int:
-    reg = _registry(args)
+    reg = _registry(args, exists=False)
     base_config = load_base_config(args.base_model) if args.base_model else None
     info = reg.publish(
         args.name,
@@ -140,7 +161,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    entries = _registry(args).history(args.name)
+    reg = _registry(args)
+    _require_name(reg, args.name)
+    entries = reg.history(args.name)
     if args.json:
         emit_json(entries)
         return 0
@@ -161,13 +184,20 @@ def cmd_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_move(args: argparse.Namespace, verb: str, before: str | None, now: str) -> None:
+    if args.json:
+        emit_json({"name": args.name, "from": before, "current": now, "changed": before != now})
+    elif before == now:
+        print(f"{args.name}: {now} is already current; nothing changed")
+    else:
+        print(f"{args.name}: {verb} {before} -> {now}")
+
+
 def cmd_promote(args: argparse.Namespace) -> int:
-    version = _registry(args).promote(args.name, args.version, reason=args.reason)
-    print(
-        json.dumps({"name": args.name, "current": version})
-        if args.json
-        else f"{args.name}: current -> {version}"
-    )
+    reg = _registry(args)
+    before = reg.current(args.name)
+    version = reg.promote(args.name, args.version, reason=args.reason)
+    _report_move(args, "promoted", before, version)
     return 0
 
 
@@ -175,11 +205,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     reg = _registry(args)
     before = reg.current(args.name)
     version = reg.rollback(args.name, to=args.to, reason=args.reason)
-    print(
-        json.dumps({"name": args.name, "from": before, "current": version})
-        if args.json
-        else f"{args.name}: rolled back {before} -> {version}"
-    )
+    _report_move(args, "rolled back", before, version)
     return 0
 
 
@@ -280,9 +306,9 @@ def add_registry_parsers(sub: Any) -> None:
     p.add_argument("name")
     p.add_argument("version")
     p.add_argument("--reason")
-    p = add("rollback", cmd_rollback, "point current back to the previous version")
+    p = add("rollback", cmd_rollback, ROLLBACK_RULE)
     p.add_argument("name")
-    p.add_argument("--to", help="roll back to this version instead of the previous one")
+    p.add_argument("--to", help="make this version current instead (go further back)")
     p.add_argument("--reason")
     p = add("validate", cmd_validate, "check that vLLM can serve an adapter folder", registry=False)
     p.add_argument("path")

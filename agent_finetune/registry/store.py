@@ -83,6 +83,7 @@ EXTRA_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "chat_template.jinja",
+    "agent_finetune_format.json",
 )
 # Per-file size caps for publish: a 7B r=256 all-linear adapter in fp32 is ~2.6 GB.
 MAX_WEIGHTS_BYTES = 16 << 30
@@ -732,38 +733,49 @@ class Registry:
             )
 
     def promote(self, name: str, version: str, *, reason: str | None = None) -> str:
-        """Make an existing, valid version current."""
+        """Make an existing, valid version current (already current: nothing is written)."""
         check_version(version)
         self._require_name(name)
         with self.lock(name):
             self._require_servable(name, version)
-            self._set_current(name, version, "promote", reason)
+            if self.current(name) != version:
+                self._set_current(name, version, "promote", reason)
         return version
 
     def rollback(self, name: str, *, to: str | None = None, reason: str | None = None) -> str:
-        """Point ``current`` back to the previous current version (or to ``to``); return it."""
+        """Undo the last pointer move: ``current`` goes back to the version that was current
+        just before it (or to ``to``); return it. Already there: nothing is written.
+
+        One rule, like ``cd -``: a second rollback undoes the first. To go further back in
+        history, name the version with ``to``.
+        """
         if to is not None:
             check_version(to)
         self._require_name(name)
         with self.lock(name):
             cur = self.current(name)
             if to is None:
-                history = self.history(name)
-                self._record_unlogged_move(name, history)
-                existing = set(self.versions(name))
-                candidates = [v for v in current_stack(history) if v != cur and v in existing]
-                if not candidates:
+                self._record_unlogged_move(name, self.history(name))
+                to = self.previous_current(name)
+                if to is None or to not in self.versions(name):
                     raise RegistryError(
-                        f"{name}: no earlier version to roll back to (current is {cur}); "
-                        "use --to VERSION"
+                        f"{name}: no pointer move to undo (current is {cur} and was never "
+                        f"another version); use --to VERSION (published: "
+                        f"{', '.join(self.versions(name))})"
                     )
-                to = candidates[-1]
             self._require_servable(name, to)
-            self._set_current(name, to, "rollback", reason)
+            if to != cur:
+                self._set_current(name, to, "rollback", reason)
         return to
 
-    def _current_stack(self, name: str) -> list[str]:
-        return current_stack(self.history(name))
+    def previous_current(self, name: str) -> str | None:
+        """The version that was current just before the last pointer move, if any."""
+        cur = self.current(name)
+        for e in reversed(self.history(name)):
+            if e.get("action") in POINTER_MOVES and e.get("to") == cur:
+                before = e.get("from")
+                return before if isinstance(before, str) and before != cur else None
+        return None
 
     def _require_servable(self, name: str, version: str) -> None:
         if version not in self.versions(name):

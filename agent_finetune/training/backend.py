@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import urllib.error
+import urllib.request
+from pathlib import Path
 from typing import Any, Literal
 
-from agent_finetune.errors import BackendError
+from agent_finetune.errors import BackendError, ModelSourceError
 from agent_finetune.training.checkpointing import Plan
 from agent_finetune.training.config import FineTuningConfig
 
@@ -55,6 +58,67 @@ def resolve_backend(config: FineTuningConfig) -> Backend:
     return chosen
 
 
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+def _hub_reachable(endpoint: str) -> str | None:
+    """None when the hub answers at all (any HTTP status), else why it cannot be reached."""
+    try:
+        urllib.request.urlopen(f"{endpoint}/api/status", timeout=HUB_PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except (urllib.error.URLError, OSError) as e:
+        return str(getattr(e, "reason", e))
+    return None
+
+
+def check_model_source(model_name: str) -> bool:
+    """Fail fast when ``model_name`` cannot be loaded; return whether to load from cache only.
+
+    A hub id with no network would otherwise hang for over a minute in huggingface_hub's
+    retries before a traceback. A local folder is always fine; a hub id needs the hub or a
+    copy in the Hugging Face cache (then it is loaded from there, with a warning).
+    """
+    path = Path(model_name).expanduser()
+    if path.is_dir():
+        return False
+    if model_name.startswith((".", "/", "~")) or model_name.count("/") > 1:
+        raise ModelSourceError(f"model_name {model_name!r}: no such folder")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(model_name, "config.json"), str)
+    if constants.HF_HUB_OFFLINE:
+        if cached:
+            return True
+        raise ModelSourceError(
+            f"model_name {model_name!r} is not a local folder nor in the Hugging Face cache, "
+            "and HF_HUB_OFFLINE=1 forbids downloading it: pass a local model folder, or "
+            "unset HF_HUB_OFFLINE on a machine with network access"
+        )
+    why = _hub_reachable(constants.ENDPOINT)
+    if why is None:
+        return False
+    if cached:
+        log.warning(
+            "%s is unreachable (%s); loading %s from the cache", constants.ENDPOINT, why, model_name
+        )
+        return True
+    raise ModelSourceError(
+        f"model_name {model_name!r} is not a local folder and {constants.ENDPOINT} cannot be "
+        f"reached ({why}): pass a local model folder, download the model where there is "
+        "network, or set HF_HUB_OFFLINE=1 to use only the Hugging Face cache"
+    )
+
+
+def check_precision(config: FineTuningConfig) -> None:
+    """fp16 mixed precision needs CUDA; bf16 runs on CUDA (Ampere+) and on the CPU."""
+    if config.fp16 and not cuda_available():
+        raise BackendError(
+            "fp16: true needs a CUDA GPU; on this machine use bf16: true (CPU bf16 works) "
+            "or neither"
+        )
+
+
 def _dtype(config: FineTuningConfig) -> Any:
     import torch
 
@@ -69,6 +133,7 @@ def load_for_training(
     config: FineTuningConfig, backend: Backend, checkpointing: Plan
 ) -> tuple[Any, Any]:
     """(PEFT model with fresh LoRA weights, tokenizer) for ``config.model_name``."""
+    check_precision(config)
     if backend == "unsloth":
         return _load_unsloth(config, checkpointing)
     return _load_hf(config, checkpointing)
@@ -77,6 +142,7 @@ def load_for_training(
 def _load_unsloth(config: FineTuningConfig, checkpointing: Plan) -> tuple[Any, Any]:
     from unsloth import FastLanguageModel  # imported first by resolve_backend
 
+    check_model_source(config.model_name)
     if config.packing:
         from agent_finetune.training.varlen_attention import enable_in_unsloth
 
@@ -106,7 +172,8 @@ def _load_hf(config: FineTuningConfig, checkpointing: Plan) -> tuple[Any, Any]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs: dict[str, Any] = {"dtype": _dtype(config)}
+    local_only = check_model_source(config.model_name)
+    kwargs: dict[str, Any] = {"dtype": _dtype(config), "local_files_only": local_only}
     if cuda_available():
         from agent_finetune.training import varlen_attention
 
@@ -127,7 +194,7 @@ def _load_hf(config: FineTuningConfig, checkpointing: Plan) -> tuple[Any, Any]:
             bnb_4bit_compute_dtype=torch.bfloat16 if config.bf16 else torch.float16,
         )
     model = AutoModelForCausalLM.from_pretrained(config.model_name, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(config.model_name)
+    tokenizer = AutoTokenizer.from_pretrained(config.model_name, local_files_only=local_only)
     if config.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 

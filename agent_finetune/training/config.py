@@ -24,6 +24,17 @@ from agent_finetune.errors import ConfigError
 from agent_finetune.registry.adapter import LINEAR_MODULES, SERVABLE_MODULES, unservable_modules
 
 DEFAULT_TARGET_MODULES = list(LINEAR_MODULES)
+# transformers schedulers that need no extra lr_scheduler_kwargs (a test checks the names
+# against transformers.SchedulerType).
+LrScheduler = Literal[
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+]
 
 
 class FineTuningConfig(BaseModel):
@@ -91,8 +102,10 @@ class FineTuningConfig(BaseModel):
         0.03, ge=0, lt=1, description="Fraction of steps for linear learning-rate warm-up."
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    lr_scheduler_type: str = Field(
-        "linear", description="transformers scheduler name, e.g. linear, cosine, constant."
+    lr_scheduler_type: LrScheduler = Field(
+        "linear",
+        description="Learning-rate schedule after warm-up: linear, cosine, cosine_with_restarts, "
+        "polynomial, constant, constant_with_warmup or inverse_sqrt.",
     )
     seed: int = Field(42, description="Seed for the data split, shuffling and LoRA init.")
     gradient_checkpointing: Literal["auto", "on", "off", "offload"] = Field(
@@ -111,8 +124,14 @@ class FineTuningConfig(BaseModel):
     train_on_responses_only: bool = Field(
         True, description="Compute the loss on response tokens only (prompt tokens masked)."
     )
-    fp16: bool = Field(False, description="Mixed precision fp16 (CUDA). Exclusive with bf16.")
-    bf16: bool = Field(False, description="Mixed precision bf16 (CUDA with bf16 support, or CPU).")
+    fp16: bool = Field(
+        False,
+        description="Mixed precision fp16: CUDA only (an error on a CPU). Exclusive with bf16.",
+    )
+    bf16: bool = Field(
+        False,
+        description="Mixed precision bf16: CUDA GPUs with bf16 (Ampere or newer) and CPUs.",
+    )
 
     # -- logging / checkpoints ---------------------------------------------------------------
     output_dir: str = Field(
@@ -227,7 +246,8 @@ def format_validation_error(error: ValidationError, source: str) -> str:
         loc = ".".join(str(x) for x in err["loc"]) or "(root)"
         if err["type"] == "extra_forbidden":
             hint = difflib.get_close_matches(str(err["loc"][0]), fields, n=1)
-            fix = f"; did you mean {hint[0]!r}?" if hint else "; see `agent-finetune train --help`"
+            fix = f"; did you mean {hint[0]!r}?" if hint else ""
+            fix += " (every field: `agent-finetune train --help`)"
             lines.append(f"{source}: unknown key {loc!r}{fix}")
         else:
             msg = err["msg"].removeprefix("Value error, ")

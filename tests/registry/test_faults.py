@@ -196,7 +196,8 @@ def test_torn_history_line_then_promote_and_rollback(reg: Registry, adapter: Pat
     reg.promote("bot", "v0004")
     assert reg.history("bot")[-1]["to"] == "v0004"  # not glued to the torn line
     assert reg.rollback("bot") == "v0003"  # the move the torn line recorded is not lost
-    assert reg.rollback("bot") == "v0002"
+    assert reg.rollback("bot") == "v0004"  # one rule: a rollback undoes the last move
+    assert reg.rollback("bot", to="v0002") == "v0002"
     assert_repairable(reg)
 
 
@@ -429,7 +430,9 @@ def test_four_processes_promoting_and_rolling_back_at_once(reg: Registry, adapte
     entries, bad = parse_history(text)
     assert bad == [] and text.endswith("\n")
     moves = [e for e in entries if e["action"] in ("promote", "rollback")]
-    assert len(moves) - len(moves_before) == sum(done) > 50
+    # Every move that changed the pointer is logged (a no-op move writes nothing), so at most
+    # one entry per successful call; none lost, or the chain below would break.
+    assert sum(done) >= len(moves) - len(moves_before) > 50
     # Serialised by the lock: each move starts where the previous one ended.
     for prev, nxt in itertools.pairwise(moves):
         assert nxt["from"] == prev["to"], (prev, nxt)

@@ -62,6 +62,7 @@ class Live:
             settings=settings,
             extra_args=["--max-model-len", "256", "--dtype", "bfloat16", "--api-key", API_KEY],
             max_cpu_loras=8,
+            tool_call_parser="hermes",  # what agent frameworks' `tools` need
             wait=wait,
         )
 
