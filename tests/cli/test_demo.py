@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,10 +25,16 @@ Q = "What are your support hours?"
 def install_wheel(tmp_path: Path) -> dict[str, str]:
     """Build the wheel and install it (no dependencies: the venv has them) into a scratch
     folder; return an environment whose `agent_finetune` and `server_plugin` come from it."""
-    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    wheels, site, src = tmp_path / "wheels", tmp_path / "site", tmp_path / "src"
+    # Build from a copy of the sources: setuptools leaves build/ and *.egg-info behind.
+    shutil.copytree(
+        ROOT,
+        src,
+        ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__", "bench"),
+    )
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run(
-        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(ROOT)],
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)],
         check=True,
         cwd=tmp_path,
     )
