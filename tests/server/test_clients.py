@@ -76,7 +76,10 @@ def test_models_listing_links_names_and_versions(served: Live) -> None:
 
 @pytest.mark.parametrize(
     ("model", "expected"),
-    [(f"{NAME}@v0009", "has versions v0001, v0002 (current: v0001)"), ("nobody@v0001", NAME)],
+    [
+        (f"{NAME}@v0009", "has versions v0001, v0002, v0003 (current: v0001)"),
+        ("nobody@v0001", NAME),
+    ],
 )
 def test_unknown_model_404_says_what_exists(served: Live, model: str, expected: str) -> None:
     with pytest.raises(openai.NotFoundError) as e:
