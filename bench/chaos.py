@@ -231,14 +231,20 @@ class Sampler:
             self.samples.append((t, truthful, said, sorted(served) if served else None))
 
     def longest_wrong_s(self) -> float:
-        longest, start = 0.0, None
+        """Longest run of wrong samples: from the first wrong one to the next truthful one;
+        a run is cut at one period after its last sample when the sampler was paused
+        (vLLM down) or the run ended."""
+        longest, start, last = 0.0, None, None
         for t, ok, _, _ in self.samples:
+            if start is not None and last is not None and t - last > 2 * self.period_s:
+                longest, start = max(longest, last + self.period_s - start), None
             if not ok and start is None:
                 start = t
             if ok and start is not None:
                 longest, start = max(longest, t - start), None
-        if start is not None:
-            longest = max(longest, self.samples[-1][0] - start + self.period_s)
+            last = t
+        if start is not None and last is not None:
+            longest = max(longest, last + self.period_s - start)
         return longest
 
 
@@ -634,6 +640,7 @@ def summarize(
         "status_wrong_samples": len(wrong),
         "status_longest_wrong_s": round(sampler.longest_wrong_s(), 2),
         "wrong_examples": [list(s) for s in wrong[:5]],
+        "samples": [list(s) for s in sampler.samples],
         "converge_max_s": max((c for c in converge if c is not None), default=None),
         "not_converged": sum(c is None for c in converge),
         "disk_full": "tmpfs" if mounted else "injected",
