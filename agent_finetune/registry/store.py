@@ -162,11 +162,17 @@ class Registry:
     # -- paths ------------------------------------------------------------------------------
     def name_dir(self, name: str) -> Path:
         path = self.root / check_name(name)
-        # Names cannot contain '/', but a symlinked name folder could still point outside.
-        real_root = os.path.realpath(self.root)
-        if path.exists() and os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+        if not self._inside_root(path):
             raise InvalidNameError(f"adapter folder {path} escapes the registry root {self.root}")
         return path
+
+    def _inside_root(self, path: Path) -> bool:
+        # Names cannot contain '/', so only a symlinked name folder can point outside. One
+        # lstat, not two realpaths: this runs for every name on every reconcile pass.
+        if not os.path.islink(path):
+            return True
+        real_root = os.path.realpath(self.root)
+        return os.path.commonpath([real_root, os.path.realpath(path)]) == real_root
 
     def version_dir(self, name: str, version: str) -> Path:
         return self.name_dir(name) / VERSIONS / check_version(version)
