@@ -13,6 +13,7 @@ Every class also subclasses the built-in that callers already catch::
     │   ├── NotFoundError(RegistryError, KeyError)
     │   └── ValidationError(RegistryError, ValueError)     adapter failed validation
     ├── LoadError(AgentFinetuneError, RuntimeError)        the vLLM server refused a load/swap
+    │   └── ServerUnavailableError(LoadError, ConnectionError)  5xx/timeout/down: retried
     ├── AskError(AgentFinetuneError, RuntimeError)         `ask`: server down or name unknown
     └── DemoError(AgentFinetuneError, RuntimeError)        a demo step did not do what it should
 
@@ -71,6 +72,12 @@ class ValidationError(RegistryError, ValueError):
 
 class LoadError(AgentFinetuneError, RuntimeError):
     """The vLLM server refused to load, repoint or unload an adapter."""
+
+
+class ServerUnavailableError(LoadError, ConnectionError):
+    """The server could not answer a load, repoint or unload (5xx, timeout, connection
+    refused, engine restarting): a transient failure, retried with backoff. Being an
+    ``OSError``, it is caught wherever I/O errors are."""
 
 
 class AskError(AgentFinetuneError, RuntimeError):

@@ -15,24 +15,27 @@ import atexit
 import json
 import logging
 from argparse import Namespace
+from collections import deque
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from agent_finetune.errors import LoadError
+from agent_finetune.errors import LoadError, ServerUnavailableError
 from agent_finetune.registry import Registry
 from agent_finetune.registry.adapter import linear_shapes, load_base_config
-from server_plugin.cache import AdapterCache, Limits, process_cache_dir
-from server_plugin.reconciler import Reconciler
-from server_plugin.settings import PLUGIN_NAME, Settings
+from server_plugin.cache import AdapterCache, Limits, ProcessDir
+from server_plugin.reconciler import PinRefusal, Reconciler
+from server_plugin.settings import PLUGIN_NAME, Settings, reconciler_options
 from server_plugin.watcher import RegistryWatcher
 
 logger = logging.getLogger(__name__)
 
 # Routes whose JSON body names a model; a pinned "name@vNNNN" is loaded before vLLM looks.
 _MODEL_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
+# Bodies at least this large are parsed in a worker thread, off the event loop.
+_PARSE_IN_THREAD_BYTES = 64 * 1024
 
 
 class VllmTransport:
@@ -40,6 +43,9 @@ class VllmTransport:
 
     def __init__(self, models: Any) -> None:
         self.models = models
+
+    async def served(self) -> dict[str, str]:
+        return {name: str(r.lora_path) for name, r in list(self.models.lora_requests.items())}
 
     async def load(self, served_name: str, path: str) -> None:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
@@ -57,7 +63,13 @@ class VllmTransport:
             LoadLoRAAdapterRequest(lora_name=served_name, lora_path=path)
         )
         if isinstance(result, ErrorResponse):
-            raise LoadError(f"vLLM refused to load {path}: {result.error.message}")
+            error = result.error
+            message = (
+                f"vLLM refused to load {path}: HTTP {error.code} {error.type}: {error.message}"
+            )
+            if error.code >= 500:  # the engine failed, not necessarily the adapter: retried
+                raise ServerUnavailableError(message)
+            raise LoadError(message)
 
     async def repoint(self, name: str, target: str) -> None:
         if self.models.is_base_model(name):
@@ -125,11 +137,66 @@ def _error(status: int, message: str, err_type: str) -> JSONResponse:
     )
 
 
+async def read_capped(receive: Receive, cap: int) -> tuple[list[Message], bytes | None]:
+    """Receive a request body of at most ``cap`` bytes, chunks joined once.
+
+    Returns the messages received (to replay them) and the body, or None as the body when
+    it is larger than ``cap``: then the messages hold only its start and the caller passes
+    the request through without reading the rest.
+    """
+    messages: list[Message] = []
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            return messages, None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > cap:
+            return messages, None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return messages, b"".join(chunks)
+
+
+def _model_field(body: bytes) -> str | None:
+    try:
+        model = json.loads(body).get("model")
+    except (ValueError, AttributeError):
+        return None  # vLLM reports the bad body itself
+    return model if isinstance(model, str) else None
+
+
+async def pinned_model(body: bytes) -> str | None:
+    """The body's ``model`` when it names a pinned ``name@vNNNN``-like value, else None.
+    Large bodies are parsed in a thread so the event loop keeps serving."""
+    if b"@" not in body:
+        return None
+    if len(body) >= _PARSE_IN_THREAD_BYTES:
+        model = await asyncio.to_thread(_model_field, body)
+    else:
+        model = _model_field(body)
+    return model if model is not None and "@" in model else None
+
+
+def _content_length(scope: Scope) -> int | None:
+    for key, value in scope.get("headers", ()):
+        if key == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
 class PinnedModelMiddleware:
     """Load ``model="name@vNNNN"`` on first use, before vLLM checks the model name.
 
-    Peeks at the JSON body of the model routes only when it contains an ``@``; every other
-    request passes through untouched.
+    Only POSTs to the model routes with a body of at most ``max_parse_bytes`` are read
+    (their chunks joined once, large ones parsed off the event loop); larger bodies pass
+    through untouched and vLLM answers them.
     """
 
     def __init__(self, app: ASGIApp, plugin: EndpointPlugin) -> None:
@@ -138,45 +205,35 @@ class PinnedModelMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         reconciler = self.plugin.reconciler
+        cap = self.plugin.max_parse_bytes
         if (
             reconciler is None
             or scope["type"] != "http"
             or scope.get("method") != "POST"
             or scope["path"].removeprefix(scope.get("root_path", "")) not in _MODEL_ROUTES
+            or (_content_length(scope) or 0) > cap
         ):
             await self.app(scope, receive, send)
             return
-        messages: list[Message] = []
-        body = b""
-        while True:
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                break
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
-        if b"@" in body:
-            error = await self._ensure_pinned(reconciler, body)
-            if error is not None:
-                await _error(400, error, "BadRequestError")(scope, receive, send)
+        messages, body = await read_capped(receive, cap)
+        model = await pinned_model(body) if body is not None else None
+        if model is not None:
+            refusal = await self._ensure_pinned(reconciler, model)
+            if refusal is not None:
+                err_type = "BadRequestError" if refusal.status < 500 else "ServiceUnavailableError"
+                await _error(refusal.status, refusal.message, err_type)(scope, receive, send)
                 return
+        pending = deque(messages)
 
         async def replay() -> Message:
-            if messages:
-                return messages.pop(0)
+            if pending:
+                return pending.popleft()
             return await receive()
 
         await self.app(scope, replay, send)
 
     @staticmethod
-    async def _ensure_pinned(reconciler: Reconciler, body: bytes) -> str | None:
-        try:
-            model = json.loads(body).get("model")
-        except (ValueError, AttributeError):
-            return None  # vLLM reports the bad body itself
-        if not isinstance(model, str) or "@" not in model:
-            return None
+    async def _ensure_pinned(reconciler: Reconciler, model: str) -> PinRefusal | None:
         try:
             return await reconciler.ensure_pinned(model)
         except Exception:
@@ -192,6 +249,7 @@ class EndpointPlugin:
 
     def __init__(self) -> None:
         self.reconciler: Reconciler | None = None
+        self.max_parse_bytes = Settings.max_parse_bytes
         self.watcher: RegistryWatcher | None = None
         self.error: str | None = None
         self._task: asyncio.Task[None] | None = None
@@ -242,15 +300,18 @@ class EndpointPlugin:
             logger.error("agent_finetune: %s; plugin disabled", e)
             return
         limits = _limits(engine_client, args, settings)
-        cache = AdapterCache(process_cache_dir(settings.cache_dir), limits)
+        folder = ProcessDir(settings.cache_dir)
+        atexit.register(folder.close)
+        cache = AdapterCache(
+            folder.path, limits, max_bytes=settings.cache_max_bytes, grace_s=settings.cache_grace_s
+        )
         reconciler = Reconciler(
             Registry(settings.registry),
             cache,
             VllmTransport(state.openai_serving_models),
-            resync_s=settings.resync_s,
-            max_pinned=settings.max_pinned,
-            cache_grace_s=settings.cache_grace_s,
+            **reconciler_options(settings),
         )
+        self.max_parse_bytes = settings.max_parse_bytes
         self.watcher = RegistryWatcher(
             settings.registry,
             reconciler.wake,

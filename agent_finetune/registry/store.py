@@ -7,6 +7,8 @@ Layout (see DESIGN.md)::
     <root>/<name>/history.jsonl     append-only log of every pointer move
     <root>/<name>/.staging-*        publishes in progress; readers ignore them
     <root>/<name>/.lock             serialises writers (version numbers, pointer moves)
+    <root>/.agent-finetune-registry marker written by the first write: a root without it (an
+                                    unmounted volume, a recreated folder) is not a registry
 
 Imports nothing heavy: the server plugin and the CLI start fast.
 """
@@ -52,6 +54,7 @@ HISTORY = "history.jsonl"
 VERSIONS = "versions"
 LOCK = ".lock"
 STAGING_PREFIX = ".staging-"
+MARKER = ".agent-finetune-registry"
 MANIFEST_FORMAT = 1
 
 # Files copied from an adapter folder besides the two PEFT files: tokenizer files make a
@@ -178,6 +181,14 @@ class Registry:
         return self.name_dir(name) / VERSIONS / check_version(version)
 
     # -- reading ----------------------------------------------------------------------------
+    def is_marked(self) -> bool:
+        """Whether the root carries the marker that every write leaves (read-only check).
+
+        Readers that act on absence (the server unloads names that left the registry) must
+        not trust a root without it: an unmounted network volume looks like an empty folder.
+        """
+        return (self.root / MARKER).is_file()
+
     def names(self) -> list[str]:
         """Adapter names that have at least one published version."""
         if not self.root.is_dir():
@@ -257,6 +268,10 @@ class Registry:
         """Exclusive per-name lock (flock), held while assigning versions or moving pointers."""
         ndir = self.name_dir(name)
         ndir.mkdir(parents=True, exist_ok=True)
+        if not self.is_marked():
+            (self.root / MARKER).write_text(
+                "This folder is an agent-finetune adapter registry.\n", encoding="utf-8"
+            )
         with (ndir / LOCK).open("a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
