@@ -34,7 +34,8 @@ from typing import IO, Any
 from agent_finetune.registry import Registry
 from agent_finetune.registry.adapter import read_adapter_config
 from agent_finetune.registry.names import ENV_REGISTRY
-from server_plugin.settings import PLUGIN_NAME
+from server_plugin.preload import PreloadPolicy, default_max_cpu_loras
+from server_plugin.settings import ENV_PRELOAD, PLUGIN_NAME
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 # vLLM accepts only these --max-lora-rank values.
@@ -106,6 +107,7 @@ def build_command(
     max_loras: int | None = None,
     max_cpu_loras: int | None = None,
     max_pinned: int = 4,
+    preload: str | None = None,
     python: str = sys.executable,
 ) -> list[str]:
     """The vLLM command line: LoRA on, bounds sized for hot swaps, ``extra_args`` win."""
@@ -122,9 +124,15 @@ def build_command(
         cmd += ["--max-loras", str(loras)]
     if not _has_flag(extra, "--max-cpu-loras"):
         # Live versions, the ones they replaced (instant rollback) and pinned ones stay in
-        # the engine's CPU cache instead of being re-read from disk.
+        # the engine's CPU cache instead of being re-read from disk; bounded unless every
+        # name is preloaded (AGENT_FINETUNE_PRELOAD=all), so memory does not grow with the
+        # registry.
         n_names = len(Registry(registry).names()) if registry and Path(registry).is_dir() else 0
-        cmd += ["--max-cpu-loras", str(max_cpu_loras or max(loras, n_names + max_pinned, 8))]
+        policy = PreloadPolicy.parse(preload)
+        cpu_loras = max_cpu_loras or default_max_cpu_loras(
+            policy, n_names, max_pinned, max(loras, 8)
+        )
+        cmd += ["--max-cpu-loras", str(cpu_loras)]
     return cmd + extra
 
 
@@ -255,6 +263,8 @@ def start_server(
     (default: discarded).
     """
     port = port or free_port()
+    if "preload" not in command_options and settings and ENV_PRELOAD in settings:
+        command_options["preload"] = settings[ENV_PRELOAD]
     cmd = build_command(
         model, registry, port=port, host=host, extra_args=extra_args, **command_options
     )

@@ -14,6 +14,7 @@ import asyncio
 import atexit
 import json
 import logging
+import time
 from argparse import Namespace
 from collections import deque
 from typing import Any
@@ -26,6 +27,7 @@ from agent_finetune.errors import LoadError, ServerUnavailableError
 from agent_finetune.registry import Registry
 from agent_finetune.registry.adapter import linear_shapes, load_base_config
 from server_plugin.cache import AdapterCache, Limits, ProcessDir
+from server_plugin.preload import USAGE_FILE, PreloadPolicy, Usage
 from server_plugin.reconciler import PinRefusal, Reconciler
 from server_plugin.settings import PLUGIN_NAME, Settings, reconciler_options
 from server_plugin.watcher import RegistryWatcher
@@ -91,9 +93,10 @@ class VllmTransport:
         self.models.lora_requests.pop(served_name, None)
 
 
-async def list_models(request: Request) -> Response:
+async def list_models(request: Request, lazy: list[str] | None = None) -> Response:
     """vLLM's ``/v1/models``, listing each served name (a repointed name shares its
-    version's LoRARequest, whose ``lora_name`` is ``name@vNNNN``)."""
+    version's LoRARequest, whose ``lora_name`` is ``name@vNNNN``), then the ``lazy`` names
+    (not loaded yet; their first request loads them)."""
     models = request.app.state.openai_serving_models
     result = await models.show_available_models()
     try:
@@ -101,6 +104,16 @@ async def list_models(request: Request) -> Response:
         n_base = len(result.data) - len(names)
         for card, name in zip(result.data[n_base:], names, strict=False):
             card.id = name
+        if lazy and n_base > 0:
+            base = result.data[0]
+            served = set(names)
+            result.data.extend(
+                base.model_copy(
+                    update={"id": n, "root": n, "parent": base.id, "max_model_len": None}
+                )
+                for n in lazy
+                if n not in served
+            )
     except Exception:
         logger.exception("agent_finetune: renaming /v1/models entries failed")
     return JSONResponse(content=result.model_dump())
@@ -128,6 +141,14 @@ def _limits(engine_client: Any, args: Namespace, settings: Settings) -> Limits:
         base_config=base_config,
         check_base_name=settings.strict_base,
     )
+
+
+def _engine_bound(engine_client: Any) -> int | None:
+    """``--max-cpu-loras``: adapters the engine keeps in host memory (its LRU)."""
+    try:
+        return int(engine_client.vllm_config.lora_config.max_cpu_loras)
+    except (AttributeError, TypeError, ValueError):
+        return None
 
 
 def _error(status: int, message: str, err_type: str) -> JSONResponse:
@@ -169,16 +190,17 @@ def _model_field(body: bytes) -> str | None:
     return model if isinstance(model, str) else None
 
 
-async def pinned_model(body: bytes) -> str | None:
-    """The body's ``model`` when it names a pinned ``name@vNNNN``-like value, else None.
+async def pinned_model(body: bytes, *, any_name: bool = False) -> str | None:
+    """The body's ``model`` when it names a pinned ``name@vNNNN``-like value (or, with
+    ``any_name``, any value: lazy names load on their first request), else None.
     Large bodies are parsed in a thread so the event loop keeps serving."""
-    if b"@" not in body:
+    if not any_name and b"@" not in body:
         return None
     if len(body) >= _PARSE_IN_THREAD_BYTES:
         model = await asyncio.to_thread(_model_field, body)
     else:
         model = _model_field(body)
-    return model if model is not None and "@" in model else None
+    return model if model is not None and (any_name or "@" in model) else None
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -216,7 +238,7 @@ class PinnedModelMiddleware:
             await self.app(scope, receive, send)
             return
         messages, body = await read_capped(receive, cap)
-        model = await pinned_model(body) if body is not None else None
+        model = await pinned_model(body, any_name=reconciler.lazy) if body is not None else None
         if model is not None:
             refusal = await self._ensure_pinned(reconciler, model)
             if refusal is not None:
@@ -235,6 +257,8 @@ class PinnedModelMiddleware:
     @staticmethod
     async def _ensure_pinned(reconciler: Reconciler, model: str) -> PinRefusal | None:
         try:
+            if "@" not in model:
+                return await reconciler.ensure_name(model)
             return await reconciler.ensure_pinned(model)
         except Exception:
             logger.exception("agent_finetune: loading pinned %s failed", model)
@@ -252,15 +276,22 @@ class EndpointPlugin:
         self.max_parse_bytes = Settings.max_parse_bytes
         self.watcher: RegistryWatcher | None = None
         self.error: str | None = None
+        self.startup_s: float | None = None
         self._task: asyncio.Task[None] | None = None
 
     def attach_router(self, app: Any) -> None:
         try:
             app.add_api_route("/v1/adapters", self.adapters, methods=["GET"])
-            app.add_api_route("/v1/models", list_models, methods=["GET"])
+            app.add_api_route("/v1/models", self.models, methods=["GET"])
             app.add_middleware(PinnedModelMiddleware, plugin=self)
         except Exception:
             logger.exception("agent_finetune: attaching routes failed; plugin disabled")
+
+    async def models(self, request: Request) -> Response:
+        """``GET /v1/models``: every served name and every lazy one."""
+        reconciler = self.reconciler
+        lazy = reconciler.lazy_names() if reconciler is not None and reconciler.lazy else None
+        return await list_models(request, lazy)
 
     async def adapters(self, request: Request) -> Response:
         """Per adapter name: desired and live version, state, last error, load times."""
@@ -275,7 +306,7 @@ class EndpointPlugin:
                 },
                 status_code=503,
             )
-        return JSONResponse(self.reconciler.status())
+        return JSONResponse({**self.reconciler.status(), "startup_seconds": self.startup_s})
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         try:
@@ -285,6 +316,7 @@ class EndpointPlugin:
             logger.exception("agent_finetune: plugin failed to start; serving without it")
 
     async def _init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
+        t0 = time.monotonic()
         _setup_logging()
         if engine_client is None:
             self.error = "agent_finetune needs an engine (not the render-only server)"
@@ -300,6 +332,8 @@ class EndpointPlugin:
             logger.error("agent_finetune: %s; plugin disabled", e)
             return
         limits = _limits(engine_client, args, settings)
+        usage = Usage(settings.cache_dir / USAGE_FILE)
+        atexit.register(usage.save, True)
         folder = ProcessDir(settings.cache_dir)
         atexit.register(folder.close)
         cache = AdapterCache(
@@ -310,6 +344,9 @@ class EndpointPlugin:
             cache,
             VllmTransport(state.openai_serving_models),
             **reconciler_options(settings),
+            preload=PreloadPolicy.parse(settings.preload),
+            engine_bound=_engine_bound(engine_client),
+            usage=usage,
         )
         self.max_parse_bytes = settings.max_parse_bytes
         self.watcher = RegistryWatcher(
@@ -319,8 +356,9 @@ class EndpointPlugin:
             poll_interval_s=min(1.0, settings.resync_s),
         )
         atexit.register(self.watcher.stop)
-        # Serve every current version before the server reports ready.
+        # Serve every preloaded name before the server reports ready (lazy ones: metadata).
         await reconciler.reconcile_once()
+        self.startup_s = round(time.monotonic() - t0, 6)
         self.reconciler = reconciler
         self._task = asyncio.get_running_loop().create_task(
             reconciler.run(before_pass=self.watcher.start), name="agent_finetune-reconcile"
@@ -333,6 +371,9 @@ class EndpointPlugin:
             limits.max_rank,
             settings.resync_s,
             "polling" if settings.polling else "inotify",
+        )
+        logger.info(
+            "agent_finetune: start-up took %.2fs; preload %s", self.startup_s, reconciler.policy
         )
 
 

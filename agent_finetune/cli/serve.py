@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent_finetune.errors import RegistryError
+from agent_finetune.errors import ConfigError, RegistryError
 from agent_finetune.registry.names import ENV_REGISTRY
 from server_plugin import settings as S
 
@@ -57,7 +57,14 @@ def add_serve_parser(subparsers: Any) -> None:
         "--max-cpu-loras",
         type=int,
         default=None,
-        help="adapters vLLM keeps in memory (default: max(8, names + --max-pinned))",
+        help="adapters vLLM keeps in memory (default: names + --max-pinned, at most 64 "
+        "unless --preload all)",
+    )
+    p.add_argument(
+        "--preload",
+        default=None,
+        help="names loaded at start: auto (default: all while they fit --max-cpu-loras), "
+        "all, none, recent:N or a,b,c; the others load on their first request",
     )
     p.add_argument(
         "--max-pinned",
@@ -95,6 +102,13 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         settings[S.ENV_CACHE_DIR] = str(Path(args.cache_dir).expanduser().absolute())
     if args.no_strict_base:
         settings[S.ENV_STRICT_BASE] = "0"
+    if args.preload is not None:
+        from server_plugin.preload import PreloadPolicy
+
+        try:
+            settings[S.ENV_PRELOAD] = str(PreloadPolicy.parse(args.preload))
+        except ValueError as e:
+            raise ConfigError(str(e).replace(f"{S.ENV_PRELOAD}=", "--preload ")) from None
     cmd = build_command(
         args.model,
         registry,
@@ -105,6 +119,7 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         max_loras=args.max_loras,
         max_cpu_loras=args.max_cpu_loras,
         max_pinned=args.max_pinned,
+        preload=args.preload,
     )
     return cmd, build_env(registry, settings=settings)
 

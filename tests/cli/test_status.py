@@ -27,16 +27,19 @@ class DictTransport:
     """Serves a dict of name -> path, like vLLM's lora_requests."""
 
     def __init__(self) -> None:
-        self.served: dict[str, str] = {}
+        self.table: dict[str, str] = {}
+
+    async def served(self) -> dict[str, str]:
+        return dict(self.table)
 
     async def load(self, served_name: str, path: str) -> None:
-        self.served[served_name] = path
+        self.table[served_name] = path
 
     async def repoint(self, name: str, target: str) -> None:
-        self.served[name] = self.served[target]
+        self.table[name] = self.table[target]
 
     async def unload(self, served_name: str) -> None:
-        self.served.pop(served_name, None)
+        self.table.pop(served_name, None)
 
 
 class Replica:
@@ -44,7 +47,7 @@ class Replica:
 
     def __init__(self, registry: Registry, cache: Path) -> None:
         self.reconciler = Reconciler(
-            registry, AdapterCache(cache, LIMITS), DictTransport(), cache_grace_s=0
+            registry, AdapterCache(cache, LIMITS, grace_s=0), DictTransport()
         )
         replica = self
 
