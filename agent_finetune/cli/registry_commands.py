@@ -13,6 +13,7 @@ from agent_finetune.cli.output import emit_json, print_table
 from agent_finetune.errors import NotFoundError
 from agent_finetune.registry import ENV_REGISTRY, Registry, verify_folder
 from agent_finetune.registry.adapter import load_base_config
+from agent_finetune.registry.index import listing
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -55,7 +56,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     reg = _registry(args)
-    infos = reg.entries(args.name)
+    # Every name: through the rebuildable index (fast at thousands of names).
+    infos = reg.entries(args.name) if args.name else listing(reg)
     if args.json:
         emit_json(
             [

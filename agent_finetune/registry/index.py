@@ -1,0 +1,143 @@
+"""A rebuildable listing index, so ``agent-finetune list`` stays fast at 10,000 names.
+
+``<root>/.index.json`` keeps, per name, the stamps of its ``versions/`` folder and its
+``current`` file, the current version, and a summary of each version's manifest
+(``created_at``, base model, rank, metrics). Listing stats those two paths per name and
+uses the summary only when both stamps match and neither changed within ``RACY_NS`` of
+the index being written (a change in the same clock tick as the write could hide behind an
+equal mtime: git's "racy index" rule); any other name is re-read from its folders, and the
+file is rewritten when the root is writable.
+
+The folders stay the truth: deleting the file is always safe (the next ``list`` rebuilds
+it), writers never touch it, and the server never reads it. Version folders are immutable
+once published, so a version's summary can only go stale by the folder leaving
+``versions/``, which changes that folder's stamp.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from agent_finetune.errors import RegistryError
+from agent_finetune.registry.names import is_name
+from agent_finetune.registry.store import CURRENT, VERSIONS, Registry, VersionInfo
+
+INDEX = ".index.json"
+INDEX_FORMAT = 1
+RACY_NS = 2_000_000_000
+
+Stamp = list[int]
+
+
+def _stamp(path: str) -> Stamp | None:
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return [st.st_ino, st.st_mtime_ns, st.st_size]
+
+
+def summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What ``list`` shows of a manifest."""
+    lora = manifest.get("lora")
+    return {
+        "created_at": manifest.get("created_at"),
+        "base_model": manifest.get("base_model"),
+        "lora": {"r": lora.get("r") if isinstance(lora, dict) else None},
+        "metrics": manifest.get("metrics"),
+    }
+
+
+def _read(registry: Registry, name: str) -> dict[str, Any]:
+    versions = {}
+    for v in registry.versions(name):
+        try:
+            versions[v] = summary(registry.manifest(name, v))
+        except RegistryError:
+            versions[v] = {}
+    return {"current": registry.current(name), "versions": versions}
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
+        return {}
+    names = data.get("names")
+    written = data.get("written_ns")
+    if not isinstance(names, dict) or not isinstance(written, int):
+        return {}
+    return {"names": names, "written_ns": written}
+
+
+def listing(registry: Registry) -> list[VersionInfo]:
+    """Every published version of every name, oldest first, as ``Registry.entries()``
+    would list it, with manifests reduced to ``summary``."""
+    root = registry.root
+    path = root / INDEX
+    old = _load(path)
+    old_names: dict[str, Any] = old.get("names", {})
+    trusted_before = old.get("written_ns", 0) - RACY_NS
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as e:
+        raise RegistryError(f"cannot list {root}: {e.strerror or e}") from e
+    started_ns = time.time_ns()
+    fresh: dict[str, Any] = {}
+    changed = False
+    for entry in entries:
+        name = entry.name
+        if not is_name(name):
+            continue
+        if entry.is_symlink():
+            try:
+                registry.name_dir(name)
+            except RegistryError:
+                continue  # a symlink out of the root: never listed
+        base = os.path.join(root, name)
+        stamps = [_stamp(os.path.join(base, VERSIONS)), _stamp(os.path.join(base, CURRENT))]
+        if stamps[0] is None:
+            continue  # not a published name
+        cached = old_names.get(name)
+        if (
+            isinstance(cached, dict)
+            and cached.get("stamps") == stamps
+            and all(s is None or s[1] < trusted_before for s in stamps)
+            and isinstance(cached.get("versions"), dict)
+        ):
+            fresh[name] = cached
+            continue
+        try:
+            fresh[name] = {"stamps": stamps, **_read(registry, name)}
+        except RegistryError:
+            continue  # an escaping symlink or a name that vanished: not listed
+        changed = True
+    if changed or set(fresh) != set(old_names):
+        _write(path, {"format": INDEX_FORMAT, "written_ns": started_ns, "names": fresh})
+    out = []
+    for name, item in fresh.items():
+        cur = item.get("current")
+        for v, meta in item["versions"].items():
+            out.append(VersionInfo(name, v, root / name / VERSIONS / v, meta, v == cur))
+    return out
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    """Best effort: a reader without write access to the root just lists from folders."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, separators=(",", ":")), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
