@@ -30,6 +30,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -58,9 +59,38 @@ def name_of(i: int) -> str:
 
 
 # -- registry ---------------------------------------------------------------------------
-def grow(registry: Any, weights: list[Path], start: int, stop: int) -> None:
+def clone_names(registry: Any, template: str, start: int, stop: int) -> None:
+    """Add names ``start..stop-1`` as copies of ``template``'s folder: its version files
+    hard-linked (immutable), its pointer and history copied. A registry of 10,000 names in
+    a minute, where 10,000 real publishes take ~15 min on this disk (fsync-bound); the
+    publish latency is measured separately, by real publishes."""
+    import shutil
+
+    src = registry.name_dir(template)
     for i in range(start, stop):
-        registry.publish(name_of(i), weights[i % len(weights)], reason="bench")
+        dest = registry.root / name_of(i)
+        if dest.exists():
+            continue
+        tmp = registry.root / f".clone-{i}"
+        shutil.copytree(src / "versions", tmp / "versions", copy_function=os.link)
+        shutil.copy(src / "current", tmp / "current")
+        shutil.copy(src / "history.jsonl", tmp / "history.jsonl")
+        os.rename(tmp, dest)
+
+
+def fsync_s(folder: Path, n: int = 50) -> list[float]:
+    """This disk's fsync latency: what a publish (about 10 fsyncs) is made of."""
+    out = []
+    path = folder / ".fsync-probe"
+    for _ in range(n):
+        t0 = time.perf_counter()
+        with path.open("w") as f:
+            f.write("x")
+            f.flush()
+            os.fsync(f.fileno())
+        out.append(time.perf_counter() - t0)
+    path.unlink()
+    return out
 
 
 def time_it(fn: Callable[[], Any]) -> float:
@@ -71,17 +101,20 @@ def time_it(fn: Callable[[], Any]) -> float:
 
 def registry_part(work: Path, weights: list[Path], sizes: list[int]) -> list[dict[str, Any]]:
     from agent_finetune.registry import Registry
+    from agent_finetune.registry.index import INDEX, listing
 
-    registry = Registry(work / "registry-ops")
+    registry = Registry(work / "registry")
     registry.root.mkdir(parents=True, exist_ok=True)
+    if not registry.names():
+        registry.publish(name_of(0), weights[0], reason="bench")
     env = {**os.environ, "AGENT_FINETUNE_REGISTRY": str(registry.root)}
-    cli = [sys.executable, "-m", "agent_finetune.cli", "list"]
+    cli = [sys.executable, "-m", "agent_finetune.cli"]
     rng = random.Random(0)
-    rows, have = [], 0
+    rows = []
     for size in sizes:
         t0 = time.perf_counter()
-        grow(registry, weights, have, size)
-        build_s, have = time.perf_counter() - t0, size
+        clone_names(registry, name_of(0), 1, size)
+        build_s = time.perf_counter() - t0
         # New versions of random existing names, made current: the publish a team runs.
         publish_s = []
         for _ in range(100):
@@ -89,21 +122,28 @@ def registry_part(work: Path, weights: list[Path], sizes: list[int]) -> list[dic
             t0 = time.perf_counter()
             registry.publish(name, source)
             publish_s.append(time.perf_counter() - t0)
+        (registry.root / INDEX).unlink(missing_ok=True)
+        cold = time_it(lambda: listing(registry))  # rebuilds the index
+        time.sleep(2.5)  # past the index's racy window, as any later `list` is
+        listing(registry)
         rows.append(
             {
                 "names": size,
-                "build_s": build_s,
+                "clone_s": build_s,
+                "fsync_s": p50_p95(fsync_s(registry.root)),
                 "publish_s": p50_p95(publish_s),
                 "names_s": min(time_it(registry.names) for _ in range(3)),
-                "entries_s": min(time_it(registry.entries) for _ in range(3)),
-                "cli_list_s": min(
-                    time_it(lambda: subprocess.run(cli, env=env, check=True, capture_output=True))
+                "entries_s (every manifest)": time_it(registry.entries),
+                "listing_s (index rebuilt)": cold,
+                "listing_s (index)": min(time_it(lambda: listing(registry)) for _ in range(3)),
+                "cli_version_s (interpreter + imports)": min(
+                    time_it(lambda: subprocess.run([*cli, "--version"], env=env, check=True))
                     for _ in range(3)
                 ),
-                "cli_list_json_s": min(
+                "cli_list_s": min(
                     time_it(
                         lambda: subprocess.run(
-                            [*cli, "--json"], env=env, check=True, capture_output=True
+                            [*cli, "list"], env=env, check=True, capture_output=True
                         )
                     )
                     for _ in range(3)
@@ -111,6 +151,280 @@ def registry_part(work: Path, weights: list[Path], sizes: list[int]) -> list[dic
             }
         )
         print_rows("registry", [rows[-1]])
+    return rows
+
+
+# -- servers -----------------------------------------------------------------------------
+def group_rss_bytes(pid: int) -> int:
+    """Resident memory of every process in the server's process group (API server,
+    engine core, workers)."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            pgid = int(stat.rsplit(")", 1)[1].split()[2])
+            if pgid != pid:
+                continue
+            for line in Path(f"/proc/{entry}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+def start(
+    model: Path, registry: Path, work: Path, tag: str, settings: dict[str, str], **kw: Any
+) -> Any:
+    from server_plugin.launch import start_server
+
+    return start_server(
+        str(model),
+        registry,
+        log_path=work / f"{tag}.log",
+        settings={
+            **SETTINGS,
+            "AGENT_FINETUNE_CACHE_DIR": str(work / f"cache-{tag}"),
+            **settings,
+        },
+        extra_args=VLLM_ARGS,
+        wait=False,
+        **kw,
+    )
+
+
+def ready(server: Any) -> tuple[float, dict[str, Any]]:
+    t0 = time.perf_counter()
+    server.wait_ready(900)
+    return time.perf_counter() - t0, server.get_json("/v1/adapters", timeout=60)
+
+
+def startup_row(tag: str, names: int, policy: str, spawned: float, server: Any) -> dict[str, Any]:
+    _, status = ready(server)
+    return {
+        "server": tag,
+        "names": names,
+        "preload": status["preload"]["policy"],
+        "setting": policy,
+        "plugin_startup_s": status.get("startup_seconds"),
+        "ready_s": time.perf_counter() - spawned,
+        "loaded_at_start": sum(a["state"] == "live" for a in status["data"]),
+        "rss_bytes": group_rss_bytes(server.process.pid),
+        "cache_bytes": status.get("cache_bytes"),
+        "pass_s": status.get("last_pass_seconds"),
+    }
+
+
+def chat(client: Any, model: str) -> str:
+    r = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": PROMPT}], max_tokens=1, temperature=0
+    )
+    return str(r.model)
+
+
+def traffic(server: Any, names: list[str], n: int, clients: int) -> dict[str, Any]:
+    """``n`` requests naming ``names`` (in order), from ``clients`` threads."""
+    from openai import OpenAI
+
+    before = server.get_json("/v1/adapters", timeout=60)["preload"]
+    queue = list(enumerate(names[:n]))
+    lock = threading.Lock()
+    lat: list[float] = []
+    failed: list[str] = []
+    peak = {"rss": 0}
+
+    def worker() -> None:
+        client = OpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=120)
+        while True:
+            with lock:
+                if not queue:
+                    return
+                i, name = queue.pop(0)
+            t0 = time.perf_counter()
+            try:
+                served = chat(client, name)
+                if not served.startswith(name + "@"):
+                    raise AssertionError(f"{name} answered as {served}")
+                with lock:
+                    lat.append(time.perf_counter() - t0)
+            except Exception as e:
+                with lock:
+                    failed.append(f"{name}: {type(e).__name__}: {str(e)[:200]}")
+            if i % 100 == 0:
+                peak["rss"] = max(peak["rss"], group_rss_bytes(server.process.pid))
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    status = server.get_json("/v1/adapters", timeout=60)
+    after = status["preload"]
+    hits, misses = after["hits"] - before["hits"], after["misses"] - before["misses"]
+    return {
+        "requests": n,
+        "failed": len(failed),
+        "failures": failed[:5],
+        "hit_rate": hits / max(1, hits + misses),
+        "latency_s": p50_p95(lat),
+        "peak_rss_bytes": max(peak["rss"], group_rss_bytes(server.process.pid)),
+        "cache_bytes": status["cache_bytes"],
+        "lazy_loaded": after["lazy_loaded"],
+        "lazy_capacity": after["lazy_capacity"],
+        "engine_bound": after["engine_bound"],
+    }
+
+
+def zipf_names(n_names: int, n: int, s: float, rng: random.Random) -> list[str]:
+    weights = [1.0 / (k + 1) ** s for k in range(n_names)]
+    order = list(range(n_names))
+    rng.shuffle(order)  # popular names spread over the registry, not its first folders
+    return [name_of(order[k]) for k in rng.choices(range(n_names), weights=weights, k=n)]
+
+
+def server_part(
+    work: Path, model: Path, registry: Path, n_names: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Start-up: empty vs lazy vs preload; then traffic on the lazy server."""
+    empty = work / "empty-registry"
+    empty.mkdir(exist_ok=True)
+    (empty / ".agent-finetune-registry").touch()
+    out: dict[str, Any] = {"startup": []}
+    bounds = {
+        "AGENT_FINETUNE_CACHE_MAX_BYTES": str(args.cache_max_bytes),
+        "AGENT_FINETUNE_CACHE_GRACE_S": "10",
+        "AGENT_FINETUNE_MAX_LOADS": "2",
+    }
+    for tag, reg, names, policy in (
+        ("empty", empty, 0, "auto"),
+        ("preload-10k", registry, n_names, "auto"),
+    ):
+        t0 = time.perf_counter()
+        server = start(model, reg, work, tag, {**bounds, "AGENT_FINETUNE_PRELOAD": policy})
+        try:
+            out["startup"].append(startup_row(tag, names, policy, t0, server))
+        finally:
+            server.stop()
+        print_rows("server start-up", [out["startup"][-1]])
+    t0 = time.perf_counter()
+    server = start(model, registry, work, "lazy-10k", {**bounds, "AGENT_FINETUNE_PRELOAD": "none"})
+    try:
+        out["startup"].append(startup_row("lazy-10k", n_names, "none", t0, server))
+        print_rows("server start-up", [out["startup"][-1]])
+        out["models_listed"] = len(server.get_json("/v1/models", timeout=60)["data"])
+        rng = random.Random(1)
+        cold = rng.sample(range(n_names), 40)
+        out["cold"] = traffic(server, [name_of(i) for i in cold], 40, 1)
+        out["warm"] = traffic(server, [name_of(i) for i in cold], 40, 1)
+        print_rows("first request: cold, then warm", [out["cold"], out["warm"]])
+        uniform = [name_of(rng.randrange(n_names)) for _ in range(args.requests)]
+        out["uniform"] = traffic(server, uniform, args.requests, args.clients)
+        print_rows("random names, uniform", [out["uniform"]])
+        zipf = zipf_names(n_names, args.requests, 1.1, rng)
+        out["zipf"] = traffic(server, zipf, args.requests, args.clients)
+        print_rows("random names, Zipf s=1.1", [out["zipf"]])
+        out["adapter_bytes"] = sum(
+            f.stat().st_size for f in (registry / name_of(0) / "versions" / "v0001").iterdir()
+        )
+    finally:
+        server.stop()
+    return out
+
+
+# -- replicas ----------------------------------------------------------------------------
+def converge_once(
+    servers: list[Any], clients: list[Any], registry: Any, name: str, version: str
+) -> list[float]:
+    """Promote, then per replica: seconds until it answers as ``name@version``."""
+    want = f"{name}@{version}"
+    times: list[float | None] = [None] * len(servers)
+    t0 = time.perf_counter()
+    registry.promote(name, version)
+
+    def watch(k: int) -> None:
+        while time.perf_counter() - t0 < 60:
+            live = next(
+                (a for a in servers[k].get_json("/v1/adapters")["data"] if a["name"] == name), {}
+            )
+            if live.get("live") == version:
+                times[k] = time.perf_counter() - t0
+                break
+            time.sleep(0.01)
+        assert chat(clients[k], name) == want, f"replica {k} does not answer as {want}"
+
+    threads = [threading.Thread(target=watch, args=(k,)) for k in range(len(servers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if any(t is None for t in times):
+        raise TimeoutError(f"not every replica served {want} within 60 s: {times}")
+    return [float(t) for t in times if t is not None]
+
+
+def replicas_part(
+    work: Path, model: Path, weights: list[Path], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    from openai import OpenAI
+
+    from agent_finetune.registry import Registry
+
+    rows = []
+    for mode in ("inotify", "polling"):
+        registry = Registry(work / f"replica-registry-{mode}")
+        registry.root.mkdir(parents=True, exist_ok=True)
+        name = "fleet"
+        for i in range(args.promotes + 1):
+            registry.publish(name, weights[i % len(weights)], make_current=i == 0)
+        settings = {"AGENT_FINETUNE_RESYNC_S": str(args.resync)}
+        if mode == "polling":
+            settings["AGENT_FINETUNE_POLLING"] = "1"
+        servers = [
+            start(model, registry.root, work, f"replica-{mode}-{k}", settings)
+            for k in range(args.replicas)
+        ]
+        try:
+            for s in servers:
+                s.wait_ready(900)
+            clients = [
+                OpenAI(base_url=s.base_url, api_key="x", max_retries=0, timeout=60) for s in servers
+            ]
+            two, three = [], []
+            for i in range(1, args.promotes + 1):
+                times = converge_once(servers, clients, registry, name, f"v{i + 1:04d}")
+                two.append(max(times[:2]))
+                three.append(max(times))
+                time.sleep(0.2)
+            status = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "agent_finetune.cli",
+                    "status",
+                    "--max-lag",
+                    "5",
+                    *[x for s in servers for x in ("--server", s.url)],
+                ],
+                capture_output=True,
+                text=True,
+            )
+            rows.append(
+                {
+                    "watch": mode,
+                    "resync_s": args.resync,
+                    "promotes": args.promotes,
+                    "every_of_2_s": p50_p95(two),
+                    f"every_of_{args.replicas}_s": p50_p95(three),
+                    "status_exit": status.returncode,
+                    "status_last_line": status.stdout.strip().splitlines()[-1],
+                }
+            )
+            print_rows("replica convergence (promote -> every replica serves it)", [rows[-1]])
+        finally:
+            for s in servers:
+                s.stop()
     return rows
 
 
@@ -141,8 +455,16 @@ def print_rows(title: str, rows: list[dict[str, Any]]) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", default="registry,server,traffic,replicas")
+    parser.add_argument("--parts", default="registry,server,replicas")
     parser.add_argument("--sizes", default="100,1000,10000", help="registry sizes")
+    parser.add_argument("--requests", type=int, default=2000, help="random-name requests")
+    parser.add_argument("--clients", type=int, default=4, help="concurrent clients")
+    parser.add_argument(
+        "--cache-max-bytes", type=int, default=64 << 20, help="AGENT_FINETUNE_CACHE_MAX_BYTES"
+    )
+    parser.add_argument("--replicas", type=int, default=3)
+    parser.add_argument("--promotes", type=int, default=20)
+    parser.add_argument("--resync", type=float, default=2.0, help="AGENT_FINETUNE_RESYNC_S")
     parser.add_argument("--workdir", default=None, help="scratch folder (default: temp)")
     parser.add_argument("--json", default=str(ROOT / "bench" / "scale.json"))
     return parser.parse_args()
@@ -152,6 +474,7 @@ def main() -> int:
     args = parse_args()
     parts = set(args.parts.split(","))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="scale-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from agent_finetune.training.tiny_model import build_tiny_model, random_adapter
 
@@ -161,20 +484,35 @@ def main() -> int:
     weights = []
     for i in range(N_WEIGHTS):
         out = work / f"weights{i}"
-        weights.append(
-            out
-            if (out / "adapter_config.json").is_file()
-            else random_adapter(model, out, seed=2000 + i)
-        )
+        if not (out / "adapter_config.json").is_file():
+            random_adapter(model, out, seed=2000 + i)
+        weights.append(out)
     report: dict[str, Any] = {
+        "command": " ".join(sys.argv),
         "machine": {"cpus": os.cpu_count(), "loadavg_1m_at_start": os.getloadavg()[0]},
-        "adapter_bytes": sum(f.stat().st_size for f in weights[0].iterdir()),
     }
+    sizes = [int(s) for s in args.sizes.split(",")]
+
+    def save() -> None:
+        report["machine"]["loadavg_1m_now"] = os.getloadavg()[0]
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
     if "registry" in parts:
-        sizes = [int(s) for s in args.sizes.split(",")]
         report["registry"] = registry_part(work, weights, sizes)
-    report["machine"]["loadavg_1m_at_end"] = os.getloadavg()[0]
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        save()
+    if "server" in parts:
+        from agent_finetune.registry import Registry
+
+        registry = Registry(work / "registry")
+        if not registry.names():
+            registry.publish(name_of(0), weights[0])
+        clone_names(registry, name_of(0), 1, sizes[-1])
+        report["server"] = server_part(work, model, registry.root, sizes[-1], args)
+        save()
+    if "replicas" in parts:
+        report["replicas"] = replicas_part(work, model, weights, args)
+        save()
+    save()
     print(f"JSON: {args.json}")
     return 0
 

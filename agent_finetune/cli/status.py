@@ -86,7 +86,10 @@ def _serves(entry: dict[str, Any]) -> str | None:
 
 
 def compare(
-    answers: dict[str, dict[str, Any] | str], first_seen: dict[tuple[str, str], float], now: float
+    answers: dict[str, dict[str, Any] | str],
+    first_seen: dict[tuple[str, str], float],
+    now: float,
+    names: Sequence[str] = (),
 ) -> tuple[list[Row], list[str]]:
     """Rows (name, replica) with lags, and the problems: unreadable servers, lagging rows.
 
@@ -103,7 +106,9 @@ def compare(
         if answer.get("sync_error"):
             problems.append(f"{server}: {answer['sync_error']}")
         for entry in answer["data"]:
-            if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+                continue
+            if not names or entry["name"] in names:
                 per_name.setdefault(entry["name"], {})[server] = entry
     readable = [s for s, a in answers.items() if not isinstance(a, str)]
     rows: list[Row] = []
@@ -142,7 +147,12 @@ def compare(
 
 
 def watch(
-    servers: Sequence[str], fetch: Fetch, *, max_lag_s: float, sleep: Callable[[float], None]
+    servers: Sequence[str],
+    fetch: Fetch,
+    *,
+    max_lag_s: float,
+    sleep: Callable[[float], None],
+    names: Sequence[str] = (),
 ) -> tuple[list[Row], list[str], bool]:
     """Poll until every replica serves the same versions or a lag exceeds ``max_lag_s``.
 
@@ -158,7 +168,7 @@ def watch(
             except (OSError, ValueError, urllib.error.URLError) as e:
                 answers[server] = str(getattr(e, "reason", None) or e)
         now = time.time()
-        rows, problems = compare(answers, first_seen, now)
+        rows, problems = compare(answers, first_seen, now, names)
         behind = [r for r in rows if r.behind]
         if problems and not behind:
             return rows, problems, False
@@ -187,7 +197,11 @@ def _target(rows: list[Row], name: str) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     servers = [s.rstrip("/") for s in args.server]
     rows, problems, agree = watch(
-        servers, http_fetch(args.api_key), max_lag_s=args.max_lag, sleep=time.sleep
+        servers,
+        http_fetch(args.api_key),
+        max_lag_s=args.max_lag,
+        sleep=time.sleep,
+        names=args.name or (),
     )
     if args.json:
         emit_json(
@@ -254,6 +268,7 @@ def add_status_parser(sub: Any) -> None:
         default=DEFAULT_MAX_LAG_S,
         help=f"seconds a replica may lag before it counts (default {DEFAULT_MAX_LAG_S:g})",
     )
+    p.add_argument("--name", action="append", help="only this adapter name (repeat for more)")
     p.add_argument("--problems-only", action="store_true", help="list only lagging or failed names")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)

@@ -22,17 +22,26 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from agent_finetune.errors import RegistryError
 from agent_finetune.registry.names import is_name
-from agent_finetune.registry.store import CURRENT, VERSIONS, Registry, VersionInfo
+from agent_finetune.registry.store import CURRENT, VERSIONS, Registry
 
 INDEX = ".index.json"
 INDEX_FORMAT = 1
 RACY_NS = 2_000_000_000
 
 Stamp = list[int]
+
+
+class Listed(NamedTuple):
+    """One published version as ``list`` shows it (``manifest``: its ``summary``)."""
+
+    name: str
+    version: str
+    manifest: dict[str, Any]
+    current: bool
 
 
 def _stamp(path: str) -> Stamp | None:
@@ -78,11 +87,11 @@ def _load(path: Path) -> dict[str, Any]:
     return {"names": names, "written_ns": written}
 
 
-def listing(registry: Registry) -> list[VersionInfo]:
+def listing(registry: Registry) -> list[Listed]:
     """Every published version of every name, oldest first, as ``Registry.entries()``
     would list it, with manifests reduced to ``summary``."""
-    root = registry.root
-    path = root / INDEX
+    root = str(registry.root)
+    path = registry.root / INDEX
     old = _load(path)
     old_names: dict[str, Any] = old.get("names", {})
     trusted_before = old.get("written_ns", 0) - RACY_NS
@@ -104,8 +113,7 @@ def listing(registry: Registry) -> list[VersionInfo]:
                 registry.name_dir(name)
             except RegistryError:
                 continue  # a symlink out of the root: never listed
-        base = os.path.join(root, name)
-        stamps = [_stamp(os.path.join(base, VERSIONS)), _stamp(os.path.join(base, CURRENT))]
+        stamps = [_stamp(f"{root}/{name}/{VERSIONS}"), _stamp(f"{root}/{name}/{CURRENT}")]
         if stamps[0] is None:
             continue  # not a published name
         cached = old_names.get(name)
@@ -124,12 +132,11 @@ def listing(registry: Registry) -> list[VersionInfo]:
         changed = True
     if changed or set(fresh) != set(old_names):
         _write(path, {"format": INDEX_FORMAT, "written_ns": started_ns, "names": fresh})
-    out = []
-    for name, item in fresh.items():
-        cur = item.get("current")
-        for v, meta in item["versions"].items():
-            out.append(VersionInfo(name, v, root / name / VERSIONS / v, meta, v == cur))
-    return out
+    return [
+        Listed(name, v, meta, v == item.get("current"))
+        for name, item in fresh.items()
+        for v, meta in item["versions"].items()
+    ]
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
