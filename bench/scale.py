@@ -381,9 +381,9 @@ def replicas_part(
         settings = {"AGENT_FINETUNE_RESYNC_S": str(args.resync)}
         if mode == "polling":
             settings["AGENT_FINETUNE_POLLING"] = "1"
+        n = args.replicas if mode == "inotify" else args.polling_replicas
         servers = [
-            start(model, registry.root, work, f"replica-{mode}-{k}", settings)
-            for k in range(args.replicas)
+            start(model, registry.root, work, f"replica-{mode}-{k}", settings) for k in range(n)
         ]
         try:
             for s in servers:
@@ -416,7 +416,8 @@ def replicas_part(
                     "resync_s": args.resync,
                     "promotes": args.promotes,
                     "every_of_2_s": p50_p95(two),
-                    f"every_of_{args.replicas}_s": p50_p95(three),
+                    "replicas": n,
+                    f"every_of_{n}_s": p50_p95(three),
                     "status_exit": status.returncode,
                     "status_last_line": status.stdout.strip().splitlines()[-1],
                 }
@@ -426,6 +427,76 @@ def replicas_part(
             for s in servers:
                 s.stop()
     return rows
+
+
+# -- request path ---------------------------------------------------------------------
+def middleware_us(work: Path, weights: list[Path], n: int = 20000) -> dict[str, float]:
+    """Per-request cost of the plugin's request-path code on a typical chat body, against
+    calling the app directly: under ``all`` (scan for ``@``) and under a lazy policy
+    (parse the model, find it served), in microseconds."""
+    import asyncio
+
+    from agent_finetune.registry import Registry
+    from server_plugin.cache import AdapterCache, Limits
+    from server_plugin.plugin import PinnedModelMiddleware
+    from server_plugin.preload import PreloadPolicy
+    from server_plugin.reconciler import Reconciler
+
+    registry = Registry(work / "middleware-registry")
+    registry.root.mkdir(parents=True, exist_ok=True)
+    if not registry.names():
+        registry.publish("tenant", weights[0])
+    body = json.dumps(
+        {"model": "tenant", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 16}
+    ).encode()
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "root_path": ""}
+
+    class Table:
+        def __init__(self) -> None:
+            self.table: dict[str, str] = {}
+
+        async def served(self) -> dict[str, str]:
+            return dict(self.table)
+
+        async def load(self, name: str, path: str) -> None:
+            self.table[name] = path
+
+        async def repoint(self, name: str, target: str) -> None:
+            self.table[name] = self.table[target]
+
+        async def unload(self, name: str) -> None:
+            self.table.pop(name, None)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: Any) -> None:
+        return None
+
+    async def cost(policy: str) -> float:
+        rec = Reconciler(
+            registry,
+            AdapterCache(work / f"middleware-cache-{policy}", Limits()),
+            Table(),
+            preload=PreloadPolicy.parse(policy),
+        )
+        await rec.reconcile_once()
+        await rec.ensure_name("tenant")
+        plugin = type("Plugin", (), {"reconciler": rec, "max_parse_bytes": 1 << 20})()
+        wrapped = PinnedModelMiddleware(app, plugin)  # type: ignore[arg-type]
+
+        async def timed(call: Any) -> float:
+            t0 = time.perf_counter()
+            for _ in range(n):
+                await call(scope, receive, send)
+            return time.perf_counter() - t0
+
+        return (await timed(wrapped) - await timed(app)) / n * 1e6
+
+    return {"all_us": asyncio.run(cost("all")), "lazy_us": asyncio.run(cost("none"))}
 
 
 # -- output -----------------------------------------------------------------------------
@@ -445,7 +516,7 @@ def print_rows(title: str, rows: list[dict[str, Any]]) -> None:
         print(
             "  ".join(
                 f"{k}={v * 1000:.1f}ms"
-                if isinstance(v, float) and k.endswith(("_s", "p50", "p95"))
+                if isinstance(v, float) and ("_s" in k or k.endswith(("p50", "p95")))
                 else f"{k}={v}"
                 for k, v in flat.items()
             )
@@ -455,15 +526,16 @@ def print_rows(title: str, rows: list[dict[str, Any]]) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", default="registry,server,replicas")
+    parser.add_argument("--parts", default="registry,middleware,server,replicas")
     parser.add_argument("--sizes", default="100,1000,10000", help="registry sizes")
     parser.add_argument("--requests", type=int, default=2000, help="random-name requests")
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients")
     parser.add_argument(
         "--cache-max-bytes", type=int, default=64 << 20, help="AGENT_FINETUNE_CACHE_MAX_BYTES"
     )
-    parser.add_argument("--replicas", type=int, default=3)
-    parser.add_argument("--promotes", type=int, default=20)
+    parser.add_argument("--replicas", type=int, default=3, help="replicas watching by inotify")
+    parser.add_argument("--polling-replicas", type=int, default=2, help="replicas polling")
+    parser.add_argument("--promotes", type=int, default=10)
     parser.add_argument("--resync", type=float, default=2.0, help="AGENT_FINETUNE_RESYNC_S")
     parser.add_argument("--workdir", default=None, help="scratch folder (default: temp)")
     parser.add_argument("--json", default=str(ROOT / "bench" / "scale.json"))
@@ -499,6 +571,10 @@ def main() -> int:
 
     if "registry" in parts:
         report["registry"] = registry_part(work, weights, sizes)
+        save()
+    if "middleware" in parts:
+        report["middleware"] = middleware_us(work, weights)
+        print_rows("request-path cost of the plugin", [report["middleware"]])
         save()
     if "server" in parts:
         from agent_finetune.registry import Registry
