@@ -144,7 +144,7 @@ def middleware_overhead_us(n: int = 20000) -> float:
     async def send(message: Any) -> None:
         return None
 
-    plugin = type("Plugin", (), {"reconciler": object()})()
+    plugin = type("Plugin", (), {"reconciler": object(), "max_parse_bytes": 1 << 20})()
     wrapped = PinnedModelMiddleware(app, plugin)
 
     async def timed(call: Any) -> float:

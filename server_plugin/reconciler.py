@@ -572,21 +572,15 @@ class Reconciler:
             if served != vname:
                 # The version's content changed (a reused number): `name@vN` answers with
                 # the new content from now on; the old copy is no longer addressable.
-                old = self._loaded.get(vname) if vname not in self._points else None
+                displaced = vname in self._loaded  # the old content, under its own name
                 await self._repoint(vname, served)
                 self._points[vname] = served
-                if old is not None:
-                    self._forget_alias_target(vname)
+                if displaced:  # no longer addressable; a name still on it is swapped next
+                    self._drop_copy(vname)
             metrics.LOADS.labels(name).inc()
             metrics.LOAD_SECONDS.observe(time.monotonic() - t0)
             logger.info("agent_finetune: loaded %s from %s", served, path)
             return copy
-
-    def _forget_alias_target(self, served: str) -> None:
-        if served in self._points.values():
-            return
-        if served in self._loaded:
-            self._drop_copy(served)
 
     async def _swap(
         self,
@@ -907,7 +901,8 @@ class Reconciler:
             return key, True
         if self.registry.current(name) == version:
             return key, True
-        ever = {e.get("to") for e in self.registry.history(name)}
+        # Pointer moves of the history (a "publish" entry records a version, not a move).
+        ever = {e.get("to") for e in self.registry.history(name) if e.get("action") != "publish"}
         return key, version in ever
 
     # -- reporting ------------------------------------------------------------------------
