@@ -12,6 +12,7 @@ Every class also subclasses the built-in that callers already catch::
     │   ├── InvalidNameError(RegistryError, ValueError)
     │   ├── NotFoundError(RegistryError, KeyError)
     │   └── ValidationError(RegistryError, ValueError)     adapter failed validation
+    │       └── AdapterFormatError(ValidationError)         malformed safetensors header
     ├── LoadError(AgentFinetuneError, RuntimeError)        the vLLM server refused a load/swap
     │   └── ServerUnavailableError(LoadError, ConnectionError)  5xx/timeout/down: retried
     ├── AskError(AgentFinetuneError, RuntimeError)         `ask`: server down or name unknown
@@ -68,6 +69,13 @@ class ValidationError(RegistryError, ValueError):
     def __init__(self, message: str, problems: list[str] | None = None) -> None:
         super().__init__(message)
         self.problems = problems or []
+
+
+class AdapterFormatError(ValidationError):
+    """An adapter file is malformed (e.g. a safetensors header the safetensors library refuses).
+
+    The header parser raises this, and only this, for any input bytes.
+    """
 
 
 class LoadError(AgentFinetuneError, RuntimeError):
