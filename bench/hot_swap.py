@@ -13,6 +13,9 @@ Measures, with the agent_finetune plugin serving a registry:
   medians).
 
     .venv/bin/python bench/hot_swap.py --swaps 50 --json bench/hot_swap.json
+
+``--swaps-only`` starts one server (no baseline) and measures idle swaps and rollbacks only
+(``bench/vllm_matrix.sh`` runs it under each vLLM version).
 """
 
 from __future__ import annotations
@@ -170,6 +173,11 @@ def main() -> int:
         action="store_true",
         help="A/A run: two servers without the plugin, latency only (this machine's noise)",
     )
+    parser.add_argument(
+        "--swaps-only",
+        action="store_true",
+        help="one server; idle swaps and rollbacks only (no baseline, latency or load phase)",
+    )
     parser.add_argument("--workdir", default=None, help="scratch folder (default: temp)")
     parser.add_argument("--json", default=str(ROOT / "bench" / "hot_swap.json"))
     args = parser.parse_args()
@@ -202,18 +210,21 @@ def main() -> int:
         with_plugin = start_server(
             str(model), registry.root, log_path=work / "plugin.log", settings=SETTINGS, **common
         )
-    without = start_server(
-        str(model),
-        None,
-        plugin=False,
-        log_path=work / "baseline.log",
-        settings=SETTINGS,
-        extra_args=VLLM_ARGS + static,
-        wait=False,
-    )
+    without = None
+    if not args.swaps_only:
+        without = start_server(
+            str(model),
+            None,
+            plugin=False,
+            log_path=work / "baseline.log",
+            settings=SETTINGS,
+            extra_args=VLLM_ARGS + static,
+            wait=False,
+        )
     try:
         with_plugin.wait_ready()
-        without.wait_ready()
+        if without is not None:
+            without.wait_ready()
         client = OpenAI(base_url=with_plugin.base_url, api_key="x", max_retries=0)
         refs: dict[str, list[int]] = {}
         by_weights: dict[int, list[int]] = {}
@@ -227,8 +238,26 @@ def main() -> int:
 
         refs["v0001"] = by_weights[0] = ask(client, NAME)[1]
         swapper = Swapper(registry, client, refs, with_plugin)
+        if without is None:  # --swaps-only
+            swap_s, rollback_s = [], []
+            for i in range(1, args.swaps + 1):
+                swap_s.append(swapper.promote(publish(i)))
+                rollback_s.append(swapper.rollback())
+            short = {
+                "swaps": args.swaps,
+                "swap_s": {"p50": pct(swap_s, 50), "p95": pct(swap_s, 95), "max": max(swap_s)},
+                "rollback_s": {
+                    "p50": pct(rollback_s, 50),
+                    "p95": pct(rollback_s, 95),
+                    "max": max(rollback_s),
+                },
+            }
+            Path(args.json).write_text(json.dumps(short, indent=2) + "\n")
+            print(json.dumps(short, indent=2))
+            return 0
 
         # 1. request latency, both servers fresh, alternating (same adapter weights)
+        assert without is not None
         base_client = OpenAI(base_url=without.base_url, api_key="x", max_retries=0)
         assert ask(base_client, NAME)[1] == refs["v0001"], "baseline serves other weights"
         # Blocks of requests to one server at a time, alternating which goes first: with two
@@ -301,7 +330,8 @@ def main() -> int:
 
     finally:
         with_plugin.stop()
-        without.stop()
+        if without is not None:
+            without.stop()
 
     report = {
         "machine": {

@@ -145,7 +145,8 @@ def engine(api_process_count: int | None, lora: bool = True) -> Any:
     parallel = types.SimpleNamespace()
     if api_process_count is not None:
         parallel._api_process_count = api_process_count
-    config = types.SimpleNamespace(parallel_config=parallel, lora_config=object() if lora else None)
+    lora_config = types.SimpleNamespace(max_lora_rank=16) if lora else None
+    config = types.SimpleNamespace(parallel_config=parallel, lora_config=lora_config)
     return types.SimpleNamespace(vllm_config=config)
 
 
