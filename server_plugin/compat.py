@@ -185,7 +185,8 @@ def replace_route(app: Any, path: str, endpoint: Any, methods: Sequence[str]) ->
     both: the new route takes the place of the first route it replaces (ahead of mounts).
     """
     wanted = set(methods)
-    kept, at = [], None
+    kept: list[Any] = []
+    at: int | None = None
     for route in app.router.routes:
         same = getattr(route, "path", None) == path and set(getattr(route, "methods", ()) or ())
         if same and same <= wanted:  # a route with only methods we replace
