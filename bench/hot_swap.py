@@ -147,7 +147,8 @@ def middleware_overhead_us(n: int = 20000) -> float:
     async def send(message: Any) -> None:
         return None
 
-    plugin = type("Plugin", (), {"reconciler": object()})()
+    reconciler = type("Reconciler", (), {"lazy": False})()  # every name preloaded
+    plugin = type("Plugin", (), {"reconciler": reconciler, "max_parse_bytes": 1 << 20})()
     wrapped = PinnedModelMiddleware(app, plugin)
 
     async def timed(call: Any) -> float:
