@@ -320,8 +320,6 @@ class Reconciler:
         self.passes += 1
 
     async def _reconcile_names(self, desired: _Desired, actual: dict[str, str]) -> None:
-        if self.policy is None:
-            self._resolve_policy(desired)
         for name, (version, key, moved_at) in sorted(desired.names.items()):
             self._absent.pop(name, None)
             try:
@@ -394,13 +392,20 @@ class Reconciler:
                 f"leaves the marker; for an older registry: touch {root / MARKER}",
             )
         out = _Desired(True)
+        pointers: dict[str, tuple[str | None, float | None]] = {}
         for name in self.registry.names():
             version: str | None
             try:
                 version, moved_at = self._current(name)
             except (OSError, ValueError):
                 version, moved_at = None, None
-            key = self._key(name, version) if version is not None else None
+            pointers[name] = (version, moved_at)
+        if self.policy is None:
+            self._resolve_policy({n: m for n, (_, m) in pointers.items()})
+        for name, (version, moved_at) in pointers.items():
+            # A lazy name's manifest is read when its first request loads it, not per pass.
+            lazy = self._is_lazy(name)
+            key = self._key(name, version) if version is not None and not lazy else None
             out.names[name] = (version, key, moved_at)
         return out
 
@@ -468,7 +473,10 @@ class Reconciler:
             st.error_version, st.error_kind = version, "transient"
             return
         if self._is_lazy(name):
-            failure = self._failures.get(fkey)
+            # Its failures are keyed by the content its load read (the pass reads none).
+            failure = next(
+                (f for k, f in self._failures.items() if k[0] == name and k[1] == version), None
+            )
             if failure is not None:
                 self._show_failure(st, version, failure)
             else:
@@ -712,14 +720,13 @@ class Reconciler:
                 await self._unload(served)
 
     # -- lazy names -----------------------------------------------------------------------
-    def _resolve_policy(self, desired: _Desired) -> None:
+    def _resolve_policy(self, moved: dict[str, float | None]) -> None:
         """Fix the preload policy at the first readable pass: ``auto`` becomes ``all`` or
         ``recent:N`` by the engine's bound, and the preloaded names are chosen."""
-        n_names = len(desired.names)
+        n_names = len(moved)
         bound = self.engine_bound if self.engine_bound is not None else n_names + self.max_pinned
         room = max(0, bound - self.max_pinned)
         self.policy = self.preload.resolve(n_names, room)
-        moved = {n: m for n, (_, _, m) in desired.names.items()}
         self._preloaded = self.policy.choose(moved, self.usage.used_at)
         n_pre = n_names if self._preloaded is None else len(self._preloaded & moved.keys())
         # Loaded lazy names share the engine's room with the preloaded ones; at least a
