@@ -334,9 +334,11 @@ class Reconciler:
     def _in_use(self) -> set[Path]:
         """Copies the server may re-read: our loads and whatever it serves (or, while it
         cannot be asked, whatever it served when last asked)."""
-        paths = {c.path for c in self._loaded.values()}
-        paths |= {Path(p) for p in (self._actual or {}).values()}
-        return paths | self._ever_served
+        # Called from the cache's worker thread (a bounded copy making room) while loads on
+        # the event loop change these maps: list() copies each one without releasing the GIL.
+        paths = {c.path for c in list(self._loaded.values())}
+        paths |= {Path(p) for p in list((self._actual or {}).values())}
+        return paths | set(self._ever_served)
 
     async def _read_actual(self) -> dict[str, str] | None:
         try:
