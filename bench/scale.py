@@ -302,10 +302,15 @@ def server_part(
         "AGENT_FINETUNE_CACHE_GRACE_S": "10",
         "AGENT_FINETUNE_MAX_LOADS": "2",
     }
-    for tag, reg, names, policy in (
-        ("empty", empty, 0, "auto"),
-        ("preload-10k", registry, n_names, "auto"),
-    ):
+    baselines = (
+        ()
+        if args.lazy_only
+        else (
+            ("empty", empty, 0, "auto"),
+            ("preload-10k", registry, n_names, "auto"),
+        )
+    )
+    for tag, reg, names, policy in baselines:
         t0 = time.perf_counter()
         server = start(model, reg, work, tag, {**bounds, "AGENT_FINETUNE_PRELOAD": policy})
         try:
@@ -543,6 +548,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients")
     parser.add_argument(
         "--cache-max-bytes", type=int, default=64 << 20, help="AGENT_FINETUNE_CACHE_MAX_BYTES"
+    )
+    parser.add_argument(
+        "--lazy-only", action="store_true", help="server part: only the lazy 10,000-name server"
     )
     parser.add_argument("--replicas", type=int, default=3, help="replicas watching by inotify")
     parser.add_argument("--polling-replicas", type=int, default=2, help="replicas polling")
