@@ -12,8 +12,10 @@ Every class also subclasses the built-in that callers already catch::
     │   ├── InvalidNameError(RegistryError, ValueError)
     │   ├── NotFoundError(RegistryError, KeyError)
     │   └── ValidationError(RegistryError, ValueError)     adapter failed validation
+    │       └── AdapterFormatError(ValidationError)         malformed safetensors header
     ├── LoadError(AgentFinetuneError, RuntimeError)        the vLLM server refused a load/swap
     │   └── ServerUnavailableError(LoadError, ConnectionError)  5xx/timeout/down: retried
+    ├── VllmCompatError(AgentFinetuneError, RuntimeError)  this vLLM lacks what the plugin uses
     ├── AskError(AgentFinetuneError, RuntimeError)         `ask`: server down or name unknown
     └── DemoError(AgentFinetuneError, RuntimeError)        a demo step did not do what it should
 
@@ -70,6 +72,13 @@ class ValidationError(RegistryError, ValueError):
         self.problems = problems or []
 
 
+class AdapterFormatError(ValidationError):
+    """An adapter file is malformed (e.g. a safetensors header the safetensors library refuses).
+
+    The header parser raises this, and only this, for any input bytes.
+    """
+
+
 class LoadError(AgentFinetuneError, RuntimeError):
     """The vLLM server refused to load, repoint or unload an adapter."""
 
@@ -78,6 +87,11 @@ class ServerUnavailableError(LoadError, ConnectionError):
     """The server could not answer a load, repoint or unload (5xx, timeout, connection
     refused, engine restarting): a transient failure, retried with backoff. Being an
     ``OSError``, it is caught wherever I/O errors are."""
+
+
+class VllmCompatError(AgentFinetuneError, RuntimeError):
+    """The installed vLLM lacks an internal the plugin uses, or runs in a mode it cannot
+    serve (``server_plugin.compat``)."""
 
 
 class AskError(AgentFinetuneError, RuntimeError):

@@ -285,9 +285,14 @@ def zipf_names(n_names: int, n: int, s: float, rng: random.Random) -> list[str]:
 
 
 def server_part(
-    work: Path, model: Path, registry: Path, n_names: int, args: argparse.Namespace
+    work: Path,
+    model: Path,
+    registry: Path,
+    n_names: int,
+    args: argparse.Namespace,
+    traffic_too: bool = True,
 ) -> dict[str, Any]:
-    """Start-up: empty vs lazy vs preload; then traffic on the lazy server."""
+    """Start-up: empty vs lazy vs preload; then (``traffic_too``) traffic on the lazy one."""
     empty = work / "empty-registry"
     empty.mkdir(exist_ok=True)
     (empty / ".agent-finetune-registry").touch()
@@ -297,10 +302,15 @@ def server_part(
         "AGENT_FINETUNE_CACHE_GRACE_S": "10",
         "AGENT_FINETUNE_MAX_LOADS": "2",
     }
-    for tag, reg, names, policy in (
-        ("empty", empty, 0, "auto"),
-        ("preload-10k", registry, n_names, "auto"),
-    ):
+    baselines = (
+        ()
+        if args.lazy_only
+        else (
+            ("empty", empty, 0, "auto"),
+            ("preload-10k", registry, n_names, "auto"),
+        )
+    )
+    for tag, reg, names, policy in baselines:
         t0 = time.perf_counter()
         server = start(model, reg, work, tag, {**bounds, "AGENT_FINETUNE_PRELOAD": policy})
         try:
@@ -313,6 +323,8 @@ def server_part(
     try:
         out["startup"].append(startup_row("lazy-10k", n_names, "none", t0, server))
         print_rows("server start-up", [out["startup"][-1]])
+        if not traffic_too:
+            return out
         out["models_listed"] = len(server.get_json("/v1/models", timeout=60)["data"])
         rng = random.Random(1)
         cold = rng.sample(range(n_names), 40)
@@ -526,12 +538,19 @@ def print_rows(title: str, rows: list[dict[str, Any]]) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", default="registry,middleware,server,replicas")
+    parser.add_argument(
+        "--parts",
+        default="registry,middleware,server,replicas",
+        help="comma-separated; `startup` is `server` without the traffic",
+    )
     parser.add_argument("--sizes", default="100,1000,10000", help="registry sizes")
     parser.add_argument("--requests", type=int, default=2000, help="random-name requests")
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients")
     parser.add_argument(
         "--cache-max-bytes", type=int, default=64 << 20, help="AGENT_FINETUNE_CACHE_MAX_BYTES"
+    )
+    parser.add_argument(
+        "--lazy-only", action="store_true", help="server part: only the lazy 10,000-name server"
     )
     parser.add_argument("--replicas", type=int, default=3, help="replicas watching by inotify")
     parser.add_argument("--polling-replicas", type=int, default=2, help="replicas polling")
@@ -576,14 +595,16 @@ def main() -> int:
         report["middleware"] = middleware_us(work, weights)
         print_rows("request-path cost of the plugin", [report["middleware"]])
         save()
-    if "server" in parts:
+    if "server" in parts or "startup" in parts:
         from agent_finetune.registry import Registry
 
         registry = Registry(work / "registry")
         if not registry.names():
             registry.publish(name_of(0), weights[0])
         clone_names(registry, name_of(0), 1, sizes[-1])
-        report["server"] = server_part(work, model, registry.root, sizes[-1], args)
+        report["server"] = server_part(
+            work, model, registry.root, sizes[-1], args, traffic_too="server" in parts
+        )
         save()
     if "replicas" in parts:
         report["replicas"] = replicas_part(work, model, weights, args)

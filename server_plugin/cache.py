@@ -239,7 +239,9 @@ class AdapterCache:
             self._sizes.setdefault(dest, _tree_bytes(dest))
             return dest, key  # verified when it was made; nothing writes into it after that
         if bounded:
-            need = sum(int(m.get("size", 0)) for m in files.values() if isinstance(m, dict))
+            need = len(raw) + sum(
+                int(m.get("size", 0)) for m in files.values() if isinstance(m, dict)
+            )
             self.make_room(need)
         tmp = self.root / name / f".tmp-{version}-{uuid.uuid4().hex}"
         tmp.mkdir(parents=True)

@@ -1,11 +1,13 @@
-"""The vLLM endpoint plugin: the only module of this package that imports vLLM.
+"""The vLLM endpoint plugin: the reconcile loop inside vLLM's API-server process.
 
 Enabled by ``VLLM_PLUGINS=agent_finetune`` (entry point group ``vllm.endpoint_plugins``)
 and configured by the ``AGENT_FINETUNE_*`` variables (see ``server_plugin.settings``).
 It runs the reconcile loop inside the API-server process and drives vLLM through
 ``state.openai_serving_models``: no ``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` needed, and the
-only route it adds (``GET /v1/adapters``) changes nothing. Every exception is logged and
-kept away from vLLM: a broken plugin leaves a server that serves the base model.
+only route it adds (``GET /v1/adapters``) changes nothing. Every vLLM internal it touches
+goes through ``server_plugin.compat`` (which says which, for which vLLM versions). Every
+exception is logged and kept away from vLLM: a broken plugin leaves a server that serves
+the base model.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from agent_finetune.errors import LoadError, ServerUnavailableError
+from agent_finetune.errors import LoadError, ServerUnavailableError, VllmCompatError
 from agent_finetune.registry import Registry
 from agent_finetune.registry.adapter import linear_shapes, load_base_config
+from server_plugin import compat
 from server_plugin.cache import AdapterCache, Limits, ProcessDir
 from server_plugin.preload import USAGE_FILE, PreloadPolicy, Usage
 from server_plugin.reconciler import PinRefusal, Reconciler
@@ -41,35 +44,28 @@ _PARSE_IN_THREAD_BYTES = 64 * 1024
 
 
 class VllmTransport:
-    """Change vLLM's served names in-process through ``OpenAIServingModels``."""
+    """Change vLLM's served names in-process (``compat.ServingModels``)."""
 
-    def __init__(self, models: Any) -> None:
+    def __init__(self, models: compat.ServingModels) -> None:
         self.models = models
 
     async def served(self) -> dict[str, str]:
-        return {name: str(r.lora_path) for name, r in list(self.models.lora_requests.items())}
+        return {name: served.path for name, served in self.models.table().items()}
 
     async def load(self, served_name: str, path: str) -> None:
-        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-        from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
-
-        existing = self.models.lora_requests.get(served_name)
+        existing = self.models.get(served_name)
         if existing is not None:
-            if existing.lora_path == path:
+            if existing.path == path:
                 return
             raise LoadError(
-                f"{served_name} is already served from {existing.lora_path}; "
+                f"{served_name} is already served from {existing.path}; "
                 "versions are never reloaded in place"
             )
-        result = await self.models.load_lora_adapter(
-            LoadLoRAAdapterRequest(lora_name=served_name, lora_path=path)
-        )
-        if isinstance(result, ErrorResponse):
-            error = result.error
-            message = (
-                f"vLLM refused to load {path}: HTTP {error.code} {error.type}: {error.message}"
-            )
-            if error.code >= 500:  # the engine failed, not necessarily the adapter: retried
+        refused = await self.models.load_detail(served_name, path)
+        if refused is not None:
+            code, message = refused
+            message = f"vLLM refused to load {path}: HTTP {code}: {message}"
+            if code >= 500:  # the engine failed, not necessarily the adapter: retried
                 raise ServerUnavailableError(message)
             raise LoadError(message)
 
@@ -79,44 +75,12 @@ class VllmTransport:
                 f"adapter name {name!r} is also a served base model name; rename the adapter "
                 "or start vLLM with another --served-model-name"
             )
-        loaded = self.models.lora_requests.get(target)
-        if loaded is None:
+        if not self.models.point(name, target):
             raise LoadError(f"cannot point {name} at {target}: {target} is not loaded")
-        # The versioned LoRARequest itself, not a copy named `name`: vLLM's worker keys
-        # active adapters by lora_name, so two LoRA ids under one name in a batch (old
-        # requests still running, new ones admitted) crash the engine. Requests admitted
-        # before this line keep the LoRARequest they were admitted with.
-        self.models.lora_requests[name] = loaded
 
     async def unload(self, served_name: str) -> None:
         # Unloading frees no engine memory in vLLM 0.32; the name simply stops resolving.
-        self.models.lora_requests.pop(served_name, None)
-
-
-async def list_models(request: Request, lazy: list[str] | None = None) -> Response:
-    """vLLM's ``/v1/models``, listing each served name (a repointed name shares its
-    version's LoRARequest, whose ``lora_name`` is ``name@vNNNN``), then the ``lazy`` names
-    (not loaded yet; their first request loads them)."""
-    models = request.app.state.openai_serving_models
-    result = await models.show_available_models()
-    try:
-        names = list(models.lora_requests)  # same order, read before any other await
-        n_base = len(result.data) - len(names)
-        for card, name in zip(result.data[n_base:], names, strict=False):
-            card.id = name
-        if lazy and n_base > 0:
-            base = result.data[0]
-            served = set(names)
-            result.data.extend(
-                base.model_copy(
-                    update={"id": n, "root": n, "parent": base.id, "max_model_len": None}
-                )
-                for n in lazy
-                if n not in served
-            )
-    except Exception:
-        logger.exception("agent_finetune: renaming /v1/models entries failed")
-    return JSONResponse(content=result.model_dump())
+        self.models.drop(served_name)
 
 
 def _limits(engine_client: Any, args: Namespace, settings: Settings) -> Limits:
@@ -277,21 +241,47 @@ class EndpointPlugin:
         self.watcher: RegistryWatcher | None = None
         self.error: str | None = None
         self.startup_s: float | None = None
+        self.internals: compat.Internals | None = None
+        self.models: compat.ServingModels | None = None
         self._task: asyncio.Task[None] | None = None
 
     def attach_router(self, app: Any) -> None:
         try:
-            app.add_api_route("/v1/adapters", self.adapters, methods=["GET"])
-            app.add_api_route("/v1/models", self.models, methods=["GET"])
+            self.internals = compat.detect()
+        except VllmCompatError as e:
+            self.error = str(e)
+            logger.error("agent_finetune: %s; plugin disabled", e)
+        try:
+            compat.replace_route(app, "/v1/adapters", self.adapters, ["GET"])
+            if self.internals is not None:  # else vLLM's own /v1/models keeps answering
+                compat.replace_route(app, "/v1/models", self.list_models, ["GET"])
             app.add_middleware(PinnedModelMiddleware, plugin=self)
         except Exception:
             logger.exception("agent_finetune: attaching routes failed; plugin disabled")
 
-    async def models(self, request: Request) -> Response:
-        """``GET /v1/models``: every served name and every lazy one."""
+    async def list_models(self, request: Request) -> Response:
+        """vLLM's ``/v1/models``, listing each adapter under its served name, then the lazy
+        names (not loaded yet; their first request loads them)."""
+        models = self.models
+        if models is None and self.internals is not None:
+            models = compat.ServingModels.from_state(request.app.state, self.internals)
+        if models is None:
+            return _error(503, self.error or "agent_finetune plugin is starting", "Unavailable")
+        body = await models.model_list()
         reconciler = self.reconciler
-        lazy = reconciler.lazy_names() if reconciler is not None and reconciler.lazy else None
-        return await list_models(request, lazy)
+        if reconciler is not None and reconciler.lazy:
+            try:
+                cards = body["data"]
+                base = cards[0]
+                served = {c.get("id") for c in cards}
+                cards.extend(
+                    {**base, "id": n, "root": n, "parent": base.get("id"), "max_model_len": None}
+                    for n in reconciler.lazy_names()
+                    if n not in served
+                )
+            except Exception:
+                logger.exception("agent_finetune: listing lazy names in /v1/models failed")
+        return JSONResponse(content=body)
 
     async def adapters(self, request: Request) -> Response:
         """Per adapter name: desired and live version, state, last error, load times."""
@@ -325,9 +315,16 @@ class EndpointPlugin:
             self.error = "agent_finetune needs LoRA: start vLLM with --enable-lora"
             logger.error("agent_finetune: %s", self.error)
             return
+        count = compat.api_process_count(engine_client, args)
+        if count > 1:
+            self.error = compat.multiple_api_servers_error(count)
+            logger.error("agent_finetune: %s; plugin disabled", self.error)
+            return
         try:
             settings = Settings.from_env()
-        except ValueError as e:
+            self.internals = self.internals or compat.detect()
+            models = self.models = compat.ServingModels.from_state(state, self.internals)
+        except (ValueError, VllmCompatError) as e:
             self.error = str(e)
             logger.error("agent_finetune: %s; plugin disabled", e)
             return
@@ -342,7 +339,7 @@ class EndpointPlugin:
         reconciler = Reconciler(
             Registry(settings.registry),
             cache,
-            VllmTransport(state.openai_serving_models),
+            VllmTransport(models),
             **reconciler_options(settings),
             preload=PreloadPolicy.parse(settings.preload),
             engine_bound=_engine_bound(engine_client),

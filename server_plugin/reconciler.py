@@ -49,6 +49,7 @@ from typing import Any, Literal, Protocol
 
 from agent_finetune.errors import AgentFinetuneError, ValidationError
 from agent_finetune.registry import CURRENT, MANIFEST, Registry
+from agent_finetune.registry.index import Pointer, pointers
 from agent_finetune.registry.names import is_name, split_model, utc_now, version_number
 from agent_finetune.registry.store import MARKER
 from server_plugin import metrics
@@ -241,7 +242,7 @@ class Reconciler:
         self.hits = 0  # requests for a lazy-policy name that was already served
         self.misses = 0  # requests that waited for a load (their own or a shared one)
         self.last_pass_s: float | None = None
-        self._currents: dict[str, tuple[tuple[int, int, int], str | None]] = {}
+        self._pointers: dict[str, Pointer] = {}  # pointer scan memo
         cache.in_use = self._in_use
 
     # -- loop ---------------------------------------------------------------------------
@@ -333,9 +334,11 @@ class Reconciler:
     def _in_use(self) -> set[Path]:
         """Copies the server may re-read: our loads and whatever it serves (or, while it
         cannot be asked, whatever it served when last asked)."""
-        paths = {c.path for c in self._loaded.values()}
-        paths |= {Path(p) for p in (self._actual or {}).values()}
-        return paths | self._ever_served
+        # Called from the cache's worker thread (a bounded copy making room) while loads on
+        # the event loop change these maps: list() copies each one without releasing the GIL.
+        paths = {c.path for c in list(self._loaded.values())}
+        paths |= {Path(p) for p in list((self._actual or {}).values())}
+        return paths | set(self._ever_served)
 
     async def _read_actual(self) -> dict[str, str] | None:
         try:
@@ -392,33 +395,16 @@ class Reconciler:
                 f"leaves the marker; for an older registry: touch {root / MARKER}",
             )
         out = _Desired(True)
-        pointers: dict[str, tuple[str | None, float | None]] = {}
-        for name in self.registry.names():
-            version: str | None
-            try:
-                version, moved_at = self._current(name)
-            except (OSError, ValueError):
-                version, moved_at = None, None
-            pointers[name] = (version, moved_at)
+        # One pass over the root; a pointer is re-read only when its stat changed.
+        found = pointers(self.registry, self._pointers)
         if self.policy is None:
-            self._resolve_policy({n: m for n, (_, m) in pointers.items()})
-        for name, (version, moved_at) in pointers.items():
+            self._resolve_policy({n: p.moved_at for n, p in found.items()})
+        for name, (version, moved_at, _) in found.items():
             # A lazy name's manifest is read when its first request loads it, not per pass.
             lazy = self._is_lazy(name)
             key = self._key(name, version) if version is not None and not lazy else None
             out.names[name] = (version, key, moved_at)
         return out
-
-    def _current(self, name: str) -> tuple[str | None, float]:
-        """(current version, pointer mtime); the pointer is re-read only when its stat
-        changes (at 10,000 names a pass is mostly these stats)."""
-        st = (self.registry.name_dir(name) / CURRENT).stat()
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        memo = self._currents.get(name)
-        if memo is None or memo[0] != stamp:
-            memo = (stamp, self.registry.current(name))
-            self._currents[name] = memo
-        return memo[1], st.st_mtime
 
     def _key(self, name: str, version: str) -> str | None:
         """The manifest's content key, re-read only when its stat changes; None if absent."""
@@ -580,21 +566,15 @@ class Reconciler:
             if served != vname:
                 # The version's content changed (a reused number): `name@vN` answers with
                 # the new content from now on; the old copy is no longer addressable.
-                old = self._loaded.get(vname) if vname not in self._points else None
+                displaced = vname in self._loaded  # the old content, under its own name
                 await self._repoint(vname, served)
                 self._points[vname] = served
-                if old is not None:
-                    self._forget_alias_target(vname)
+                if displaced:  # no longer addressable; a name still on it is swapped next
+                    self._drop_copy(vname)
             metrics.LOADS.labels(name).inc()
             metrics.LOAD_SECONDS.observe(time.monotonic() - t0)
             logger.info("agent_finetune: loaded %s from %s", served, path)
             return copy
-
-    def _forget_alias_target(self, served: str) -> None:
-        if served in self._points.values():
-            return
-        if served in self._loaded:
-            self._drop_copy(served)
 
     async def _swap(
         self,
@@ -705,7 +685,7 @@ class Reconciler:
             self._absent.pop(name, None)
             self._desired_seen.pop(name, None)
             self._active.pop(name, None)
-            self._currents.pop(name, None)
+            self._pointers.pop(name, None)
             for key in [k for k in self._failures if k[0] == name]:
                 del self._failures[key]
             metrics.LIVE_VERSION.labels(name).set(0)
@@ -914,7 +894,8 @@ class Reconciler:
             return key, True
         if self.registry.current(name) == version:
             return key, True
-        ever = {e.get("to") for e in self.registry.history(name)}
+        # Pointer moves of the history (a "publish" entry records a version, not a move).
+        ever = {e.get("to") for e in self.registry.history(name) if e.get("action") != "publish"}
         return key, version in ever
 
     # -- reporting ------------------------------------------------------------------------

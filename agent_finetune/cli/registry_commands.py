@@ -1,4 +1,4 @@
-"""Registry commands: publish, list, show, history, promote, rollback, validate, gc."""
+"""Registry commands: publish, list, show, history, promote, rollback, validate, gc, fsck."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from agent_finetune.cli.output import emit_json, print_table
-from agent_finetune.errors import NotFoundError
+from agent_finetune.errors import AgentFinetuneError, NotFoundError, RegistryError
 from agent_finetune.registry import ENV_REGISTRY, Registry, verify_folder
 from agent_finetune.registry.adapter import load_base_config
+from agent_finetune.registry.fsck import fsck
 from agent_finetune.registry.index import listing
 
 Handler = Callable[[argparse.Namespace], int]
@@ -27,6 +28,22 @@ def _metric(manifest: dict[str, Any], key: str) -> str:
     return f"{value:.4f}" if isinstance(value, float) else ""
 
 
+def _no_traceback(func: Handler) -> Handler:
+    """Commands that read arbitrary user files: any OS or value error is a cause, not a crash."""
+
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except AgentFinetuneError:
+            raise
+        except (OSError, ValueError) as e:
+            raise RegistryError(f"{args.command}: {type(e).__name__}: {e}") from e
+
+    wrapper.__doc__ = func.__doc__
+    return wrapper
+
+
+@_no_traceback
 def cmd_publish(args: argparse.Namespace) -> int:
     reg = _registry(args)
     base_config = load_base_config(args.base_model) if args.base_model else None
@@ -168,6 +185,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+@_no_traceback
 def cmd_validate(args: argparse.Namespace) -> int:
     path = Path(args.path)
     base_config = load_base_config(args.base_model) if args.base_model else None
@@ -206,6 +224,31 @@ def cmd_gc(args: argparse.Namespace) -> int:
         verb = "would delete" if args.dry_run else "deleted"
         print(f"{args.name}: {verb} {', '.join(deleted) if deleted else 'nothing'}")
     return 0
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    report = fsck(reg, repair=args.repair)
+    if args.json:
+        emit_json(
+            {
+                "ok": report.ok,
+                "findings": [
+                    {"path": str(f.path), "problem": f.problem, "repaired": f.repaired}
+                    for f in report.findings
+                ],
+            }
+        )
+    else:
+        for f in report.findings:
+            print(f"{f.path}: {f.problem}" + (f" [repaired: {f.repaired}]" if f.repaired else ""))
+        left = len(report.remaining)
+        if report.ok:
+            print(f"{reg.root}: clean" if not report.findings else f"{reg.root}: repaired")
+        else:
+            hint = "" if args.repair else "; run with --repair to fix what can be fixed"
+            print(f"{reg.root}: {left} problem(s) remain{hint}", file=sys.stderr)
+    return 0 if report.ok else 1
 
 
 def add_registry_parsers(sub: Any) -> None:
@@ -251,3 +294,10 @@ def add_registry_parsers(sub: Any) -> None:
     p.add_argument("name")
     p.add_argument("--keep", type=int, default=3, help="newest versions to keep (default 3)")
     p.add_argument("--dry-run", action="store_true")
+    p = add("fsck", cmd_fsck, "check the registry for crash leftovers and damage (exit 1 if any)")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="remove stale staging/temp files, drop torn history lines, quarantine versions "
+        "whose checksums broke, repoint a dangling current, rebuild the version high-water mark",
+    )

@@ -108,13 +108,17 @@ def test_public_surface_does_not_import_vllm() -> None:
 
 
 class FakeReconciler:
+    lazy = False  # every name preloaded: only pinned models are parsed
+
     def __init__(self, error: str | None = None) -> None:
         self.error = error
         self.seen: list[str] = []
 
-    async def ensure_pinned(self, model: str) -> str | None:
+    async def ensure_pinned(self, model: str) -> Any:
+        from server_plugin.reconciler import PinRefusal
+
         self.seen.append(model)
-        return self.error
+        return PinRefusal(self.error) if self.error else None
 
 
 def call_middleware(reconciler: Any, body: bytes, path: str = "/v1/chat/completions") -> Any:
@@ -131,7 +135,7 @@ def call_middleware(reconciler: Any, body: bytes, path: str = "/v1/chat/completi
         received.append(data)
 
     async def scenario() -> None:
-        plugin = type("P", (), {"reconciler": reconciler})()
+        plugin = type("P", (), {"reconciler": reconciler, "max_parse_bytes": 1 << 20})()
         mw = PinnedModelMiddleware(app, plugin)
         chunks = [body[:5], body[5:]]
 

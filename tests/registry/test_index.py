@@ -88,3 +88,44 @@ def test_a_symlink_out_of_the_root_is_not_listed(tmp_path: Path) -> None:
     other.publish("y", write_adapter(tmp_path / "b"))
     (reg.root / "y").symlink_to(other.name_dir("y"))
     assert [i.name for i in listing(reg)] == ["x"]
+
+
+def test_pointer_scan_agrees_with_the_registry_and_rereads_what_changed(tmp_path: Path) -> None:
+    from agent_finetune.registry.index import pointers
+
+    reg = Registry(tmp_path / "registry")
+    src = write_adapter(tmp_path / "a")
+    for name in ("a", "b", "c", "d"):
+        reg.publish(name, src)
+    reg.publish("b", src, make_current=False)
+    (reg.name_dir("c") / "current").write_text("{broken")
+    (reg.name_dir("d") / "current").unlink()
+    (reg.root / "unpublished").mkdir()
+    other = Registry(tmp_path / "other")
+    other.publish("e", src)
+    (reg.root / "e").symlink_to(other.name_dir("e"))
+
+    def expected() -> dict[str, str | None]:
+        return {n: reg.current(n) for n in reg.names()}
+
+    memo: dict[str, object] = {}
+    found = pointers(reg, memo)  # type: ignore[arg-type]
+    assert (
+        {n: p.version for n, p in found.items()}
+        == expected()
+        == {
+            "a": "v0001",
+            "b": "v0001",
+            "c": None,
+            "d": None,
+        }
+    )
+    reg.promote("b", "v0002")
+    reg.promote("c", "v0001")
+    found = pointers(reg, memo)  # type: ignore[arg-type]
+    assert {n: p.version for n, p in found.items()} == expected()
+    assert found["b"].version == "v0002"
+    import shutil
+
+    shutil.rmtree(reg.name_dir("a"))
+    assert "a" not in pointers(reg, memo) and "a" not in memo  # type: ignore[arg-type]

@@ -64,7 +64,8 @@ class FakeVllmHttp:
         self.base_model = base_model
         self.runtime_api = runtime_api
         self.loras: dict[str, str] = {}
-        self.fail_load: dict[str, tuple[int, str]] = {}  # lora_path -> (status, error type)
+        self.fail_once: dict[str, tuple[int, str]] = {}  # lora_name -> (status, error type)
+        self.requests: list[str] = []
         self.metrics = 'vllm:num_requests_running{engine="0"} 0.0\n'
         self.down = False
         self.log: list[tuple[str, str]] = []
@@ -82,6 +83,7 @@ class FakeVllmHttp:
         if self.down:
             raise httpx.ConnectError("connection refused", request=request)
         path = request.url.path
+        self.requests.append(path)
         if path == "/v1/models":
             cards = [{"id": self.base_model, "root": self.base_model, "parent": None}]
             cards += [
@@ -112,8 +114,8 @@ class FakeVllmHttp:
                     "the adapter in place, set 'load_inplace' to True.",
                     "InvalidUserInput",
                 )
-            if lora_path in self.fail_load:
-                status, err_type = self.fail_load[lora_path]
+            if name in self.fail_once:
+                status, err_type = self.fail_once.pop(name)
                 return self._error(status, "add_lora failed", err_type)
             if not Path(lora_path).is_dir():
                 return self._error(404, f"Loading lora {name} failed", "NotFoundError")

@@ -250,3 +250,41 @@ def test_middleware_loads_a_lazy_name_before_the_app_sees_the_request(tmp_path: 
     asyncio.run(scenario())
     assert sorted(seen) == [("n01", True), ("n01", True), ("other", False)]
     assert transport.loads() == ["n01@v0001"]
+
+
+def test_copies_in_use_can_be_read_from_the_cache_thread_during_loads(tmp_path: Path) -> None:
+    """The cache asks ``in_use`` from its worker thread (a bounded copy making room) while
+    lazy loads on the event loop change what is loaded: that read must not fail."""
+    import sys
+    import threading
+
+    _, _, rec = make(tmp_path, 1)
+    rec._actual = {f"n{i}": f"/c/{i}" for i in range(5000)}
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                rec.cache.in_use()
+            except RuntimeError as e:  # "dictionary changed size during iteration"
+                errors.append(e)
+                return
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for _ in range(200):  # loads and unloads, as lazy names come and go
+            for i in range(500):
+                rec._actual[f"x{i}"] = "/c/x"
+            for i in range(500):
+                del rec._actual[f"x{i}"]
+            if errors:
+                break
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(old)
+    assert errors == []

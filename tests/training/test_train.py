@@ -103,8 +103,16 @@ def test_adapter_loads_with_plain_peft_and_is_published(trained: Any, tiny_model
 def test_seed_guide_example_runs_as_written(tiny_model: Path, tmp_path: Path) -> None:
     """The seed guide's usage, with the tiny model in place of a hub model."""
     data = [
-        {"instruction": "什么是机器学习？", "response": "机器学习是让计算机从数据中学习的方法。"},
-        {"instruction": "What is LoRA?", "response": "A low-rank adapter for fine-tuning."},
+        {
+            "instruction": "什么是机器学习？",
+            "response": "机器学习是让计算机从数据中学习的方法。",
+            "domain": "人工智能",
+        },
+        {
+            "instruction": "What is LoRA?",
+            "response": "A low-rank adapter for fine-tuning.",
+            "domain": "人工智能",
+        },
     ] * 4
     (tmp_path / "data.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
 
@@ -120,7 +128,7 @@ def test_seed_guide_example_runs_as_written(tiny_model: Path, tmp_path: Path) ->
         gradient_checkpointing=False,
     )
     prompt_template = "### 领域: {domain}\n### 指令:\n{instruction}\n### 回答:\n{response}"
-    config.template_vars = {"domain": "人工智能"}
+    # {domain} comes from the rows, as in the seed guide (no template_vars).
     model_path = run_fine_tuning(
         data_path=str(tmp_path / "data.json"),
         config=config,
@@ -131,10 +139,16 @@ def test_seed_guide_example_runs_as_written(tiny_model: Path, tmp_path: Path) ->
 
     config = FineTuningConfig(model_name=model_path)
     model, tokenizer = load_model_and_tokenizer(config)
-    response = generate_text(model, tokenizer, "What is LoRA?", max_new_tokens=20, temperature=0.7)
+    # As the guide calls it: {domain} is not passed, so it warns and still generates.
+    with pytest.warns(UserWarning, match="domain"):
+        response = generate_text(
+            model, tokenizer, "What is LoRA?", max_new_tokens=20, temperature=0.7
+        )
     assert isinstance(response, str)
     assert "### 回答" not in response  # only the generated text comes back
-    greedy = generate_text(model, tokenizer, "What is LoRA?", max_new_tokens=20, temperature=0)
+    greedy = generate_text(
+        model, tokenizer, "What is LoRA?", max_new_tokens=20, temperature=0, domain="人工智能"
+    )
     assert greedy == "A low-rank adapter for fine-tuning."
 
 
