@@ -16,6 +16,7 @@ Every class also subclasses the built-in that callers already catch::
     │       └── AdapterFormatError(ValidationError)         malformed safetensors header
     ├── LoadError(AgentFinetuneError, RuntimeError)        the vLLM server refused a load/swap
     │   └── ServerUnavailableError(LoadError, ConnectionError)  5xx/timeout/down: retried
+    ├── VllmCompatError(AgentFinetuneError, RuntimeError)  this vLLM lacks what the plugin uses
     ├── AskError(AgentFinetuneError, RuntimeError)         `ask`: server down or name unknown
     └── DemoError(AgentFinetuneError, RuntimeError)        a demo step did not do what it should
 
@@ -91,6 +92,11 @@ class ServerUnavailableError(LoadError, ConnectionError):
     """The server could not answer a load, repoint or unload (5xx, timeout, connection
     refused, engine restarting): a transient failure, retried with backoff. Being an
     ``OSError``, it is caught wherever I/O errors are."""
+
+
+class VllmCompatError(AgentFinetuneError, RuntimeError):
+    """The installed vLLM lacks an internal the plugin uses, or runs in a mode it cannot
+    serve (``server_plugin.compat``)."""
 
 
 class AskError(AgentFinetuneError, RuntimeError):

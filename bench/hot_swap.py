@@ -13,6 +13,9 @@ Measures, with the agent_finetune plugin serving a registry:
   medians).
 
     .venv/bin/python bench/hot_swap.py --swaps 50 --json bench/hot_swap.json
+
+``--swaps-only`` starts one server (no baseline) and measures idle swaps and rollbacks only
+(``bench/vllm_matrix.sh`` runs it under each vLLM version).
 """
 
 from __future__ import annotations
@@ -144,7 +147,8 @@ def middleware_overhead_us(n: int = 20000) -> float:
     async def send(message: Any) -> None:
         return None
 
-    plugin = type("Plugin", (), {"reconciler": object(), "max_parse_bytes": 1 << 20})()
+    reconciler = type("Reconciler", (), {"lazy": False})()  # every name preloaded
+    plugin = type("Plugin", (), {"reconciler": reconciler, "max_parse_bytes": 1 << 20})()
     wrapped = PinnedModelMiddleware(app, plugin)
 
     async def timed(call: Any) -> float:
@@ -170,6 +174,11 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="A/A run: two servers without the plugin, latency only (this machine's noise)",
     )
+    parser.add_argument(
+        "--swaps-only",
+        action="store_true",
+        help="one server; idle swaps and rollbacks only (no baseline, latency or load phase)",
+    )
     parser.add_argument("--workdir", default=None, help="scratch folder (default: temp)")
     parser.add_argument("--json", default=str(ROOT / "bench" / "hot_swap.json"))
     return parser.parse_args()
@@ -178,7 +187,7 @@ def parse_args() -> argparse.Namespace:
 class Bench:
     """The tiny model, its adapters, the registry and the two servers under test."""
 
-    def __init__(self, work: Path, control: bool) -> None:
+    def __init__(self, work: Path, control: bool, swaps_only: bool = False) -> None:
         from agent_finetune.registry import Registry
         from agent_finetune.training.tiny_model import build_tiny_model, random_adapter
         from server_plugin.launch import start_server
@@ -209,7 +218,11 @@ class Bench:
                 extra_args=VLLM_ARGS,
                 wait=False,
             )
-        self.without = start_server(str(self.model), None, log_path=work / "baseline.log", **plain)
+        self.without = (
+            None
+            if swaps_only
+            else start_server(str(self.model), None, log_path=work / "baseline.log", **plain)
+        )
         self.refs: dict[str, list[int]] = {}
         self.by_weights: dict[int, list[int]] = {}
 
@@ -217,7 +230,8 @@ class Bench:
         from openai import OpenAI
 
         self.with_plugin.wait_ready()
-        self.without.wait_ready()
+        if self.without is not None:
+            self.without.wait_ready()
         self.client = OpenAI(base_url=self.with_plugin.base_url, api_key="x", max_retries=0)
         self.refs["v0001"] = self.by_weights[0] = ask(self.client, NAME)[1]
         return self.client
@@ -232,13 +246,15 @@ class Bench:
 
     def stop(self) -> None:
         self.with_plugin.stop()
-        self.without.stop()
+        if self.without is not None:
+            self.without.stop()
 
 
 def measure_latency(bench: Bench, requests: int) -> tuple[dict[str, list[float]], list[float]]:
     """Request latency, both servers fresh, in alternating blocks (same adapter weights)."""
     from openai import OpenAI
 
+    assert bench.without is not None, "latency needs the baseline server"
     base_client = OpenAI(base_url=bench.without.base_url, api_key="x", max_retries=0)
     assert ask(base_client, NAME)[1] == bench.refs["v0001"], "baseline serves other weights"
     # Blocks of requests to one server at a time, alternating which goes first: with two
@@ -306,13 +322,32 @@ def p50_p95(values: list[float]) -> dict[str, float]:
     return {"p50": pct(values, 50), "p95": pct(values, 95)}
 
 
+def swaps_only(bench: Bench, swapper: Swapper, args: argparse.Namespace) -> int:
+    """``--swaps-only``: idle swaps and rollbacks on one server."""
+    swap_s, rollback_s = [], []
+    for i in range(1, args.swaps + 1):
+        swap_s.append(swapper.promote(bench.publish(i)))
+        rollback_s.append(swapper.rollback())
+    short = {
+        "swaps": args.swaps,
+        "swap_s": {**p50_p95(swap_s), "max": max(swap_s)},
+        "rollback_s": {**p50_p95(rollback_s), "max": max(rollback_s)},
+    }
+    Path(args.json).write_text(json.dumps(short, indent=2) + "\n")
+    print(json.dumps(short, indent=2))
+    return 0
+
+
 def main() -> int:
     args = parse_args()
     load_start = os.getloadavg()[0]
-    bench = Bench(Path(args.workdir or tempfile.mkdtemp(prefix="hot-swap-bench-")), args.control)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="hot-swap-bench-"))
+    bench = Bench(work, args.control, swaps_only=args.swaps_only)
     try:
         client = bench.ready()
         swapper = Swapper(bench.registry, client, bench.refs, bench.with_plugin)
+        if args.swaps_only:
+            return swaps_only(bench, swapper, args)
         lat, pair_ratios = measure_latency(bench, args.latency_requests)
         if args.control:
             control = {

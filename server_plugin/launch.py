@@ -31,10 +31,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from agent_finetune.errors import ConfigError
 from agent_finetune.registry import Registry
 from agent_finetune.registry.adapter import read_adapter_config
 from agent_finetune.registry.names import ENV_REGISTRY
-from server_plugin.settings import PLUGIN_NAME
+from server_plugin.compat import multiple_api_servers_error
+from server_plugin.preload import PreloadPolicy, default_max_cpu_loras
+from server_plugin.settings import ENV_PRELOAD, PLUGIN_NAME
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 # vLLM accepts only these --max-lora-rank values.
@@ -80,6 +83,23 @@ def _has_flag(args: Sequence[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
+def api_server_count(args: Sequence[str]) -> int | None:
+    """The value of vLLM's ``--api-server-count`` (alias ``-asc``) in ``args``, if given."""
+    for i, arg in enumerate(args):
+        for flag in ("--api-server-count", "-asc"):
+            if arg == flag and i + 1 < len(args):
+                value = args[i + 1]
+            elif arg.startswith(flag + "="):
+                value = arg.partition("=")[2]
+            else:
+                continue
+            try:
+                return int(value)
+            except ValueError:
+                return None  # vLLM reports the bad value itself
+    return None
+
+
 def plugins_env_value(current: str | None) -> str:
     """``VLLM_PLUGINS`` with ours added, keeping every plugin vLLM would load without it.
 
@@ -107,14 +127,23 @@ def build_command(
     max_cpu_loras: int | None = None,
     max_pinned: int = 4,
     tool_call_parser: str | None = None,
+    preload: str | None = None,
     python: str = sys.executable,
 ) -> list[str]:
     """The vLLM command line: LoRA on, bounds sized for hot swaps, ``extra_args`` win.
 
     ``tool_call_parser`` turns on tool calling (``--enable-auto-tool-choice
     --tool-call-parser NAME``): without it vLLM answers 400 to any request with ``tools``.
+    Refuses ``--api-server-count`` > 1: the module run here serves from one process and
+    ignores the flag, and the plugin could not serve from several (see ``compat``).
     """
     extra = list(extra_args)
+    count = api_server_count(extra)
+    if count is not None and count > 1:
+        raise ConfigError(
+            f"--api-server-count {count}: {multiple_api_servers_error(count)} "
+            f"({VLLM_MODULE} would ignore the flag and start one)"
+        )
     cmd = [python, "-m", VLLM_MODULE, "--model", model]
     if not _has_flag(extra, "--port"):
         cmd += ["--port", str(port)]
@@ -135,9 +164,15 @@ def build_command(
         cmd += ["--max-loras", str(loras)]
     if not _has_flag(extra, "--max-cpu-loras"):
         # Live versions, the ones they replaced (instant rollback) and pinned ones stay in
-        # the engine's CPU cache instead of being re-read from disk.
+        # the engine's CPU cache instead of being re-read from disk; bounded unless every
+        # name is preloaded (AGENT_FINETUNE_PRELOAD=all), so memory does not grow with the
+        # registry.
         n_names = len(Registry(registry).names()) if registry and Path(registry).is_dir() else 0
-        cmd += ["--max-cpu-loras", str(max_cpu_loras or max(loras, n_names + max_pinned, 8))]
+        policy = PreloadPolicy.parse(preload)
+        cpu_loras = max_cpu_loras or default_max_cpu_loras(
+            policy, n_names, max_pinned, max(loras, 8)
+        )
+        cmd += ["--max-cpu-loras", str(cpu_loras)]
     return cmd + extra
 
 
@@ -268,6 +303,8 @@ def start_server(
     (default: discarded).
     """
     port = port or free_port()
+    if "preload" not in command_options and settings and ENV_PRELOAD in settings:
+        command_options["preload"] = settings[ENV_PRELOAD]
     cmd = build_command(
         model, registry, port=port, host=host, extra_args=extra_args, **command_options
     )

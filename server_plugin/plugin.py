@@ -1,4 +1,4 @@
-"""The vLLM endpoint plugin: the only module of this package that imports vLLM.
+"""The vLLM endpoint plugin: the reconcile loop inside vLLM's API-server process.
 
 Enabled by ``VLLM_PLUGINS=agent_finetune`` (entry point group ``vllm.endpoint_plugins``)
 and configured by the ``AGENT_FINETUNE_*`` variables (see ``server_plugin.settings``).
@@ -6,8 +6,9 @@ It runs the reconcile loop inside the API-server process and drives vLLM through
 ``state.openai_serving_models``: no ``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` needed, and the
 routes it adds (``GET /v1/adapters``, ``/v1/models``, ``/v1/models/{id}``) change nothing.
 Every model answer names the version that answered in the ``x-adapter-version`` header
-(``server_plugin.answers``). Every exception is logged and
-kept away from vLLM: a broken plugin leaves a server that serves the base model.
+(``server_plugin.answers``). Every vLLM internal it touches goes through
+``server_plugin.compat`` (which says which, for which vLLM versions). Every exception is
+logged and kept away from vLLM: a broken plugin leaves a server that serves the base model.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import asyncio
 import atexit
 import json
 import logging
+import time
 from argparse import Namespace
 from collections import deque
 from typing import Any
@@ -24,12 +26,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from agent_finetune.errors import LoadError, ServerUnavailableError
+from agent_finetune.errors import LoadError, ServerUnavailableError, VllmCompatError
 from agent_finetune.registry import Registry
 from agent_finetune.registry.adapter import linear_shapes, load_base_config
+from server_plugin import compat
 from server_plugin.answers import AnswerHeaders, missing_model_message
 from server_plugin.cache import AdapterCache, Limits, ProcessDir
 from server_plugin.listing import annotate_cards
+from server_plugin.preload import USAGE_FILE, PreloadPolicy, Usage
 from server_plugin.reconciler import PinRefusal, Reconciler
 from server_plugin.settings import PLUGIN_NAME, Settings, reconciler_options
 from server_plugin.watcher import RegistryWatcher
@@ -43,35 +47,28 @@ _PARSE_IN_THREAD_BYTES = 64 * 1024
 
 
 class VllmTransport:
-    """Change vLLM's served names in-process through ``OpenAIServingModels``."""
+    """Change vLLM's served names in-process (``compat.ServingModels``)."""
 
-    def __init__(self, models: Any) -> None:
+    def __init__(self, models: compat.ServingModels) -> None:
         self.models = models
 
     async def served(self) -> dict[str, str]:
-        return {name: str(r.lora_path) for name, r in list(self.models.lora_requests.items())}
+        return {name: served.path for name, served in self.models.table().items()}
 
     async def load(self, served_name: str, path: str) -> None:
-        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-        from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
-
-        existing = self.models.lora_requests.get(served_name)
+        existing = self.models.get(served_name)
         if existing is not None:
-            if existing.lora_path == path:
+            if existing.path == path:
                 return
             raise LoadError(
-                f"{served_name} is already served from {existing.lora_path}; "
+                f"{served_name} is already served from {existing.path}; "
                 "versions are never reloaded in place"
             )
-        result = await self.models.load_lora_adapter(
-            LoadLoRAAdapterRequest(lora_name=served_name, lora_path=path)
-        )
-        if isinstance(result, ErrorResponse):
-            error = result.error
-            message = (
-                f"vLLM refused to load {path}: HTTP {error.code} {error.type}: {error.message}"
-            )
-            if error.code >= 500:  # the engine failed, not necessarily the adapter: retried
+        refused = await self.models.load_detail(served_name, path)
+        if refused is not None:
+            code, message = refused
+            message = f"vLLM refused to load {path}: HTTP {code}: {message}"
+            if code >= 500:  # the engine failed, not necessarily the adapter: retried
                 raise ServerUnavailableError(message)
             raise LoadError(message)
 
@@ -81,33 +78,12 @@ class VllmTransport:
                 f"adapter name {name!r} is also a served base model name; rename the adapter "
                 "or start vLLM with another --served-model-name"
             )
-        loaded = self.models.lora_requests.get(target)
-        if loaded is None:
+        if not self.models.point(name, target):
             raise LoadError(f"cannot point {name} at {target}: {target} is not loaded")
-        # The versioned LoRARequest itself, not a copy named `name`: vLLM's worker keys
-        # active adapters by lora_name, so two LoRA ids under one name in a batch (old
-        # requests still running, new ones admitted) crash the engine. Requests admitted
-        # before this line keep the LoRARequest they were admitted with.
-        self.models.lora_requests[name] = loaded
 
     async def unload(self, served_name: str) -> None:
         # Unloading frees no engine memory in vLLM 0.32; the name simply stops resolving.
-        self.models.lora_requests.pop(served_name, None)
-
-
-async def list_models(request: Request) -> Response:
-    """vLLM's ``/v1/models``, listing each served name (a repointed name shares its
-    version's LoRARequest, whose ``lora_name`` is ``name@vNNNN``)."""
-    models = request.app.state.openai_serving_models
-    result = await models.show_available_models()
-    try:
-        names = list(models.lora_requests)  # same order, read before any other await
-        n_base = len(result.data) - len(names)
-        for card, name in zip(result.data[n_base:], names, strict=False):
-            card.id = name
-    except Exception:
-        logger.exception("agent_finetune: renaming /v1/models entries failed")
-    return JSONResponse(content=result.model_dump())
+        self.models.drop(served_name)
 
 
 def _limits(engine_client: Any, args: Namespace, settings: Settings) -> Limits:
@@ -132,6 +108,14 @@ def _limits(engine_client: Any, args: Namespace, settings: Settings) -> Limits:
         base_config=base_config,
         check_base_name=settings.strict_base,
     )
+
+
+def _engine_bound(engine_client: Any) -> int | None:
+    """``--max-cpu-loras``: adapters the engine keeps in host memory (its LRU)."""
+    try:
+        return int(engine_client.vllm_config.lora_config.max_cpu_loras)
+    except (AttributeError, TypeError, ValueError):
+        return None
 
 
 def _error(status: int, message: str, err_type: str) -> JSONResponse:
@@ -173,16 +157,17 @@ def _model_field(body: bytes) -> str | None:
     return model if isinstance(model, str) else None
 
 
-async def pinned_model(body: bytes) -> str | None:
-    """The body's ``model`` when it names a pinned ``name@vNNNN``-like value, else None.
+async def pinned_model(body: bytes, *, any_name: bool = False) -> str | None:
+    """The body's ``model`` when it names a pinned ``name@vNNNN``-like value (or, with
+    ``any_name``, any value: lazy names load on their first request), else None.
     Large bodies are parsed in a thread so the event loop keeps serving."""
-    if b"@" not in body:
+    if not any_name and b"@" not in body:
         return None
     if len(body) >= _PARSE_IN_THREAD_BYTES:
         model = await asyncio.to_thread(_model_field, body)
     else:
         model = _model_field(body)
-    return model if model is not None and "@" in model else None
+    return model if model is not None and (any_name or "@" in model) else None
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -220,7 +205,7 @@ class PinnedModelMiddleware:
             await self.app(scope, receive, send)
             return
         messages, body = await read_capped(receive, cap)
-        model = await pinned_model(body) if body is not None else None
+        model = await pinned_model(body, any_name=reconciler.lazy) if body is not None else None
         if model is not None:
             refusal = await self._ensure_pinned(reconciler, model)
             if refusal is not None:
@@ -239,6 +224,8 @@ class PinnedModelMiddleware:
     @staticmethod
     async def _ensure_pinned(reconciler: Reconciler, model: str) -> PinRefusal | None:
         try:
+            if "@" not in model:
+                return await reconciler.ensure_name(model)
             return await reconciler.ensure_pinned(model)
         except Exception:
             logger.exception("agent_finetune: loading pinned %s failed", model)
@@ -256,39 +243,63 @@ class EndpointPlugin:
         self.max_parse_bytes = Settings.max_parse_bytes
         self.watcher: RegistryWatcher | None = None
         self.error: str | None = None
+        self.startup_s: float | None = None
+        self.internals: compat.Internals | None = None
+        self.models: compat.ServingModels | None = None
         self._task: asyncio.Task[None] | None = None
 
     def attach_router(self, app: Any) -> None:
         try:
-            app.add_api_route("/v1/adapters", self.adapters, methods=["GET"])
-            app.add_api_route("/v1/models", self.models, methods=["GET"])
-            app.add_api_route("/v1/models/{model_id:path}", self.model_card, methods=["GET"])
+            self.internals = compat.detect()
+        except VllmCompatError as e:
+            self.error = str(e)
+            logger.error("agent_finetune: %s; plugin disabled", e)
+        try:
+            compat.replace_route(app, "/v1/adapters", self.adapters, ["GET"])
+            if self.internals is not None:  # else vLLM's own /v1/models keeps answering
+                compat.replace_route(app, "/v1/models", self.list_models, ["GET"])
+                compat.replace_route(app, "/v1/models/{model_id:path}", self.model_card, ["GET"])
             app.add_middleware(PinnedModelMiddleware, plugin=self)
             app.add_middleware(AnswerHeaders, routes=_MODEL_ROUTES, describe=self.missing_model)
         except Exception:
             logger.exception("agent_finetune: attaching routes failed; plugin disabled")
 
-    async def models(self, request: Request) -> Response:
-        """``/v1/models`` with name <-> version links and every pinnable version."""
-        response = await list_models(request)
+    async def list_models(self, request: Request) -> Response:
+        """vLLM's ``/v1/models``: each adapter under its served name, then the lazy names (not
+        loaded yet; their first request loads them), with name <-> version links and every
+        pinnable version (``server_plugin.listing``)."""
+        models = self.models
+        if models is None and self.internals is not None:
+            models = compat.ServingModels.from_state(request.app.state, self.internals)
+        if models is None:
+            return _error(503, self.error or "agent_finetune plugin is starting", "Unavailable")
+        body = await models.model_list()
+        reconciler = self.reconciler
         try:
-            payload = json.loads(bytes(response.body))
-            models = request.app.state.openai_serving_models
-            served_as = {name: req.lora_name for name, req in models.lora_requests.items()}
-            registry = self.reconciler.registry if self.reconciler is not None else None
-            base_id = models.base_model_paths[0].name if models.base_model_paths else None
-            payload["data"] = await asyncio.to_thread(
-                annotate_cards, payload["data"], served_as, registry, base_id
+            cards = body["data"]
+            if reconciler is not None and reconciler.lazy:
+                base = cards[0]
+                served = {c.get("id") for c in cards}
+                cards.extend(
+                    {**base, "id": n, "root": n, "parent": base.get("id"), "max_model_len": None}
+                    for n in reconciler.lazy_names()
+                    if n not in served
+                )
+            served_as = {name: s.name for name, s in models.table().items()}
+            registry = reconciler.registry if reconciler is not None else None
+            paths = getattr(models.models, "base_model_paths", None)
+            base_id = paths[0].name if paths else None
+            body["data"] = await asyncio.to_thread(
+                annotate_cards, cards, served_as, registry, base_id
             )
         except Exception:
             logger.exception("agent_finetune: annotating /v1/models failed")
-            return response
-        return JSONResponse(payload)
+        return JSONResponse(content=body)
 
     async def model_card(self, request: Request) -> Response:
         """``GET /v1/models/{id}`` (the openai SDK's ``models.retrieve``): one card, or 404."""
         model = request.path_params["model_id"]
-        listing = await self.models(request)
+        listing = await self.list_models(request)
         try:
             cards = json.loads(bytes(listing.body))["data"]
         except (ValueError, KeyError, TypeError):
@@ -318,7 +329,7 @@ class EndpointPlugin:
                 },
                 status_code=503,
             )
-        return JSONResponse(self.reconciler.status())
+        return JSONResponse({**self.reconciler.status(), "startup_seconds": self.startup_s})
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         try:
@@ -328,6 +339,7 @@ class EndpointPlugin:
             logger.exception("agent_finetune: plugin failed to start; serving without it")
 
     async def _init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
+        t0 = time.monotonic()
         _setup_logging()
         if engine_client is None:
             self.error = "agent_finetune needs an engine (not the render-only server)"
@@ -336,13 +348,22 @@ class EndpointPlugin:
             self.error = "agent_finetune needs LoRA: start vLLM with --enable-lora"
             logger.error("agent_finetune: %s", self.error)
             return
+        count = compat.api_process_count(engine_client, args)
+        if count > 1:
+            self.error = compat.multiple_api_servers_error(count)
+            logger.error("agent_finetune: %s; plugin disabled", self.error)
+            return
         try:
             settings = Settings.from_env()
-        except ValueError as e:
+            self.internals = self.internals or compat.detect()
+            models = self.models = compat.ServingModels.from_state(state, self.internals)
+        except (ValueError, VllmCompatError) as e:
             self.error = str(e)
             logger.error("agent_finetune: %s; plugin disabled", e)
             return
         limits = _limits(engine_client, args, settings)
+        usage = Usage(settings.cache_dir / USAGE_FILE)
+        atexit.register(usage.save, True)
         folder = ProcessDir(settings.cache_dir)
         atexit.register(folder.close)
         cache = AdapterCache(
@@ -351,8 +372,11 @@ class EndpointPlugin:
         reconciler = Reconciler(
             Registry(settings.registry),
             cache,
-            VllmTransport(state.openai_serving_models),
+            VllmTransport(models),
             **reconciler_options(settings),
+            preload=PreloadPolicy.parse(settings.preload),
+            engine_bound=_engine_bound(engine_client),
+            usage=usage,
         )
         self.max_parse_bytes = settings.max_parse_bytes
         self.watcher = RegistryWatcher(
@@ -362,8 +386,9 @@ class EndpointPlugin:
             poll_interval_s=min(1.0, settings.resync_s),
         )
         atexit.register(self.watcher.stop)
-        # Serve every current version before the server reports ready.
+        # Serve every preloaded name before the server reports ready (lazy ones: metadata).
         await reconciler.reconcile_once()
+        self.startup_s = round(time.monotonic() - t0, 6)
         self.reconciler = reconciler
         self._task = asyncio.get_running_loop().create_task(
             reconciler.run(before_pass=self.watcher.start), name="agent_finetune-reconcile"
@@ -376,6 +401,9 @@ class EndpointPlugin:
             limits.max_rank,
             settings.resync_s,
             "polling" if settings.polling else "inotify",
+        )
+        logger.info(
+            "agent_finetune: start-up took %.2fs; preload %s", self.startup_s, reconciler.policy
         )
 
 

@@ -22,6 +22,11 @@ Absence is not deletion: a registry root without its marker file, empty or unrea
 "unavailable" (serve what is loaded, unload nothing); a name is unloaded only after it has
 been absent for ``unload_after`` passes, at most ``max_removals`` names per pass.
 
+Not every name need be loaded: under a lazy preload policy (``server_plugin.preload``) a
+name that is not preloaded waits in state ``lazy`` until its first request calls
+``ensure_name``, which loads it through the same path; loaded lazy names follow ``current``
+like the others, in an LRU of ``lazy_capacity`` names.
+
 No vLLM import here: the plugin (in-process) and the sidecar (over HTTP) share this code
 and differ only in their transport.
 """
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -43,14 +49,16 @@ from typing import Any, Literal, Protocol
 
 from agent_finetune.errors import AgentFinetuneError, ValidationError
 from agent_finetune.registry import CURRENT, MANIFEST, Registry
-from agent_finetune.registry.names import split_model, utc_now, version_number
+from agent_finetune.registry.index import Pointer, pointers
+from agent_finetune.registry.names import is_name, split_model, utc_now, version_number
 from agent_finetune.registry.store import MARKER
 from server_plugin import metrics
 from server_plugin.cache import AdapterCache, manifest_key
+from server_plugin.preload import PreloadPolicy, Usage
 
 logger = logging.getLogger(__name__)
 
-State = Literal["pending", "loading", "live", "failed", "retrying"]
+State = Literal["pending", "loading", "live", "failed", "retrying", "lazy"]
 FailureKind = Literal["permanent", "transient"]
 
 
@@ -92,6 +100,7 @@ class AdapterStatus:
 
     name: str
     desired: str | None = None
+    desired_since: str | None = None  # when `current` last moved (the pointer's mtime)
     live: str | None = None
     state: State = "pending"
     error: str | None = None
@@ -149,6 +158,10 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc)
 
 
+def _utc_at(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds")
+
+
 def _utc_in(seconds: float) -> str:
     return datetime.fromtimestamp(time.time() + seconds, timezone.utc).isoformat(
         timespec="milliseconds"
@@ -173,6 +186,9 @@ class Reconciler:
         pins: str = "any",
         max_loads: int = 2,
         rng: random.Random | None = None,
+        preload: PreloadPolicy | None = None,
+        engine_bound: int | None = None,
+        usage: Usage | None = None,
     ) -> None:
         self.registry = registry
         self.cache = cache
@@ -200,6 +216,7 @@ class Reconciler:
         self._version_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._name_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._load_slots = asyncio.Semaphore(max_loads)
+        self._load_slots_n = max_loads
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._stopping = False
@@ -212,6 +229,20 @@ class Reconciler:
         # What the server serves: read once per pass, then kept current by our own changes.
         self._actual: dict[str, str] | None = None
         self._ever_served: set[Path] = set()  # paths the server held while it was unreachable
+        # Lazy loading (server_plugin.preload). `engine_bound`: adapters the engine keeps
+        # in memory (--max-cpu-loras); `auto` preloads every name while they fit in it.
+        self.preload = preload or PreloadPolicy("all")
+        self.engine_bound = engine_bound
+        self.usage = usage or Usage(None)
+        self.policy: PreloadPolicy | None = None  # `preload` resolved at the first pass
+        self._preloaded: frozenset[str] | None = None  # None: every name
+        self._active: OrderedDict[str, None] = OrderedDict()  # lazy names loaded on demand
+        self._lazy_loads: dict[str, asyncio.Future[PinRefusal | None]] = {}
+        self.lazy_capacity = 0
+        self.hits = 0  # requests for a lazy-policy name that was already served
+        self.misses = 0  # requests that waited for a load (their own or a shared one)
+        self.last_pass_s: float | None = None
+        self._pointers: dict[str, Pointer] = {}  # pointer scan memo
         cache.in_use = self._in_use
 
     # -- loop ---------------------------------------------------------------------------
@@ -262,6 +293,7 @@ class Reconciler:
 
     async def reconcile_once(self) -> None:
         """One level-triggered pass. Never raises: every problem is logged and reported."""
+        t0 = time.monotonic()
         self._unknown_pins.clear()  # a pass is also how a new version becomes pinnable
         try:
             desired = await asyncio.to_thread(self._read_desired)
@@ -283,7 +315,9 @@ class Reconciler:
             await asyncio.to_thread(self.cache.collect)
         except Exception:
             logger.exception("agent_finetune: cleaning the cache failed")
+        self.usage.save()
         self.last_sync = utc_now()
+        self.last_pass_s = round(time.monotonic() - t0, 6)
         self.passes += 1
 
     async def _reconcile_names(self, desired: _Desired, actual: dict[str, str]) -> None:
@@ -300,9 +334,11 @@ class Reconciler:
     def _in_use(self) -> set[Path]:
         """Copies the server may re-read: our loads and whatever it serves (or, while it
         cannot be asked, whatever it served when last asked)."""
-        paths = {c.path for c in self._loaded.values()}
-        paths |= {Path(p) for p in (self._actual or {}).values()}
-        return paths | self._ever_served
+        # Called from the cache's worker thread (a bounded copy making room) while loads on
+        # the event loop change these maps: list() copies each one without releasing the GIL.
+        paths = {c.path for c in list(self._loaded.values())}
+        paths |= {Path(p) for p in list((self._actual or {}).values())}
+        return paths | set(self._ever_served)
 
     async def _read_actual(self) -> dict[str, str] | None:
         try:
@@ -359,14 +395,14 @@ class Reconciler:
                 f"leaves the marker; for an older registry: touch {root / MARKER}",
             )
         out = _Desired(True)
-        for name in self.registry.names():
-            version: str | None
-            try:
-                version = self.registry.current(name)
-                moved_at = (self.registry.name_dir(name) / CURRENT).stat().st_mtime
-            except (OSError, ValueError):
-                version, moved_at = None, None
-            key = self._key(name, version) if version is not None else None
+        # One pass over the root; a pointer is re-read only when its stat changed.
+        found = pointers(self.registry, self._pointers)
+        if self.policy is None:
+            self._resolve_policy({n: p.moved_at for n, p in found.items()})
+        for name, (version, moved_at, _) in found.items():
+            # A lazy name's manifest is read when its first request loads it, not per pass.
+            lazy = self._is_lazy(name)
+            key = self._key(name, version) if version is not None and not lazy else None
             out.names[name] = (version, key, moved_at)
         return out
 
@@ -396,6 +432,7 @@ class Reconciler:
     ) -> None:
         st = self._status.setdefault(name, AdapterStatus(name))
         st.desired, st.absent_passes = version, 0
+        st.desired_since = _utc_at(moved_at) if moved_at is not None else None
         if self._desired_seen.get(name) != (version, key):
             # `current` moved (or its content changed): forget what failed before.
             self._desired_seen[name] = (version, key)
@@ -420,6 +457,17 @@ class Reconciler:
                 "registry; serving the server's verified copy"
             )
             st.error_version, st.error_kind = version, "transient"
+            return
+        if self._is_lazy(name):
+            # Its failures are keyed by the content its load read (the pass reads none).
+            failure = next(
+                (f for k, f in self._failures.items() if k[0] == name and k[1] == version), None
+            )
+            if failure is not None:
+                self._show_failure(st, version, failure)
+            else:
+                st.state, st.attempts, st.next_retry = "lazy", 0, None
+                st.error = st.error_version = st.error_kind = None
             return
         if self._is_serving(name, version, key, actual):
             self._failures.pop(fkey, None)
@@ -540,7 +588,8 @@ class Reconciler:
         st.state = "loading"
         t0 = time.monotonic()
         try:
-            copy = await self._ensure_loaded(name, version)
+            # A lazy name's copy counts against the cache's byte bound.
+            copy = await self._ensure_loaded(name, version, bounded=name in self._active)
             load_s = time.monotonic() - t0
             served = self._content[(name, version, copy.key)]
             await self._repoint(name, served)
@@ -637,6 +686,8 @@ class Reconciler:
             self._status.pop(name, None)
             self._absent.pop(name, None)
             self._desired_seen.pop(name, None)
+            self._active.pop(name, None)
+            self._pointers.pop(name, None)
             for key in [k for k in self._failures if k[0] == name]:
                 del self._failures[key]
             metrics.LIVE_VERSION.labels(name).set(0)
@@ -655,6 +706,122 @@ class Reconciler:
                 logger.info("agent_finetune: %s changed in the registry; unloading", served)
                 self._lru.pop(served, None)
                 await self._unload(served)
+
+    # -- lazy names -----------------------------------------------------------------------
+    def _resolve_policy(self, moved: dict[str, float | None]) -> None:
+        """Fix the preload policy at the first readable pass: ``auto`` becomes ``all`` or
+        ``recent:N`` by the engine's bound, and the preloaded names are chosen."""
+        n_names = len(moved)
+        bound = self.engine_bound if self.engine_bound is not None else n_names + self.max_pinned
+        room = max(0, bound - self.max_pinned)
+        self.policy = self.preload.resolve(n_names, room)
+        self._preloaded = self.policy.choose(moved, self.usage.used_at)
+        n_pre = n_names if self._preloaded is None else len(self._preloaded & moved.keys())
+        # Loaded lazy names share the engine's room with the preloaded ones; at least a
+        # few, so concurrent first requests never unload each other's name.
+        self.lazy_capacity = max(2 * self._load_slots_n, room - n_pre)
+        logger.info(
+            "agent_finetune: preload %s (%s): %d of %d names preloaded, up to %d lazy ones "
+            "loaded at once",
+            self.policy,
+            self.preload,
+            n_pre,
+            n_names,
+            self.lazy_capacity,
+        )
+
+    def _is_lazy(self, name: str) -> bool:
+        """A name the policy does not preload and no request has loaded (or kept) yet."""
+        return (
+            self._preloaded is not None and name not in self._preloaded and name not in self._active
+        )
+
+    @property
+    def lazy(self) -> bool:
+        """Whether some names may load on their first request (``ensure_name`` matters)."""
+        return self.policy is None or self._preloaded is not None
+
+    def lazy_names(self) -> list[str]:
+        """Registry names with a current version that are not loaded now."""
+        return sorted(
+            n for n, st in self._status.items() if st.desired is not None and self._is_lazy(n)
+        )
+
+    async def ensure_name(self, name: str) -> PinRefusal | None:
+        """Serve adapter ``name`` before its request reaches vLLM: load it when it is lazy.
+
+        Returns None when it is served (or not a registry name: vLLM answers 404), else why
+        not (400 for a version the server refuses, 503 for a transient failure). Concurrent
+        first requests for one name share one load.
+        """
+        if name in self._points:
+            self.hits += 1
+            if name in self._active:
+                self._active.move_to_end(name)
+            self.usage.touch(name)
+            return None
+        if not is_name(name) or not self._is_lazy(name):
+            return None
+        st = self._status.get(name)
+        if st is None or st.desired is None:
+            return None  # published after the last pass, or no current: the next pass sees it
+        self.misses += 1
+        self.usage.touch(name)
+        task = self._lazy_loads.get(name)
+        if task is None:
+            task = asyncio.ensure_future(self._load_lazy(name))
+            self._lazy_loads[name] = task
+            task.add_done_callback(functools.partial(self._lazy_done, name))
+        return await asyncio.shield(task)
+
+    def _lazy_done(self, name: str, _task: object) -> None:
+        self._lazy_loads.pop(name, None)
+
+    @staticmethod
+    def _refusal(name: str, failure: _Failure) -> PinRefusal:
+        if failure.kind == "permanent":
+            return PinRefusal(f"{name} cannot be served: {failure.error}")
+        return PinRefusal(f"{name} cannot be served now: {failure.error} (retry later)", 503)
+
+    async def _load_lazy(self, name: str) -> PinRefusal | None:
+        async with self._load_slots, self._name_locks[name]:
+            st = self._status.get(name)
+            if name in self._points or not self._is_lazy(name) or st is None:
+                return None
+            version = st.desired
+            if version is None:
+                return None
+            key = await asyncio.to_thread(self._key, name, version)
+            fkey = (name, version, key)
+            failure = self._failures.get(fkey)
+            if failure is not None and (
+                failure.kind == "permanent" or time.monotonic() < failure.next_try
+            ):
+                return self._refusal(name, failure)
+            self._active[name] = None
+            await self._swap(st, version, key, None, failure)
+            if self._points.get(name) is None:
+                self._active.pop(name, None)
+                failure = self._failures.get(fkey)
+                return self._refusal(name, failure) if failure is not None else None
+        await self._evict_lazy()
+        return None
+
+    async def _evict_lazy(self) -> None:
+        """Unload the least recently used lazy names beyond ``lazy_capacity``."""
+        while len(self._active) > self.lazy_capacity:
+            victim = next((n for n in self._active if not self._name_locks[n].locked()), None)
+            if victim is None:
+                return  # every one is busy loading or swapping: the next load evicts
+            async with self._name_locks[victim]:
+                self._active.pop(victim, None)
+                served = self._points.get(victim)
+                if served is not None:
+                    await self._unload(served)
+                st = self._status.get(victim)
+                if st is not None and st.state == "live":
+                    st.state, st.live, st.path, st.sha256 = "lazy", None, None, None
+                logger.info("agent_finetune: unloaded lazy %s (least recently used)", victim)
 
     # -- pinned requests ------------------------------------------------------------------
     def is_loaded(self, served_name: str) -> bool:
@@ -774,5 +941,18 @@ class Reconciler:
             ],
             "pinned_errors": dict(self._pin_errors),
             "max_pinned": self.max_pinned,
+            "preload": {
+                "setting": str(self.preload),
+                "policy": str(self.policy) if self.policy is not None else None,
+                "preloaded": (
+                    None if self._preloaded is None else len(self._preloaded & self._status.keys())
+                ),
+                "lazy_loaded": len(self._active),
+                "lazy_capacity": self.lazy_capacity if self._preloaded is not None else None,
+                "engine_bound": self.engine_bound,
+                "hits": self.hits,
+                "misses": self.misses,
+            },
+            "last_pass_seconds": self.last_pass_s,
             "pid": os.getpid(),
         }

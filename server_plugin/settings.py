@@ -45,6 +45,11 @@ Variable                         Default    Meaning
                                             already be loaded).
 ``AGENT_FINETUNE_DRAIN_S``       ``30``     Sidecar: longest wait for running requests to
                                             finish before a name is reloaded.
+``AGENT_FINETUNE_PRELOAD``       ``auto``   Names loaded before their first request:
+                                            ``all``, ``none``, ``recent:N`` or ``a,b,c``;
+                                            ``auto``: all while they fit ``--max-cpu-loras``,
+                                            else the most recently used. The others load on
+                                            their first request (``server_plugin.preload``).
 ===============================  =========  ===============================================
 """
 
@@ -56,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_finetune.registry.names import ENV_REGISTRY
+from server_plugin.preload import PreloadPolicy
 
 PLUGIN_NAME = "agent_finetune"
 """The name of the vLLM endpoint plugin (pyproject.toml entry point, ``VLLM_PLUGINS``)."""
@@ -74,6 +80,7 @@ ENV_PINS = "AGENT_FINETUNE_PINS"
 ENV_MAX_LOADS = "AGENT_FINETUNE_MAX_LOADS"
 ENV_MAX_PARSE_BYTES = "AGENT_FINETUNE_MAX_PARSE_BYTES"
 ENV_DRAIN = "AGENT_FINETUNE_DRAIN_S"
+ENV_PRELOAD = "AGENT_FINETUNE_PRELOAD"
 PIN_POLICIES = ("any", "current")
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -131,6 +138,10 @@ def _choice(env: dict[str, str], key: str, default: str, choices: tuple[str, ...
     return value
 
 
+def _preload(env: dict[str, str]) -> str:
+    return str(PreloadPolicy.parse(env.get(ENV_PRELOAD)))  # ValueError names the bad value
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the reconcile loop needs to know besides the server's own limits."""
@@ -151,6 +162,7 @@ class Settings:
     max_loads: int = 2
     max_parse_bytes: int = 1 << 20
     drain_s: float = 30.0
+    preload: str = "auto"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -182,6 +194,7 @@ class Settings:
             max_loads=_int(env, ENV_MAX_LOADS, 2, 1),
             max_parse_bytes=_int(env, ENV_MAX_PARSE_BYTES, 1 << 20, 0),
             drain_s=_float(env, ENV_DRAIN, 30.0, 0.0),
+            preload=_preload(env),
         )
 
 

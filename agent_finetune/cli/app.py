@@ -30,6 +30,7 @@ from agent_finetune.cli.ask import add_ask_parser
 from agent_finetune.cli.demo import add_demo_parser
 from agent_finetune.cli.registry_commands import add_registry_parsers
 from agent_finetune.cli.serve import add_serve_parser, add_sync_parser
+from agent_finetune.cli.status import add_status_parser
 from agent_finetune.cli.train import add_train_parser
 from agent_finetune.errors import AgentFinetuneError
 
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_registry_parsers(sub)
     add_serve_parser(sub)
     add_sync_parser(sub)
+    add_status_parser(sub)
     add_demo_parser(sub)
     add_ask_parser(sub)
     return parser

@@ -14,6 +14,7 @@ from agent_finetune.errors import AgentFinetuneError, NotFoundError, RegistryErr
 from agent_finetune.registry import ENV_REGISTRY, Registry, verify_folder
 from agent_finetune.registry.adapter import load_base_config
 from agent_finetune.registry.fsck import fsck
+from agent_finetune.registry.index import listing
 
 Handler = Callable[[argparse.Namespace], int]
 # The one statement of what rollback means (README says the same).
@@ -93,7 +94,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     reg = _registry(args)
-    infos = reg.entries(args.name)
+    # Every name: through the rebuildable index (fast at thousands of names).
+    infos = reg.entries(args.name) if args.name else listing(reg)
     if args.json:
         emit_json(
             [

@@ -116,7 +116,14 @@ def add_serve_parser(subparsers: Any) -> None:
         "--max-cpu-loras",
         type=int,
         default=None,
-        help="adapters vLLM keeps in memory (default: max(8, names + --max-pinned))",
+        help="adapters vLLM keeps in memory (default: names + --max-pinned, at most 64 "
+        "unless --preload all)",
+    )
+    p.add_argument(
+        "--preload",
+        default=None,
+        help="names loaded at start: auto (default: all while they fit --max-cpu-loras), "
+        "all, none, recent:N or a,b,c; the others load on their first request",
     )
     p.add_argument(
         "--max-pinned",
@@ -180,6 +187,13 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         settings[S.ENV_CACHE_DIR] = str(Path(args.cache_dir).expanduser().absolute())
     if args.no_strict_base:
         settings[S.ENV_STRICT_BASE] = "0"
+    if args.preload is not None:
+        from server_plugin.preload import PreloadPolicy
+
+        try:
+            settings[S.ENV_PRELOAD] = str(PreloadPolicy.parse(args.preload))
+        except ValueError as e:
+            raise ConfigError(str(e).replace(f"{S.ENV_PRELOAD}=", "--preload ")) from None
     cmd = build_command(
         args.model,
         registry,
@@ -191,6 +205,7 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         max_cpu_loras=args.max_cpu_loras,
         max_pinned=args.max_pinned,
         tool_call_parser=parser,
+        preload=args.preload,
     )
     return cmd, build_env(registry, settings=settings)
 
@@ -208,8 +223,13 @@ def _vllm_args(args: argparse.Namespace) -> list[str]:
 
 def run_serve(args: argparse.Namespace) -> int:
     """``serve``: replace this process with vLLM (returns only on failure)."""
+    from server_plugin import compat
+
     _registry(args.registry)
     cmd, env = serve_command(args)
+    warning = compat.check_version(compat.installed_version())  # raises for < 0.26
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     if "VLLM_CPU_KVCACHE_SPACE" not in os.environ and "VLLM_CPU_KVCACHE_SPACE" in env:
         print(
             f"CPU host: VLLM_CPU_KVCACHE_SPACE={env['VLLM_CPU_KVCACHE_SPACE']} GiB of KV cache "

@@ -6,6 +6,7 @@ NaN/Inf scan alone), so the CLI and the vLLM plugin import it fast. One concept 
 - ``store``: the folder layout: versions, the ``current`` pointer, history, locks;
 - ``adapter``: the PEFT folder format and what vLLM can serve;
 - ``names``: the ``name@vNNNN`` grammar and the registry environment variable;
+- ``index``: a rebuildable listing cache (``.index.json``) for ``list`` at thousands of names;
 - ``fsck``: finding and repairing crash leftovers and damage.
 """
 

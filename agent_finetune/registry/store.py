@@ -263,6 +263,14 @@ def parse_history(text: str) -> tuple[list[dict[str, Any]], list[str]]:
     return entries, bad
 
 
+def parse_pointer(data: bytes) -> str | None:
+    """The version a ``current`` file's bytes point to; None when they are not a pointer."""
+    try:
+        return check_version(json.loads(data)["version"])
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return None
+
+
 def current_stack(history: list[dict[str, Any]]) -> list[str]:
     """Versions that were current, oldest first, with rolled-back-from entries popped."""
     stack: list[str] = []
@@ -370,7 +378,8 @@ class Registry:
         return path
 
     def _inside_root(self, path: Path) -> bool:
-        # Names cannot contain '/', so only a symlinked name folder can point outside.
+        # Names cannot contain '/', so only a symlinked name folder can point outside. One
+        # lstat, not two realpaths: this runs for every name on every reconcile pass.
         if not os.path.islink(path):
             return True
         real_root = os.path.realpath(self.root)
@@ -447,12 +456,9 @@ class Registry:
 
     def current(self, name: str) -> str | None:
         """The version ``current`` points to, or None when there is none or it is unreadable."""
-        path = self.name_dir(name) / CURRENT
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            version = data["version"]
-            return check_version(version)
-        except (OSError, ValueError, KeyError, TypeError, RecursionError):
+            return parse_pointer((self.name_dir(name) / CURRENT).read_bytes())
+        except OSError:
             return None
 
     def manifest(self, name: str, version: str) -> dict[str, Any]:

@@ -109,6 +109,8 @@ def test_public_surface_does_not_import_vllm() -> None:
 
 
 class FakeReconciler:
+    lazy = False  # every name preloaded: only pinned models are parsed
+
     def __init__(self, error: str | None = None) -> None:
         self.error = error
         self.seen: list[str] = []

@@ -14,6 +14,8 @@ CHUNK = 64 * 1024
 
 
 class FakeReconciler:
+    lazy = False  # every name preloaded: only pinned models are parsed
+
     def __init__(self, refusal: PinRefusal | None = None) -> None:
         self.pins: list[str] = []
         self.refusal = refusal
