@@ -166,7 +166,8 @@ for r in ordered:
     verdict = "pass" if r.get("tests_rc") == 0 else "FAIL: " + ", ".join(r.get("failures", []))
     swap = (f"{r['swap_p95_s'] * 1000:.0f} ms / {r['rollback_p95_s'] * 1000:.0f} ms"
             if "swap_p95_s" in r else r.get("swap_error", "-"))
-    subset = "" if r.get("test_set", "full") == "full" else ", subset"
+    test_set = r.get("test_set", "full")
+    subset = "" if test_set == "full" else ", only " + " ".join(t.split("/")[-1] for t in test_set.split())
     md.append(f"| {r['version']} | {r['torch']} | {verdict} ({n - failed}/{n}{subset}) | {swap} |")
 out.with_suffix(".md").write_text("\n".join(md) + "\n")
 print("\n".join(md))
