@@ -288,3 +288,20 @@ def test_copies_in_use_can_be_read_from_the_cache_thread_during_loads(tmp_path: 
         thread.join()
         sys.setswitchinterval(old)
     assert errors == []
+
+
+def test_a_copy_claimed_again_is_not_deleted_by_a_deletion_decided_before(
+    tmp_path: Path,
+) -> None:
+    """Run 1 of bench/scale.py: a lazy name reloaded while another load made room got its
+    copy deleted between ``prepare`` and vLLM's load (vLLM 404, remembered as a refusal)."""
+    registry, _, rec = make(tmp_path, 1)
+    cache = rec.cache
+    path, _ = cache.prepare(registry, "n00", "v0001")
+    cache.release(path)
+    chosen = list(cache._released)  # make_room()/collect() in another thread picked it ...
+    again, _ = cache.prepare(registry, "n00", "v0001")  # ... while a load claimed it again
+    assert again == path
+    for p in chosen:
+        cache.delete_if_released(p)
+    assert path.is_dir()  # still there for vLLM to load
