@@ -305,3 +305,22 @@ def test_a_copy_claimed_again_is_not_deleted_by_a_deletion_decided_before(
     for p in chosen:
         cache.delete_if_released(p)
     assert path.is_dir()  # still there for vLLM to load
+
+
+def test_a_request_arriving_while_its_name_loads_waits_for_that_load(tmp_path: Path) -> None:
+    """Run 2 of bench/scale.py: a second request for a name whose load had started passed
+    straight through (the name was no longer lazy, not yet served) and vLLM answered 404."""
+    _, transport, rec = make(tmp_path, 1)
+
+    async def scenario() -> bool:
+        await rec.reconcile_once()
+        first = asyncio.ensure_future(rec.ensure_name("n00"))
+        while transport.in_flight == 0:  # the first request's load has reached vLLM
+            await asyncio.sleep(0.001)
+        assert await rec.ensure_name("n00") is None
+        served = "n00" in transport.table  # what vLLM would find for the second request
+        await first
+        return served
+
+    assert asyncio.run(scenario())
+    assert transport.loads() == ["n00@v0001"]
