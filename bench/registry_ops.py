@@ -189,6 +189,11 @@ def main() -> None:
     p.add_argument("--scan-repeats", type=int, default=3, help="0 skips the 7B scan cost")
     p.add_argument("--dir", default=None, help="where the registries go (default: a temp dir)")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument(
+        "--baseline-tree",
+        default=None,
+        help=f"folder with the baseline's agent_finetune/ (default: git archive {BASELINE_COMMIT})",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -198,7 +203,8 @@ def main() -> None:
     results: dict[str, Any] = {"ops": a.ops, "list_reps": a.list_reps, "sizes": {}}
     with tempfile.TemporaryDirectory(dir=a.dir) as tmp_s:
         tmp = Path(tmp_s)
-        impls = {"before (42c98c6)": _baseline_tree(tmp), "after": ROOT}
+        baseline = Path(a.baseline_tree) if a.baseline_tree else _baseline_tree(tmp)
+        impls = {"before (42c98c6)": baseline, "after": ROOT}
         for n in a.names:
             row = results["sizes"][str(n)] = {}
             for label, path in impls.items():
