@@ -214,7 +214,9 @@ class Sampler:
         self._thread.join(60)
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.period_s):
+        next_at = time.monotonic() + self.period_s
+        while not self._stop.wait(max(0.0, next_at - time.monotonic())):
+            next_at = max(next_at + self.period_s, time.monotonic())
             if self.paused:
                 continue
             t = time.time()
@@ -229,14 +231,20 @@ class Sampler:
             self.samples.append((t, truthful, said, sorted(served) if served else None))
 
     def longest_wrong_s(self) -> float:
-        longest, start = 0.0, None
+        """Longest run of wrong samples: from the first wrong one to the next truthful one;
+        a run is cut at one period after its last sample when the sampler was paused
+        (vLLM down) or the run ended."""
+        longest, start, last = 0.0, None, None
         for t, ok, _, _ in self.samples:
+            if start is not None and last is not None and t - last > 2 * self.period_s:
+                longest, start = max(longest, last + self.period_s - start), None
             if not ok and start is None:
                 start = t
             if ok and start is not None:
                 longest, start = max(longest, t - start), None
-        if start is not None:
-            longest = max(longest, self.samples[-1][0] - start + self.period_s)
+            last = t
+        if start is not None and last is not None:
+            longest = max(longest, last + self.period_s - start)
         return longest
 
 
@@ -265,6 +273,9 @@ class Bench:
         deadline = time.monotonic() + timeout
         converged = None
         while time.monotonic() < deadline:
+            # Converged as of this status read, if a probe sent after it agrees: under load a
+            # probe takes long, and its latency is not the server's time to converge.
+            checked_at = time.time()
             st = self.status()
             entry = next((a for a in (st or {}).get("data", []) if a["name"] == NAME), None)
             if (
@@ -273,7 +284,7 @@ class Bench:
                 and entry["state"] == "live"
                 and want in (probe(self.url, self.refs) or set())
             ):
-                converged = time.time() - cleared_at
+                converged = max(0.0, checked_at - cleared_at)
                 break
             time.sleep(0.05)
         self.faults.append(
@@ -629,6 +640,7 @@ def summarize(
         "status_wrong_samples": len(wrong),
         "status_longest_wrong_s": round(sampler.longest_wrong_s(), 2),
         "wrong_examples": [list(s) for s in wrong[:5]],
+        "samples": [list(s) for s in sampler.samples],
         "converge_max_s": max((c for c in converge if c is not None), default=None),
         "not_converged": sum(c is None for c in converge),
         "disk_full": "tmpfs" if mounted else "injected",

@@ -620,6 +620,8 @@ class Reconciler:
             self._lru[old] = None
         st.state, st.attempts, st.next_retry = "live", 0, None
         st.error = st.error_version = st.error_kind = None
+        # Serving it from this moment: say so now, not at the end of the pass.
+        st.live, st.path, st.sha256 = version, str(copy.path), copy.key
         st.loaded_at = utc_now()
         st.load_seconds = round(load_s, 6)
         # Pointer moves from before this process started are start-up loads, not swaps.
