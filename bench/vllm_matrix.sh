@@ -13,7 +13,8 @@
 # An install failure is recorded with pip's first ERROR line. Results: bench/vllm_matrix.json
 # and a table on stdout. Not run in CI: each version takes an install plus ~15 min of tests.
 #
-# Environment: VENVS (default /work/venvs), PYTHON (default python3.11), SWAPS (default 10),
+# Environment: VENVS (default /work/venvs), PYTHON (default python3.11), SWAPS (default 10;
+# 0 skips the swap benchmark), OUT_JSON (default bench/vllm_matrix.json),
 # TESTS (pytest targets, default below), NICE (default "nice -n 10"), UV (a uv binary: much
 # faster installs, hard-linked from its cache; default: uv on PATH, else pip).
 set -uo pipefail
@@ -30,7 +31,7 @@ UV=${UV-$(command -v uv || true)}
 export UV_FIND_LINKS=${UV_FIND_LINKS:-${PIP_FIND_LINKS:-}}
 TESTS_FULL="tests/server/test_compat.py tests/server/test_server.py"
 TESTS=${TESTS:-$TESTS_FULL}
-OUT_JSON=$ROOT/bench/vllm_matrix.json
+OUT_JSON=${OUT_JSON:-$ROOT/bench/vllm_matrix.json}
 install_only=0
 versions=()
 for arg in "$@"; do
@@ -103,9 +104,12 @@ for v in "${versions[@]}"; do
   test_rc=$?
   test_s=$(( $(date +%s) - t0 ))
   swap_json=$results_dir/$v.swap.json
-  PYTHONPATH=$ROOT HF_HUB_OFFLINE=1 timeout 1200 $NICE "$py" bench/hot_swap.py --swaps-only \
-    --swaps "$SWAPS" --json "$swap_json" >"$VENVS/vllm-$v.swap.log" 2>&1
-  swap_rc=$?
+  swap_rc=skipped
+  if [ "$SWAPS" != 0 ]; then
+    PYTHONPATH=$ROOT HF_HUB_OFFLINE=1 timeout 1200 $NICE "$py" bench/hot_swap.py --swaps-only \
+      --swaps "$SWAPS" --json "$swap_json" >"$VENVS/vllm-$v.swap.log" 2>&1
+    swap_rc=$?
+  fi
   SET=$([ "$TESTS" = "$TESTS_FULL" ] && echo full || echo "$TESTS") \
   V="$v" GOT="$got" RC="$test_rc" S="$test_s" SRC="$swap_rc" J="$junit" SJ="$swap_json" "$PYTHON" - >"$res" <<'PY'
 import json, os, xml.etree.ElementTree as ET
@@ -122,12 +126,13 @@ if Path(e["J"]).exists():
     out.update(tests=n, failed=f + er, skipped=sk)
     out["failures"] = [c.get("name") for c in suite.iter("testcase")
                        if c.find("failure") is not None or c.find("error") is not None]
-if int(e["SRC"]) == 0 and Path(e["SJ"]).exists():
+if e["SRC"] == "0" and Path(e["SJ"]).exists():
     s = json.loads(Path(e["SJ"]).read_text())
     out.update(swap_p95_s=s["swap_s"]["p95"], rollback_p95_s=s["rollback_s"]["p95"],
                swaps=s["swaps"])
 else:
-    out["swap_error"] = f"hot_swap.py exited {e['SRC']}"
+    out["swap_error"] = ("not run" if e["SRC"] == "skipped"
+                         else f"hot_swap.py exited {e['SRC']}")
 print(json.dumps(out))
 PY
   echo "    $(cat "$res")"
@@ -166,7 +171,8 @@ for r in ordered:
     verdict = "pass" if r.get("tests_rc") == 0 else "FAIL: " + ", ".join(r.get("failures", []))
     swap = (f"{r['swap_p95_s'] * 1000:.0f} ms / {r['rollback_p95_s'] * 1000:.0f} ms"
             if "swap_p95_s" in r else r.get("swap_error", "-"))
-    subset = "" if r.get("test_set", "full") == "full" else ", subset"
+    test_set = r.get("test_set", "full")
+    subset = "" if test_set == "full" else ", only " + " ".join(t.split("/")[-1] for t in test_set.split())
     md.append(f"| {r['version']} | {r['torch']} | {verdict} ({n - failed}/{n}{subset}) | {swap} |")
 out.with_suffix(".md").write_text("\n".join(md) + "\n")
 print("\n".join(md))

@@ -321,3 +321,8 @@ def test_the_installed_vllm_has_every_internal_the_plugin_uses() -> None:
     from server_plugin.plugin import EndpointPlugin
 
     assert isinstance(EndpointPlugin(), Protocol)
+    from vllm.config import ParallelConfig
+
+    engine = types.SimpleNamespace(vllm_config=types.SimpleNamespace(parallel_config=None))
+    engine.vllm_config.parallel_config = ParallelConfig(_api_process_count=2)
+    assert compat.api_process_count(engine, Namespace(api_server_count=None)) == 2
