@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -194,6 +195,9 @@ class AdapterCache:
         self.max_bytes = max_bytes
         self.grace_s = grace_s
         self._released: dict[Path, float] = {}  # path -> monotonic time it became unused
+        # prepare() (worker threads) claims a released copy while make_room() / collect()
+        # (other threads) may be deleting it: claim and delete decide under this lock.
+        self._lock = threading.Lock()
         self._sizes: dict[Path, int] = {}  # every copy this cache made and has not deleted
         # Paths the server may re-read now (set by the reconciler): never deleted.
         self.in_use: Callable[[], set[Path]] = set
@@ -234,8 +238,10 @@ class AdapterCache:
             )
         key = manifest_key(raw)
         dest = self.path_for(name, version, key)
-        self._released.pop(dest, None)
-        if dest.is_dir():
+        with self._lock:  # claimed: a deletion decided before this line now skips it
+            self._released.pop(dest, None)
+            exists = dest.is_dir()
+        if exists:
             self._sizes.setdefault(dest, _tree_bytes(dest))
             return dest, key  # verified when it was made; nothing writes into it after that
         if bounded:
@@ -289,11 +295,11 @@ class AdapterCache:
             return
         self.collect()
         now, in_use = time.monotonic(), self.in_use()
-        for path, since in sorted(self._released.items(), key=lambda kv: kv[1]):
+        for path, since in sorted(list(self._released.items()), key=lambda kv: kv[1]):
             if self.bytes + need <= self.max_bytes:
                 return
             if now - since >= self.grace_s and path not in in_use:
-                self._delete(path)
+                self.delete_if_released(path)
         if self.bytes + need > self.max_bytes:
             raise OSError(
                 errno.ENOSPC,
@@ -324,10 +330,18 @@ class AdapterCache:
         for path, since in list(self._released.items()):
             if path in in_use:
                 del self._released[path]
-            elif now - since >= self.grace_s:
-                self._delete(path)
+            elif now - since >= self.grace_s and self.delete_if_released(path):
                 gone.append(path)
         return gone
+
+    def delete_if_released(self, path: Path) -> bool:
+        """Delete a copy only if it is still released: ``prepare`` may have claimed it again
+        (in another thread) since the caller chose it, and vLLM is about to load it."""
+        with self._lock:
+            if path not in self._released:
+                return False
+            self._delete(path)
+            return True
 
     def _delete(self, path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)

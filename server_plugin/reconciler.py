@@ -760,6 +760,10 @@ class Reconciler:
                 self._active.move_to_end(name)
             self.usage.touch(name)
             return None
+        task = self._lazy_loads.get(name)
+        if task is not None:  # its load is under way (the name is no longer lazy): share it
+            self.misses += 1
+            return await asyncio.shield(task)
         if not is_name(name) or not self._is_lazy(name):
             return None
         st = self._status.get(name)
@@ -767,7 +771,6 @@ class Reconciler:
             return None  # published after the last pass, or no current: the next pass sees it
         self.misses += 1
         self.usage.touch(name)
-        task = self._lazy_loads.get(name)
         if task is None:
             task = asyncio.ensure_future(self._load_lazy(name))
             self._lazy_loads[name] = task

@@ -288,3 +288,39 @@ def test_copies_in_use_can_be_read_from_the_cache_thread_during_loads(tmp_path: 
         thread.join()
         sys.setswitchinterval(old)
     assert errors == []
+
+
+def test_a_copy_claimed_again_is_not_deleted_by_a_deletion_decided_before(
+    tmp_path: Path,
+) -> None:
+    """Run 1 of bench/scale.py: a lazy name reloaded while another load made room got its
+    copy deleted between ``prepare`` and vLLM's load (vLLM 404, remembered as a refusal)."""
+    registry, _, rec = make(tmp_path, 1)
+    cache = rec.cache
+    path, _ = cache.prepare(registry, "n00", "v0001")
+    cache.release(path)
+    chosen = list(cache._released)  # make_room()/collect() in another thread picked it ...
+    again, _ = cache.prepare(registry, "n00", "v0001")  # ... while a load claimed it again
+    assert again == path
+    for p in chosen:
+        cache.delete_if_released(p)
+    assert path.is_dir()  # still there for vLLM to load
+
+
+def test_a_request_arriving_while_its_name_loads_waits_for_that_load(tmp_path: Path) -> None:
+    """Run 2 of bench/scale.py: a second request for a name whose load had started passed
+    straight through (the name was no longer lazy, not yet served) and vLLM answered 404."""
+    _, transport, rec = make(tmp_path, 1)
+
+    async def scenario() -> bool:
+        await rec.reconcile_once()
+        first = asyncio.ensure_future(rec.ensure_name("n00"))
+        while transport.in_flight == 0:  # the first request's load has reached vLLM
+            await asyncio.sleep(0.001)
+        assert await rec.ensure_name("n00") is None
+        served = "n00" in transport.table  # what vLLM would find for the second request
+        await first
+        return served
+
+    assert asyncio.run(scenario())
+    assert transport.loads() == ["n00@v0001"]
