@@ -4,7 +4,8 @@ Enabled by ``VLLM_PLUGINS=agent_finetune`` (entry point group ``vllm.endpoint_pl
 and configured by the ``AGENT_FINETUNE_*`` variables (see ``server_plugin.settings``).
 It runs the reconcile loop inside the API-server process and drives vLLM through
 ``state.openai_serving_models``: no ``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` needed, and the
-only route it adds (``GET /v1/adapters``) changes nothing. Every exception is logged and
+routes it adds change nothing but the canary feedback counters
+(``GET /v1/adapters``, ``POST /v1/adapters/{name}/feedback``). Every exception is logged and
 kept away from vLLM: a broken plugin leaves a server that serves the base model.
 """
 
@@ -14,6 +15,7 @@ import asyncio
 import atexit
 import json
 import logging
+import time
 from argparse import Namespace
 from typing import Any
 
@@ -25,6 +27,7 @@ from agent_finetune.errors import LoadError
 from agent_finetune.registry import Registry
 from agent_finetune.registry.adapter import linear_shapes, load_base_config
 from server_plugin.cache import AdapterCache, Limits, process_cache_dir
+from server_plugin.canary import CanaryRouter, parse_feedback
 from server_plugin.reconciler import Reconciler
 from server_plugin.settings import PLUGIN_NAME, Settings
 from server_plugin.watcher import RegistryWatcher
@@ -146,6 +149,7 @@ class PinnedModelMiddleware:
         ):
             await self.app(scope, receive, send)
             return
+        started = time.perf_counter()
         messages: list[Message] = []
         body = b""
         while True:
@@ -156,7 +160,23 @@ class PinnedModelMiddleware:
             body += message.get("body", b"")
             if not message.get("more_body", False):
                 break
-        if b"@" in body:
+        canary, route, finish = self.plugin.canary, None, None
+        if canary is not None and canary.active:
+            routed, route = canary.route_body(body, scope["headers"])
+            if route is not None and route.candidate:
+                error = await self._ensure_pinned(reconciler, routed)
+                if error is None:
+                    body, messages, scope = (
+                        routed,
+                        _rewritten(messages, routed),
+                        _sized(scope, routed),
+                    )
+                else:  # never fail a user for a canary: current answers, the canary ends
+                    canary.candidate_failed(route, error)
+                    route = None
+            if route is not None:
+                send, finish = canary.wrap_send(route, send, started)
+        if b"@" in body and (route is None or not route.candidate):
             error = await self._ensure_pinned(reconciler, body)
             if error is not None:
                 await _error(400, error, "BadRequestError")(scope, receive, send)
@@ -167,7 +187,11 @@ class PinnedModelMiddleware:
                 return messages.pop(0)
             return await receive()
 
-        await self.app(scope, replay, send)
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            if finish is not None:
+                finish()
 
     @staticmethod
     async def _ensure_pinned(reconciler: Reconciler, body: bytes) -> str | None:
@@ -184,6 +208,18 @@ class PinnedModelMiddleware:
             return None
 
 
+def _rewritten(messages: list[Message], body: bytes) -> list[Message]:
+    """The request messages with the body replaced (a disconnect after it is kept)."""
+    rest = [m for m in messages if m["type"] != "http.request"]
+    return [{"type": "http.request", "body": body, "more_body": False}, *rest]
+
+
+def _sized(scope: Scope, body: bytes) -> Scope:
+    """``scope`` with a content-length that matches the rewritten body."""
+    headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+    return {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
+
+
 class EndpointPlugin:
     """Entry point ``agent_finetune`` of ``vllm.endpoint_plugins``."""
 
@@ -192,13 +228,16 @@ class EndpointPlugin:
 
     def __init__(self) -> None:
         self.reconciler: Reconciler | None = None
+        self.canary: CanaryRouter | None = None
         self.watcher: RegistryWatcher | None = None
         self.error: str | None = None
         self._task: asyncio.Task[None] | None = None
+        self._canary_task: asyncio.Task[None] | None = None
 
     def attach_router(self, app: Any) -> None:
         try:
             app.add_api_route("/v1/adapters", self.adapters, methods=["GET"])
+            app.add_api_route("/v1/adapters/{name}/feedback", self.post_feedback, methods=["POST"])
             app.add_api_route("/v1/models", list_models, methods=["GET"])
             app.add_middleware(PinnedModelMiddleware, plugin=self)
         except Exception:
@@ -217,7 +256,34 @@ class EndpointPlugin:
                 },
                 status_code=503,
             )
-        return JSONResponse(self.reconciler.status())
+        status = self.reconciler.status()
+        if self.canary is not None:
+            status["canary"] = self.canary.status()
+        return JSONResponse(status)
+
+    async def post_feedback(self, name: str, request: Request) -> Response:
+        """An agent's score for one response: ``{"id": <response id>, "score": -1..1}``.
+
+        Under ``/v1``, so vLLM's ``--api-key`` check applies. Only records; never routes.
+        """
+        if self.canary is None:
+            return _error(
+                503, self.error or "agent_finetune plugin is starting", "ServiceUnavailable"
+            )
+        try:
+            rid, score, model = parse_feedback(json.loads(await request.body()))
+        except ValueError as e:
+            return _error(400, f"feedback for {name}: {e}", "BadRequestError")
+        try:
+            return JSONResponse(self.canary.feedback(name, rid, score, model))
+        except KeyError:
+            return _error(
+                404,
+                f"no answer {rid!r} of {name} is known to this server (feedback is counted "
+                "for canaried names; behind a load balancer also send the answer's "
+                '"model", e.g. "name@v0002")',
+                "NotFoundError",
+            )
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         try:
@@ -251,9 +317,15 @@ class EndpointPlugin:
             max_pinned=settings.max_pinned,
             cache_grace_s=settings.cache_grace_s,
         )
+        canary = CanaryRouter(reconciler.registry)
+
+        def wake() -> None:
+            reconciler.wake()
+            canary.wake()
+
         self.watcher = RegistryWatcher(
             settings.registry,
-            reconciler.wake,
+            wake,
             polling=settings.polling,
             poll_interval_s=min(1.0, settings.resync_s),
         )
@@ -265,6 +337,12 @@ class EndpointPlugin:
             reconciler.run(before_pass=self.watcher.start), name="agent_finetune-reconcile"
         )
         self._task.add_done_callback(_log_task_end)
+        await canary.pass_once()
+        self.canary = canary
+        self._canary_task = asyncio.get_running_loop().create_task(
+            canary.run(settings.resync_s), name="agent_finetune-canary"
+        )
+        self._canary_task.add_done_callback(_log_task_end)
         logger.info(
             "agent_finetune: serving registry %s (cache %s, max rank %s, resync %.2fs, %s)",
             settings.registry,

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_finetune.cli.output import emit_json
-from agent_finetune.errors import ConfigError
+from agent_finetune.errors import ConfigError, GateRefusedError
 from agent_finetune.registry.names import ENV_REGISTRY
 
 
@@ -46,6 +46,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "published": f"{result.published.name}@{result.published.version}"
         if result.published
         else None,
+        "gate": result.gate.as_dict() if result.gate else None,
     }
     if args.json:
         emit_json(summary)
@@ -59,7 +60,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         if m.get("eval_loss") is not None:
             print(f"eval loss: {m['eval_loss_before']:.4f} -> {m['eval_loss']:.4f}")
         if summary["published"]:
-            print(f"published: {summary['published']} (current)")
+            current = (
+                result.published is not None
+                and result.gate is None
+                and (config.promotion.policy == "always")
+            )
+            print(f"published: {summary['published']}{' (current)' if current else ''}")
+        if result.gate is not None:
+            from agent_finetune.cli.eval import print_gate
+
+            print_gate(result.gate)
+    gate = result.gate
+    if gate is not None and not gate.promoted and gate.reason != "already current":
+        raise GateRefusedError(
+            f"{gate.name}@{gate.candidate} published, not promoted: {gate.reason}"
+        )
     return 0
 
 

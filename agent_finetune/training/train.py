@@ -14,7 +14,7 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent_finetune.errors import DataError, UnservableAdapterError
 from agent_finetune.registry import Registry, VersionInfo
@@ -28,6 +28,9 @@ from agent_finetune.training.backend import (
 from agent_finetune.training.config import FineTuningConfig
 from agent_finetune.training.data import load_dataset_file
 from agent_finetune.training.prompts import tokenize_examples
+
+if TYPE_CHECKING:
+    from agent_finetune.training.gate import GateResult
 
 log = logging.getLogger("agent_finetune")
 FINAL_DIR = "final_model"
@@ -43,6 +46,7 @@ class TrainResult:
     backend: Backend
     metrics: dict[str, Any] = field(default_factory=dict)
     published: VersionInfo | None = None
+    gate: GateResult | None = None
 
 
 def train(
@@ -157,10 +161,12 @@ def train(
     config.to_yaml(run_dir / "config.yaml")
     log.info("adapter saved to %s (%s)", result.adapter_dir, _summary(metrics))
 
-    # 6. publish
+    # 6. publish, then make current as config.promotion says
     registry_dir = config.publish_registry
+    promotion = config.promotion
     if config.adapter_name and registry_dir:
-        result.published = Registry(registry_dir).publish(
+        registry = Registry(registry_dir)
+        result.published = registry.publish(
             config.adapter_name,
             result.adapter_dir,
             metadata={
@@ -169,14 +175,46 @@ def train(
                 "metrics": metrics,
             },
             reason=publish_reason or f"trained on {dataset.path.name}",
+            make_current=promotion.policy == "always",
         )
         log.info(
             "published %s@%s to %s", config.adapter_name, result.published.version, registry_dir
         )
+        if promotion.policy == "if_better":
+            result.gate = _gate(config, registry, result.published.version)
     elif config.adapter_name:
         log.warning(
             "adapter_name is set but no registry_dir / AGENT_FINETUNE_REGISTRY; not publishing"
         )
+    return result
+
+
+def _gate(config: FineTuningConfig, registry: Registry, version: str) -> GateResult:
+    """Evaluate the new version against the live one; promote only if it is better."""
+    from agent_finetune.training.gate import gate
+
+    promotion = config.promotion
+    assert config.adapter_name and promotion.eval_data  # checked by the config
+    held_out = load_dataset_file(
+        promotion.eval_data, field_map=config.field_map, system_prompt=config.system_prompt
+    )
+    result = gate(
+        registry,
+        config.adapter_name,
+        version,
+        held_out,
+        metric=promotion.metric,
+        min_delta=promotion.min_delta,
+        server=promotion.server,
+        base_model=None if promotion.server else config.model_name,
+    )
+    log.info(
+        "gate: %s@%s %s (%s)",
+        config.adapter_name,
+        version,
+        "promoted" if result.promoted else "not promoted",
+        result.reason,
+    )
     return result
 
 
