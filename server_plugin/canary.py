@@ -171,6 +171,7 @@ class CanaryRouter:
         self._pending: dict[str, tuple[Canary, str, str, dict[str, Any]]] = {}
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._children: dict[tuple[str, str, bool], tuple[Any, Any, Any]] = {}
         self.errors: dict[str, str] = {}  # name -> last registry problem
         self.last_refresh: str | None = None
 
@@ -238,6 +239,9 @@ class CanaryRouter:
         """Route one model request: the body to forward (rewritten for the candidate)."""
         if not self._canaries:
             return body, None
+        # Most requests name other models: a substring test is far cheaper than parsing.
+        if not any(f'"{n}"'.encode() in body for n in self._canaries):
+            return body, None
         try:
             data = json.loads(body)
         except ValueError:
@@ -254,8 +258,15 @@ class CanaryRouter:
         route = self.choose(model, key)
         if route is None or not route.candidate:
             return body, route
-        data["model"] = f"{model}{PIN_SEPARATOR}{route.version}"
-        return json.dumps(data, ensure_ascii=False).encode("utf-8"), route
+        pinned = f"{model}{PIN_SEPARATOR}{route.version}"
+        # Rewrite the one "model" member in place (the rest of the body stays byte-identical);
+        # re-serialise only if it is written in some unusual way.
+        pattern = re.compile(rb'"model"\s*:\s*"' + re.escape(model.encode()) + rb'"')
+        out, count = pattern.subn(b'"model":"' + pinned.encode() + b'"', body)
+        if count != 1:
+            data["model"] = pinned
+            out = json.dumps(data, ensure_ascii=False).encode("utf-8")
+        return out, route
 
     def candidate_failed(self, route: Route, error: str) -> None:
         """The candidate could not be loaded: abort at once (the request goes to current)."""
@@ -264,6 +275,20 @@ class CanaryRouter:
             self._end(c, "abort", f"candidate cannot be served: {error}", {})
 
     # -- signals ----------------------------------------------------------------------------
+    def _series(self, route: Route) -> tuple[Any, Any, Any]:
+        """The Prometheus children of one (name, version, role), looked up once."""
+        key = (route.name, route.version, route.candidate)
+        found = self._children.get(key)
+        if found is None:
+            role = "candidate" if route.candidate else "current"
+            found = (
+                metrics.CANARY_REQUESTS.labels(route.name, route.version, role),
+                metrics.CANARY_ERRORS.labels(route.name, route.version, role),
+                metrics.CANARY_LATENCY.labels(route.name, route.version),
+            )
+            self._children[key] = found
+        return found
+
     def _version_stats(self, canary_id: str, version: str) -> VersionStats:
         return self._stats.setdefault(canary_id, {}).setdefault(version, VersionStats())
 
@@ -276,11 +301,11 @@ class CanaryRouter:
             s.errors += 1
         else:
             s.latencies.append(seconds)
-        role = "candidate" if route.candidate else "current"
-        metrics.CANARY_REQUESTS.labels(route.name, route.version, role).inc()
+        requests, errors, latency = self._series(route)
+        requests.inc()
         if error:
-            metrics.CANARY_ERRORS.labels(route.name, route.version, role).inc()
-        metrics.CANARY_LATENCY.labels(route.name, route.version).observe(seconds)
+            errors.inc()
+        latency.observe(seconds)
         if response_id:
             self._responses[response_id] = (route.name, route.version, route.canary_id)
             while len(self._responses) > MAX_RESPONSES:

@@ -275,7 +275,7 @@ def add_canary_parser(sub: Any) -> None:
     q.add_argument("name")
     q.add_argument("--reason", help="recorded in history.jsonl")
 
-    q = add("abort", "end the canary: 100% of traffic back to the current version")
+    q = add("abort", "end the canary: all traffic back to the current version")
     q.set_defaults(func=lambda a: _finish(a, "abort"))
     q.add_argument("name")
     q.add_argument("--reason", help="recorded in history.jsonl")

@@ -88,6 +88,8 @@ def print_results(
     rows: list[tuple[Any, ...]] = []
     cand = results[candidate]
     for m in METRICS:
+        if m not in cand.scores:
+            continue  # offline gate on loglik: no answers generated
         if live is None or live not in results:
             rows.append((m, f"{cand.means()[m]:.4f}", "", "", "", ""))
             continue
@@ -167,6 +169,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             out["comparison"] = {
                 m: compare(results[version].scores[m], results[live].scores[m], metric=m).as_dict()
                 for m in METRICS
+                if m in results[version].scores
             }
         emit_json(out)
     else:

@@ -82,7 +82,11 @@ def add_train_parser(sub: Any) -> None:
     p = sub.add_parser(
         "train",
         help="train a LoRA adapter (and publish it if the config names one)",
-        description="train a LoRA adapter (and publish it if the config names one)",
+        description="Train a LoRA adapter, and publish it if the config names one "
+        "(adapter_name). The config's `promotion` block decides what happens next: policy "
+        "always (default) makes it current, never leaves it published only, if_better "
+        "evaluates it against the live version on promotion.eval_data and promotes it only "
+        "if it wins (else the table is printed and the command exits 3).",
     )
     p.set_defaults(func=cmd_train)
     p.add_argument("--json", action="store_true", help="machine-readable output")

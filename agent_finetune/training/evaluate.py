@@ -317,10 +317,12 @@ def evaluate_offline(
     examples: Sequence[Example],
     *,
     max_tokens: int = 128,
+    generate: bool = True,
 ) -> dict[str, EvalResult]:
     """Score each adapter folder (label -> folder) with PEFT on ``base_model``, greedily.
 
     The prompt is rendered with the base tokenizer's chat template, as vLLM renders it.
+    ``generate=False`` scores ``loglik`` only (one forward pass per row: fast on a CPU).
     """
     import torch
     from peft import PeftModel
@@ -347,7 +349,7 @@ def evaluate_offline(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for label in labels:
         model.set_adapter(label)
-        scores: dict[str, list[float]] = {m: [] for m in METRICS}
+        scores: dict[str, list[float]] = {m: [] for m in (METRICS if generate else ("loglik",))}
         answers = []
         with torch.no_grad():
             for ex, (p_ids, r_ids) in zip(examples, rendered, strict=True):
@@ -356,6 +358,8 @@ def evaluate_offline(
                 lp = torch.log_softmax(logits, dim=-1)
                 token_lp = lp.gather(1, torch.tensor(r_ids).unsqueeze(1)).squeeze(1)
                 scores["loglik"].append(float(token_lp.mean()))
+                if not generate:
+                    continue
                 gen = model.generate(
                     input_ids=torch.tensor([p_ids]),
                     attention_mask=torch.ones(1, len(p_ids), dtype=torch.long),

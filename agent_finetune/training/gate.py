@@ -71,11 +71,13 @@ def evaluate_versions(
     base_model: str | None = None,
     against: str | None = None,
     record: bool = True,
+    generate: bool = True,
 ) -> dict[str, EvalResult]:
     """Score each ``name@version`` on ``dataset``; append one eval record per version.
 
     With ``server``, through that server (pinned names, so a canary never interferes);
-    else offline with PEFT on ``base_model`` (default: the manifest's base model).
+    else offline with PEFT on ``base_model`` (default: the manifest's base model), where
+    ``generate=False`` scores loglik only (no generation: fast on a CPU).
     """
     for v in versions:
         if v not in registry.versions(name):
@@ -96,7 +98,9 @@ def evaluate_versions(
         if not base:
             raise EvalError(f"{name}@{versions[0]}: manifest names no base model; pass one")
         folders = {v: registry.version_dir(name, v) for v in versions}
-        results = evaluate_offline(base, folders, dataset.examples, max_tokens=max_tokens)
+        results = evaluate_offline(
+            base, folders, dataset.examples, max_tokens=max_tokens, generate=generate
+        )
         via = f"offline (PEFT on {base})"
     if record:
         for v, r in results.items():
@@ -137,10 +141,10 @@ def gate(
     if live == candidate:
         return GateResult(name, candidate, live, metric, min_delta, False, "already current")
     if live is None:
-        registry.promote(name, candidate, reason="gate: no live version to compare with")
         registry.log_event(
             name, "gate", to=candidate, decision="promote", reason="no live version", metric=metric
         )
+        registry.promote(name, candidate, reason="gate: no live version to compare with")
         return GateResult(
             name, candidate, None, metric, min_delta, True, "no live version to compare with"
         )
@@ -154,6 +158,7 @@ def gate(
         max_tokens=max_tokens,
         base_model=base_model,
         against=live,
+        generate=metric != "loglik",
     )
     comparison = compare(
         results[candidate].scores[metric], results[live].scores[metric], metric=metric, seed=seed
