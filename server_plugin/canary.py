@@ -49,6 +49,7 @@ SESSION_HEADER = "x-session-id"
 """Request header that makes routing sticky when the body has no OpenAI ``user`` field."""
 _SESSION_HEADER_B = SESSION_HEADER.encode()
 _ID_RE = re.compile(rb'"id"\s*:\s*"([^"\\]{1,256})"')
+_UNRECORDED = "cannot record canary"
 LATENCY_WINDOW = 2048
 MAX_RESPONSES = 100_000
 
@@ -184,13 +185,22 @@ class CanaryRouter:
 
     # -- registry ---------------------------------------------------------------------------
     def refresh(self) -> None:
-        """Re-read every ``<name>/canary`` file (blocking: call it in a thread)."""
-        found: dict[str, Canary] = {}
-        root = self.registry.root
+        """Re-read every ``<name>/canary`` file and apply it (blocking)."""
+        found = self.read_registry()
+        if found is not None:
+            self.apply(*found)
+
+    def read_registry(self) -> tuple[dict[str, Canary], dict[str, str]] | None:
+        """(name -> canary, name -> problem) from the registry; None when it is unavailable.
+
+        Blocking file reads: the plugin calls this in a thread and ``apply`` on its loop, so a
+        canary this replica just ended can never come back from a read that raced the end.
+        """
         try:
-            entries = list(os.scandir(root))
+            entries = list(os.scandir(self.registry.root))
         except OSError:
-            return  # registry unavailable: keep what we have, like the reconciler
+            return None  # registry unavailable: keep what we have, like the reconciler
+        found: dict[str, Canary] = {}
         errors: dict[str, str] = {}
         for entry in entries:
             if not is_name(entry.name) or not os.path.exists(os.path.join(entry.path, CANARY)):
@@ -200,9 +210,12 @@ class CanaryRouter:
             except AgentFinetuneError as e:
                 errors[entry.name] = str(e)
                 continue
-            if c is not None and c.id not in self._ended:
+            if c is not None:
                 found[entry.name] = c
-        self.errors = errors
+        return found, errors
+
+    def apply(self, found: dict[str, Canary], errors: dict[str, str]) -> None:
+        found = {n: c for n, c in found.items() if c.id not in self._ended}
         for name, c in found.items():
             old = self._canaries.get(name)
             if old is None or old.id != c.id:
@@ -217,6 +230,11 @@ class CanaryRouter:
         for name in set(self._canaries) - set(found):
             metrics.CANARY_WEIGHT.labels(name).set(0)
         self._canaries = found
+        pending_errors = {n: e for n, e in self.errors.items() if n not in errors}
+        self.errors = {
+            **errors,
+            **{n: e for n, e in pending_errors.items() if "cannot record" in e},
+        }
         live_ids = {c.id for c in found.values()} | set(self._pending)
         for cid in [cid for cid in self._stats if cid not in live_ids]:
             del self._stats[cid]
@@ -372,7 +390,7 @@ class CanaryRouter:
                 metrics.CANARY_ENDS.labels(c.name, outcome).inc()
                 self.errors.pop(c.name, None)
             except Exception as e:
-                self.errors[c.name] = f"cannot record canary {outcome} in the registry: {e}"
+                self.errors[c.name] = f"{_UNRECORDED} {outcome} in the registry: {e}"
                 logger.exception(
                     "agent_finetune: recording canary %s of %s failed", outcome, c.name
                 )
@@ -390,7 +408,9 @@ class CanaryRouter:
     async def pass_once(self) -> None:
         if self._pending:
             await asyncio.to_thread(self._write_pending)
-        await asyncio.to_thread(self.refresh)
+        found = await asyncio.to_thread(self.read_registry)
+        if found is not None:
+            self.apply(*found)
         for name in list(self._canaries):
             self.judge(name)
         if self._pending:

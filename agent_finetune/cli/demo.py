@@ -345,6 +345,11 @@ def _canary_story(run: DemoRun, server: ServerHandle, candidate: str) -> float:
         raise DemoError(f"the canary of {candidate} was not rolled back by its guard")
     abort_s = time.perf_counter() - (first_bad or t)
     event = registry.history(NAME)[-1]
+    for _ in range(100):  # the canary file goes first, its history line a moment later
+        if event["action"] == "canary_abort":
+            break
+        time.sleep(0.02)
+        event = registry.history(NAME)[-1]
     print(
         f"requests by version: {', '.join(f'{k}: {v}' for k, v in sorted(seen.items()))}\n"
         f"history: {event['action']} {event['to']}: {event['reason']}"

@@ -64,6 +64,11 @@ def post(live: Live, route: str, body: Any, key: str | None = API_KEY) -> tuple[
         return e.code, json.loads(e.read() or b"{}")
 
 
+def last_action(live: Live, name: str) -> str | None:
+    history = live.registry.history(name)
+    return history[-1]["action"] if history else None
+
+
 def canary_status(live: Live, name: str) -> dict[str, Any] | None:
     found = (live.status().get("canary") or {}).get("names", {}).get(name)
     return dict(found) if found else None
@@ -149,7 +154,8 @@ def test_canary_split_sticky_feedback_and_auto_abort(
         if code == 200:
             assert answer["version"] == "v0002"
     # The third negative score trips the guard: canary_abort in history, 100% on current.
-    live.wait_for(lambda: read_canary(live.registry, name) is None, "the canary to be aborted")
+    live.wait_for(lambda: last_action(live, name) == "canary_abort", "the canary to be aborted")
+    assert read_canary(live.registry, name) is None
     abort = live.registry.history(name)[-1]
     assert abort["action"] == "canary_abort" and "negative feedback" in abort["reason"]
     assert live.registry.current(name) == "v0001"
@@ -173,7 +179,7 @@ def test_canary_auto_promote_then_cli_abort_and_promote(live: Live) -> None:
         return live.registry.current(name) == "v0002"
 
     live.wait_for(promoted, "auto-promotion after the green duration")
-    assert live.registry.history(name)[-1]["action"] == "canary_promote"
+    live.wait_for(lambda: last_action(live, name) == "canary_promote", "canary_promote in history")
     live.wait_live(name, "v0002")
 
     # By hand: abort sends everything back within one resync, promote makes it current.
@@ -197,5 +203,72 @@ def test_unservable_candidate_aborts_and_users_get_current(live: Live) -> None:
     assert cli(live, "canary", "start", f"{name}@v0002", "--weight", "100") == 0
     live.wait_for(lambda: canary_status(live, name), "the server to pick up the canary")
     assert chat(live, name).model == f"{name}@v0001"  # never an error for the user
-    live.wait_for(lambda: read_canary(live.registry, name) is None, "the canary to be aborted")
+    live.wait_for(lambda: last_action(live, name) == "canary_abort", "the canary to be aborted")
+    assert read_canary(live.registry, name) is None
     assert "candidate cannot be served" in live.registry.history(name)[-1]["reason"]
+
+
+def test_two_replicas_share_one_canary(live: Live) -> None:
+    """A second server on the same registry: one replica's abort empties both; the replica
+    with the evidence promotes, once."""
+    from server_plugin.launch import start_server
+
+    name = "replicated"
+    live.registry.publish(name, live.good[3])
+    live.registry.publish(name, live.good[4], make_current=False)
+    other = start_server(
+        str(live.model),
+        live.registry.root,
+        log_path=live.workdir / "vllm-replica.log",
+        settings={
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            "HF_HUB_OFFLINE": "1",
+            "AGENT_FINETUNE_RESYNC_S": str(RESYNC_S),
+            "AGENT_FINETUNE_CACHE_DIR": str(live.workdir / "cache-replica"),
+        },
+        extra_args=["--max-model-len", "256", "--dtype", "bfloat16", "--api-key", API_KEY],
+        max_cpu_loras=8,
+        wait=False,
+    )
+    try:
+        other.wait_ready(900)
+        from openai import OpenAI
+
+        b = OpenAI(base_url=other.base_url, api_key=API_KEY, max_retries=0, timeout=120)
+        a = live.client()
+        live.wait_live(name, "v0001")
+        guards = ["--min-requests", "1000", "--min-feedback", "1", "--max-negative-feedback", "0"]
+        assert cli(live, "canary", "start", f"{name}@v0002", "--weight", "100", *guards) == 0
+        for client in (a, b):
+            live.wait_for(
+                lambda c=client: chat(live, name, client=c).model == f"{name}@v0002",
+                "both replicas to route to the candidate",
+            )
+        # Replica B trips its guard; replica A stops routing within one resync.
+        answer = chat(live, name, client=b)
+        req = urllib.request.Request(
+            other.url + f"/v1/adapters/{name}/feedback",
+            data=json.dumps({"id": answer.id, "score": -1}).encode(),
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"},
+        )
+        assert urllib.request.urlopen(req, timeout=30).status == 200
+        t0 = time.monotonic()
+        live.wait_for(lambda: chat(live, name, client=a).model == f"{name}@v0001", "A to drop it")
+        assert time.monotonic() - t0 < 2 * RESYNC_S + 5
+        live.wait_for(lambda: last_action(live, name) == "canary_abort", "canary_abort logged")
+        assert [e["action"] for e in live.registry.history(name)].count("canary_abort") == 1
+
+        # Promotion: only the replica that saw --min-requests candidate requests decides.
+        args = ["--weight", "100", "--min-requests", "3", "--duration", "1s", "--auto-promote"]
+        assert cli(live, "canary", "start", f"{name}@v0002", *args) == 0
+        live.wait_for(lambda: chat(live, name, client=a).model == f"{name}@v0002", "A routes")
+        live.wait_for(
+            lambda: live.registry.current(name) == "v0002" or chat(live, name, client=a) is None,
+            "A to promote",
+        )
+        live.wait_for(lambda: last_action(live, name) == "canary_promote", "canary_promote")
+        history = [e["action"] for e in live.registry.history(name)]
+        assert history.count("canary_promote") == 1
+        live.wait_for(lambda: chat(live, name, client=b).model == f"{name}@v0002", "B to follow")
+    finally:
+        other.stop()

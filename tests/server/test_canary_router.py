@@ -311,3 +311,39 @@ def test_middleware_falls_back_to_current_when_the_candidate_cannot_load(reg: Re
     assert router.canary("bot") is None
     run_pass(router)
     assert "candidate cannot be served: rank too high" in reg.history("bot")[-1]["reason"]
+
+
+def test_a_read_that_raced_a_local_abort_never_brings_the_canary_back(reg: Registry) -> None:
+    router = router_for(reg, 100)
+    c = router.canary("bot")
+    assert c is not None
+    stale = router.read_registry()  # in a thread, before the abort below
+    router.candidate_failed(Route("bot", "v0002", True, c.id), "boom")
+    assert stale is not None
+    router.apply(*stale)  # back on the loop, after the abort
+    assert router.canary("bot") is None
+
+
+def test_unwritable_registry_keeps_the_abort_pending_and_reported(
+    reg: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import server_plugin.canary as module
+
+    router = router_for(reg, 100, min_feedback=1, max_negative_feedback=0)
+    router.record(Route("bot", "v0002", True, router.canary("bot").id), 200, 0.1, "r1")  # type: ignore[union-attr]
+    real = module.finish_canary
+
+    def read_only(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(module, "finish_canary", read_only)
+    router.feedback("bot", "r1", -1, None)
+    run_pass(router)
+    assert router.canary("bot") is None  # still 100% on current here
+    assert "cannot record canary abort" in router.status()["errors"]["bot"]
+    assert router.status()["ended"][-1]["recorded"] is False
+    assert read_canary(reg, "bot") is not None
+    monkeypatch.setattr(module, "finish_canary", real)
+    run_pass(router)  # the registry is writable again: the abort lands
+    assert read_canary(reg, "bot") is None and "bot" not in router.status()["errors"]
+    assert reg.history("bot")[-1]["action"] == "canary_abort"
