@@ -291,6 +291,7 @@ def _gate_story(run: DemoRun, server: ServerHandle, base: Path) -> str:
             "eval_data": str(run.heldout),
             "metric": "loglik",
             "server": server.base_url,
+            "max_tokens": 48,
         },
     )
     result = train(cfg, noisy, train_test_split=0.0, publish_reason="demo: shuffled answers")

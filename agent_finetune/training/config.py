@@ -44,6 +44,9 @@ class PromotionConfig(BaseModel):
         description="OpenAI base URL of a server with the plugin to evaluate through; "
         "none: offline with PEFT on model_name.",
     )
+    max_tokens: int = Field(
+        128, ge=1, description="Answer length for exact/f1 (greedy), as the agent sends it."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> PromotionConfig:
@@ -186,8 +189,9 @@ class FineTuningConfig(BaseModel):
     promotion: PromotionConfig = Field(
         default_factory=PromotionConfig,
         description="After publishing: {policy: always | if_better | never, eval_data, "
-        "metric: loglik | f1 | exact, min_delta, server}. if_better promotes only when the "
-        "new version beats the live one on eval_data (offline with PEFT when no server).",
+        "metric: loglik | f1 | exact, min_delta, server, max_tokens}. if_better promotes only "
+        "when the new version beats the live one on eval_data (offline with PEFT when no "
+        "server).",
     )
 
     @model_validator(mode="after")

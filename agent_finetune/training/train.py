@@ -206,6 +206,7 @@ def _gate(config: FineTuningConfig, registry: Registry, version: str) -> GateRes
         metric=promotion.metric,
         min_delta=promotion.min_delta,
         server=promotion.server,
+        max_tokens=promotion.max_tokens,
         base_model=None if promotion.server else config.model_name,
     )
     log.info(
