@@ -327,7 +327,8 @@ class _Replica:
 # -- gate agreement ----------------------------------------------------------------------------
 
 
-def bench_gate(runs: int, steps: int) -> dict[str, Any]:
+def bench_gate(runs: int, steps: int, save: Any = None) -> dict[str, Any]:
+    """``save(partial)`` is called after every run, so a long run can be stopped early."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from agent_finetune.cli.demo import shuffled_copy
     from agent_finetune.registry import Registry
@@ -386,12 +387,22 @@ def bench_gate(runs: int, steps: int) -> dict[str, Any]:
                 f"win rate {c.win_rate:.0%} ({train_s:.0f}s training)",
                 flush=True,
             )
+            if save is not None:
+                save(
+                    {
+                        "runs": len(rows),
+                        "steps": steps,
+                        "agree": sum(r["agree"] for r in rows),
+                        "rows": rows,
+                        "complete": False,
+                    }
+                )
         agree = sum(r["agree"] for r in rows)
         table(
             [(f"{agree}/{runs}", steps, f"{statistics.median(r['win_rate'] for r in rows):.0%}")],
             ["GATE PICKS THE RIGHT VERSION", "TRAIN STEPS", "MEDIAN WIN RATE"],
         )
-        return {"runs": runs, "steps": steps, "agree": agree, "rows": rows}
+        return {"runs": runs, "steps": steps, "agree": agree, "rows": rows, "complete": True}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -419,7 +430,12 @@ def main() -> None:
         elif part == "server":
             results["server"] = bench_server(args.requests, args.trips, args.resync)
         else:
-            results["gate"] = bench_gate(args.runs, args.steps)
+
+            def save(partial: dict[str, Any]) -> None:
+                if args.json:
+                    args.json.write_text(json.dumps({**results, "gate": partial}, indent=2) + "\n")
+
+            results["gate"] = bench_gate(args.runs, args.steps, save)
         if args.json:
             args.json.write_text(json.dumps(results, indent=2) + "\n")
 
