@@ -7,12 +7,15 @@ Every class also subclasses the built-in that callers already catch::
     ├── DataError(AgentFinetuneError, ValueError)          bad dataset file / row
     ├── PromptTemplateError(AgentFinetuneError, ValueError) unknown placeholder
     ├── BackendError(AgentFinetuneError, RuntimeError)     backend unavailable
+    ├── ModelSourceError(AgentFinetuneError, OSError)      base model not local, hub unreachable
     ├── UnservableAdapterError(AgentFinetuneError, ValueError)  vLLM could not serve it
     ├── RegistryError(AgentFinetuneError, RuntimeError)    registry operation failed
     │   ├── InvalidNameError(RegistryError, ValueError)
     │   ├── NotFoundError(RegistryError, KeyError)
     │   └── ValidationError(RegistryError, ValueError)     adapter failed validation
+    │       └── AdapterFormatError(ValidationError)         malformed safetensors header
     ├── LoadError(AgentFinetuneError, RuntimeError)        the vLLM server refused a load/swap
+    │   └── ServerUnavailableError(LoadError, ConnectionError)  5xx/timeout/down: retried
     ├── AskError(AgentFinetuneError, RuntimeError)         `ask`: server down or name unknown
     ├── EvalError(AgentFinetuneError, RuntimeError)        evaluation could not run
     ├── GateRefusedError(AgentFinetuneError, RuntimeError) the gate kept the live version (exit 3)
@@ -44,6 +47,10 @@ class BackendError(AgentFinetuneError, RuntimeError):
     """The requested training backend cannot run here."""
 
 
+class ModelSourceError(AgentFinetuneError, OSError):
+    """The base model is not a local folder, not cached, and the hub cannot be reached."""
+
+
 class UnservableAdapterError(AgentFinetuneError, ValueError):
     """The configuration would produce an adapter that vLLM cannot serve."""
 
@@ -71,8 +78,21 @@ class ValidationError(RegistryError, ValueError):
         self.problems = problems or []
 
 
+class AdapterFormatError(ValidationError):
+    """An adapter file is malformed (e.g. a safetensors header the safetensors library refuses).
+
+    The header parser raises this, and only this, for any input bytes.
+    """
+
+
 class LoadError(AgentFinetuneError, RuntimeError):
     """The vLLM server refused to load, repoint or unload an adapter."""
+
+
+class ServerUnavailableError(LoadError, ConnectionError):
+    """The server could not answer a load, repoint or unload (5xx, timeout, connection
+    refused, engine restarting): a transient failure, retried with backoff. Being an
+    ``OSError``, it is caught wherever I/O errors are."""
 
 
 class AskError(AgentFinetuneError, RuntimeError):

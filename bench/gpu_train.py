@@ -1,12 +1,14 @@
 """GPU training throughput: the project's unsloth and hf backends against a raw Unsloth loop.
 
 One call per model shape. Every variant trains LoRA r=16 on all 7 linear layers, bf16, with
-gradient checkpointing, the same batch size and sequence length, for ``--warmup`` untimed and
-``--steps`` timed optimizer steps (gradient accumulation 1):
+the project's gradient checkpointing policy (``--grad-ckpt``, default auto), the same batch
+size and sequence length, for ``--warmup`` untimed and ``--steps`` timed optimizer steps
+(gradient accumulation 1):
 
 - ``project_unsloth``: ``agent_finetune.training.train.train`` with ``backend: unsloth``
 - ``project_hf``: ``agent_finetune.training.train.train`` with ``backend: hf``
-  (transformers+PEFT+TRL)
+  (transformers+PEFT+TRL; varlen attention, Liger kernels when installed)
+- ``project_hf_noliger``: the same without Liger's kernels (the A/B behind choosing them)
 - ``raw_unsloth``: ``FastLanguageModel`` + ``get_peft_model`` and a hand-written AdamW loop,
   the reference ceiling
 - ``raw_peft``: the same hand-written loop on plain transformers+PEFT (CPU smoke test only)
@@ -48,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 PEAK_TFLOPS = 989.0  # H100/H200 SXM dense bf16, datasheet
-VARIANTS = ("project_unsloth", "project_hf", "raw_unsloth", "raw_peft")
+VARIANTS = ("project_unsloth", "project_hf", "project_hf_noliger", "raw_unsloth", "raw_peft")
 MODES = ("pad", "pack")
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_R = 16
@@ -208,9 +210,13 @@ def _peak() -> dict[str, float | None]:
 
     if not torch.cuda.is_available():
         return {"peak_alloc_gib": None, "peak_reserved_gib": None}
+    stats = torch.cuda.memory_stats()
     return {
         "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3),
+        # cudaMalloc failures that made the caching allocator free everything and retry
+        "num_alloc_retries": int(stats.get("num_alloc_retries", 0)),
+        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
     }
 
 
@@ -354,7 +360,7 @@ def run_project(backend: str, mode: str, root: Path, args: argparse.Namespace) -
     from agent_finetune.training.config import FineTuningConfig
     from agent_finetune.training.train import train
 
-    run_dir = root / "runs" / f"{backend}-{mode}{'-nogc' if args.no_grad_ckpt else ''}"
+    run_dir = root / "runs" / f"{backend}-{mode}-gc{args.grad_ckpt}"
     registry = root / "registry"
     config = FineTuningConfig(
         model_name=str(root / "model"),
@@ -370,7 +376,7 @@ def run_project(backend: str, mode: str, root: Path, args: argparse.Namespace) -
         warmup_ratio=0.0,
         lr_scheduler_type="constant",
         bf16=_cuda() or args.bf16_cpu,
-        gradient_checkpointing=not args.no_grad_ckpt,
+        gradient_checkpointing=args.grad_ckpt,
         packing=mode == "pack",
         output_dir=str(run_dir),
         save_steps=100_000,
@@ -396,6 +402,9 @@ def run_project(backend: str, mode: str, root: Path, args: argparse.Namespace) -
             "train_seconds",
             "peak_memory_gib",
             "train_loss",
+            "gradient_checkpointing",
+            "attention",
+            "liger_kernel",
         )
     }
     if result.published is not None:
@@ -517,7 +526,7 @@ def run_raw(impl: str, mode: str, root: Path, args: argparse.Namespace) -> dict[
             lora_alpha=LORA_R,
             lora_dropout=0.0,
             bias="none",
-            use_gradient_checkpointing=False if args.no_grad_ckpt else "unsloth",
+            use_gradient_checkpointing=False if args.grad_ckpt == "off" else "unsloth",
             random_state=SEED,
         )
         FastLanguageModel.for_training(model)
@@ -530,7 +539,7 @@ def run_raw(impl: str, mode: str, root: Path, args: argparse.Namespace) -> dict[
         if _cuda():
             model = model.cuda()
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        if not args.no_grad_ckpt:
+        if args.grad_ckpt != "off":
             model.gradient_checkpointing_enable({"use_reentrant": False})
         model.enable_input_require_grads()
         model = get_peft_model(
@@ -638,7 +647,12 @@ def worker(args: argparse.Namespace) -> None:
         }
         started = time.perf_counter()
         try:
-            if args.worker.startswith("project_"):
+            if args.worker == "project_hf_noliger":
+                from agent_finetune.training import train as train_module
+
+                train_module.liger_usable = lambda: False  # the A/B baseline only
+                res.update(run_project("hf", mode, root, args))
+            elif args.worker.startswith("project_"):
                 res.update(run_project(args.worker.removeprefix("project_"), mode, root, args))
             else:
                 res.update(run_raw(args.worker.removeprefix("raw_"), mode, root, args))
@@ -648,8 +662,8 @@ def worker(args: argparse.Namespace) -> None:
             traceback.print_exc()
             res["error"] = f"{type(e).__name__}: {e}"[:2000]
         res["wall_seconds"] = round(time.perf_counter() - started, 1)
-        if args.no_grad_ckpt:
-            res["variant"] += "+nogc"
+        if args.grad_ckpt != "auto":
+            res["variant"] += f"+gc{args.grad_ckpt}"
         res["unsloth_imported"] = "unsloth" in sys.modules
         Path(args.result_dir, f"{res['variant']}-{mode}.json").write_text(json.dumps(res, indent=2))
         log(
@@ -699,6 +713,9 @@ def logits_check(args: argparse.Namespace) -> None:
         peft_logits = model(input_ids=ids).logits.float().cpu()
         with model.disable_adapter():
             base_logits = model(input_ids=ids).logits.float().cpu()
+        # the bf16 noise floor: the same PEFT model in fp32
+        model = model.float()
+        peft32 = model(input_ids=ids).logits.float().cpu()
     uns = torch.load(Path(args.result_dir) / "logits_unsloth.pt")
 
     def rel(a: Any, b: Any) -> float:
@@ -713,6 +730,8 @@ def logits_check(args: argparse.Namespace) -> None:
         "peft_logit_abs_max": float(peft_logits.abs().max()),
         "adapter_effect_rel_norm": rel(peft_logits, base_logits),
         "argmax_agreement": float((uns.argmax(-1) == peft_logits.argmax(-1)).float().mean()),
+        "unsloth_bf16_vs_peft_fp32_rel_norm": rel(uns, peft32),
+        "peft_bf16_vs_peft_fp32_rel_norm": rel(peft_logits, peft32),
         "unsloth_imported": "unsloth" in sys.modules,
     }
     Path(args.result_dir, "logits_check.json").write_text(json.dumps(res, indent=2))
@@ -757,8 +776,7 @@ def _spawn(argv: list[str], log_path: Path, timeout: float) -> int:
 ECHO = True
 
 
-def main(argv: list[str] | None = None) -> int:
-    global ECHO
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="qwen2.5-7b", help="qwen2.5-1.5b, qwen2.5-7b or tiny")
     p.add_argument("--batch", type=int, default=2, help="rows (pad) or packed bins per step")
@@ -768,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--variants",
         default="raw_unsloth,project_unsloth,project_hf",
-        help=f"comma list of {', '.join(VARIANTS)}",
+        help=f"comma list of {', '.join(VARIANTS)}; VARIANT:pad runs that variant in pad mode only",
     )
     p.add_argument("--modes", default="pad,pack", help="comma list of pad, pack")
     p.add_argument(
@@ -797,9 +815,17 @@ def main(argv: list[str] | None = None) -> int:
         help="run one extra step after the timed ones under torch.profiler",
     )
     p.add_argument(
+        "--grad-ckpt",
+        default="auto",
+        choices=["auto", "on", "off", "offload"],
+        help="gradient_checkpointing for every variant (raw loops: off, else Unsloth's/HF's on)",
+    )
+    p.add_argument(
         "--no-grad-ckpt",
-        action="store_true",
-        help="turn gradient checkpointing off in every variant (labelled +nogc)",
+        dest="grad_ckpt",
+        action="store_const",
+        const="off",
+        help="round 1's spelling of --grad-ckpt off (round 1 itself ran --grad-ckpt offload)",
     )
     p.add_argument("--bf16-cpu", action="store_true", help="bf16 on CPU too (smoke tests)")
     p.add_argument("--quiet", action="store_true", help="do not echo worker output")
@@ -815,17 +841,25 @@ def main(argv: list[str] | None = None) -> int:
         help="print one table (with ratios) from several result files of one shape",
     )
     args = p.parse_args(argv)
+    for v in args.variants.split(","):
+        name, _, only = v.partition(":")
+        if name not in VARIANTS:
+            p.error(f"--variants: unknown {name!r}; choose from {', '.join(VARIANTS)}")
+        if only and only not in MODES:
+            p.error(f"--variants: {v!r}: mode must be pad or pack")
+    for m in args.modes.split(","):
+        if m not in MODES:
+            p.error(f"--modes: unknown {m!r}; choose from pad, pack")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    global ECHO
+    args = parse_args(argv)
     if args.combine:
         print_table(combine([json.loads(Path(f).read_text()) for f in args.combine]))
         return 0
     ECHO = not args.quiet
-    for v in args.variants.split(","):
-        if v not in VARIANTS:
-            p.error(f"--variants: unknown {v!r}; choose from {', '.join(VARIANTS)}")
-    for m in args.modes.split(","):
-        if m not in MODES:
-            p.error(f"--modes: unknown {m!r}; choose from pad, pack")
-
     if args.worker == "prepare":
         prepare(args)
         return 0
@@ -835,80 +869,86 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args)
         return 0
+    return drive(args, argv)
 
-    started = time.monotonic()
-    out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    result_dir = Path(args.workdir) / "results" / f"{args.shape}-{int(time.time())}"
-    result_dir.mkdir(parents=True, exist_ok=True)
-    common = (
-        [
-            sys.executable,
-            os.path.abspath(__file__),
-            "--shape",
-            args.shape,
-            "--batch",
-            str(args.batch),
-            "--seq-len",
-            str(args.seq_len),
-            "--steps",
-            str(args.steps),
-            "--warmup",
-            str(args.warmup),
-            "--workdir",
-            args.workdir,
-            "--result-dir",
-            str(result_dir),
-        ]
-        + (["--bf16-cpu"] if args.bf16_cpu else [])
-        + (["--profile"] if args.profile else [])
-        + (["--no-grad-ckpt"] if args.no_grad_ckpt else [])
-    )
-    rc = _spawn([*common, "--worker", "prepare"], result_dir / "prepare.log", 900)
-    if rc != 0:
-        log(f"prepare failed (rc={rc}); see {result_dir / 'prepare.log'}")
-        return 1
-    root = Path(args.workdir) / f"{args.shape}-s{args.seq_len}"
+
+def _worker_argv(args: argparse.Namespace, result_dir: Path) -> list[str]:
+    return [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--shape",
+        args.shape,
+        "--batch",
+        str(args.batch),
+        "--seq-len",
+        str(args.seq_len),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--workdir",
+        args.workdir,
+        "--result-dir",
+        str(result_dir),
+        "--grad-ckpt",
+        args.grad_ckpt,
+        *(["--bf16-cpu"] if args.bf16_cpu else []),
+        *(["--profile"] if args.profile else []),
+    ]
+
+
+def _jobs(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """(variant, modes) per worker process, in order."""
     modes = args.modes.split(",")
-    jobs = (
-        [(v, [m]) for v in args.variants.split(",") for m in modes]
-        if args.isolate
-        else [(v, modes) for v in args.variants.split(",")]
-    )
-    for variant, job_modes in jobs:
+    jobs: list[tuple[str, list[str]]] = []
+    for spec in args.variants.split(","):
+        name, _, only = spec.partition(":")
+        wanted = [only] if only else modes
+        jobs += [(name, [m]) for m in wanted] if args.isolate else [(name, wanted)]
+    return jobs
+
+
+def run_workers(args: argparse.Namespace, common: list[str], root: Path, started: float) -> None:
+    for variant, job_modes in _jobs(args):
         if time.monotonic() - started > args.budget_s:
             log(f"skipping {variant} {job_modes}: past --budget-s {args.budget_s}")
             continue
         _spawn(
             [*common, "--root", str(root), "--worker", variant, "--modes", ",".join(job_modes)],
-            result_dir / f"{variant}-{'-'.join(job_modes)}.log",
+            Path(common[common.index("--result-dir") + 1]) / f"{variant}-{'-'.join(job_modes)}.log",
             args.worker_timeout_s,
         )
 
-    results = []
-    for f in sorted(result_dir.glob("*.json")):
-        if f.name.startswith(("project_", "raw_")):
-            results.append(json.loads(f.read_text()))
+
+def run_logits_check(
+    args: argparse.Namespace, common: list[str], root: Path, results: list[dict[str, Any]]
+) -> dict[str, Any] | None:
     adapter = next(
         (
             r.get("adapter_dir")
             for r in results
-            if r["variant"] == "project_unsloth" and r.get("adapter_dir")
+            if r["variant"].startswith("project_unsloth") and r.get("adapter_dir")
         ),
         None,
     )
-    logits = None
-    if args.logits_check and adapter and time.monotonic() - started < args.budget_s:
-        for w in ("logits_unsloth", "logits_peft"):
-            _spawn(
-                [*common, "--root", str(root), "--worker", w, "--adapter", adapter],
-                result_dir / f"{w}.log",
-                300,
-            )
-        f = result_dir / "logits_check.json"
-        logits = json.loads(f.read_text()) if f.is_file() else {"error": "no result"}
+    if not adapter:
+        return None
+    result_dir = Path(common[common.index("--result-dir") + 1])
+    for w in ("logits_unsloth", "logits_peft"):
+        _spawn(
+            [*common, "--root", str(root), "--worker", w, "--adapter", adapter],
+            result_dir / f"{w}.log",
+            300,
+        )
+    f = result_dir / "logits_check.json"
+    return json.loads(f.read_text()) if f.is_file() else {"error": "no result"}
 
+
+def add_mfu(
+    args: argparse.Namespace, root: Path, results: list[dict[str, Any]]
+) -> dict[str, float]:
     cfg = shape_config(args.shape)
+    modes = {r["mode"] for r in results} or set(args.modes.split(","))
     pairs = {
         m: (args.seq_len + 1) / 2 if m == "pad" else dataset_pairs_per_token(root, m, args.seq_len)
         for m in modes
@@ -921,6 +961,32 @@ def main(argv: list[str] | None = None) -> int:
             r["model_tflops"] = round(fl / r["timed_seconds"] / 1e12, 1)
             r["mfu"] = round(fl / r["timed_seconds"] / (PEAK_TFLOPS * 1e12), 4)
     add_ratios(results)
+    return pairs
+
+
+def drive(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Prepare once, run every variant in its own process, add MFU, write JSON, print."""
+    started = time.monotonic()
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    result_dir = Path(args.workdir) / "results" / f"{args.shape}-{int(time.time())}"
+    result_dir.mkdir(parents=True, exist_ok=True)
+    common = _worker_argv(args, result_dir)
+    rc = _spawn([*common, "--worker", "prepare"], result_dir / "prepare.log", 900)
+    if rc != 0:
+        log(f"prepare failed (rc={rc}); see {result_dir / 'prepare.log'}")
+        return 1
+    root = Path(args.workdir) / f"{args.shape}-s{args.seq_len}"
+    run_workers(args, common, root, started)
+    results = [
+        json.loads(f.read_text())
+        for f in sorted(result_dir.glob("*.json"))
+        if f.name.startswith(("project_", "raw_"))
+    ]
+    logits = None
+    if args.logits_check and time.monotonic() - started < args.budget_s:
+        logits = run_logits_check(args, common, root, results)
+    pairs = add_mfu(args, root, results)
     gpu = None
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         gpu = subprocess.run(
@@ -941,7 +1007,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "steps": args.steps,
         "gpu": gpu,
-        "linear_params": linear_params(cfg),
+        "linear_params": linear_params(shape_config(args.shape)),
         "peak_tflops": PEAK_TFLOPS,
         "attention_pairs_per_token": pairs,
         "prepare": json.loads(prep.read_text()) if prep.is_file() else None,
@@ -959,7 +1025,7 @@ def add_ratios(results: list[dict[str, Any]]) -> None:
     by = {(r["variant"], r["mode"]): r for r in results}
     for r in results:
         tps = r.get("tokens_per_second")
-        for ref in ("raw_unsloth", "project_hf"):
+        for ref in ("raw_unsloth", "project_hf", "project_unsloth"):
             other = by.get((ref, r["mode"]), {}).get("tokens_per_second")
             if tps and other and ref != r["variant"]:
                 r[f"vs_{ref}"] = round(tps / other, 3)
@@ -984,8 +1050,8 @@ def print_table(summary: dict[str, Any]) -> None:
         f"{summary['steps']} timed steps after {summary['warmup']}  ({summary['gpu']})"
     )
     head = (
-        f"{'mode':5} {'variant':16} {'tok/s':>9} {'peak GiB':>9} {'MFU':>6} "
-        f"{'vs raw':>7} {'vs hf':>6} {'step s':>7}  note"
+        f"{'mode':5} {'variant':19} {'tok/s':>9} {'peak GiB':>9} {'MFU':>6} "
+        f"{'vs raw':>7} {'vs hf':>6} {'vs uns':>6} {'step s':>7} {'ckpt':>4} {'est GiB':>7}  note"
     )
     print(head)
     print("-" * len(head))
@@ -993,13 +1059,20 @@ def print_table(summary: dict[str, Any]) -> None:
 
         def f(key: str, fmt: str, r: dict[str, Any] = r) -> str:
             v = r.get(key)
-            return format(v, fmt) if isinstance(v, int | float) else "-"
+            width = int(fmt.split(".")[0]) if fmt[0].isdigit() else 1
+            return format(v, fmt) if isinstance(v, int | float) else "-".rjust(width)
 
         note = r.get("error", "")[:60] if r.get("error") else ""
+        plan = (r.get("project_metrics") or {}).get("gradient_checkpointing") or {}
+        ckpt = "-" if not plan else ("on" if plan.get("recompute") else "off")
+        est = plan.get("estimate_off_gib")
+        est_s = f"{est:7.1f}" if isinstance(est, int | float) else f"{'-':>7}"
         print(
-            f"{r['mode']:5} {r['variant']:16} {f('tokens_per_second', '9.0f')} "
+            f"{r['mode']:5} {r['variant']:19} {f('tokens_per_second', '9.0f')} "
             f"{f('peak_alloc_gib', '9.2f')} {f('mfu', '6.1%')} {f('vs_raw_unsloth', '7.2f')} "
-            f"{f('vs_project_hf', '6.2f')} {f('step_seconds_median', '7.3f')}  {note}"
+            f"{f('vs_project_hf', '6.2f')} {f('vs_project_unsloth', '6.2f')} "
+            f"{f('step_seconds_median', '7.3f')} {ckpt:>4} {est_s}  "
+            f"{note}"
         )
     if summary.get("logits_check"):
         print("logits check:", json.dumps(summary["logits_check"]))

@@ -144,7 +144,7 @@ def middleware_overhead_us(n: int = 20000) -> float:
     async def send(message: Any) -> None:
         return None
 
-    plugin = type("Plugin", (), {"reconciler": object()})()
+    plugin = type("Plugin", (), {"reconciler": object(), "max_parse_bytes": 1 << 20})()
     wrapped = PinnedModelMiddleware(app, plugin)
 
     async def timed(call: Any) -> float:
@@ -159,7 +159,7 @@ def middleware_overhead_us(n: int = 20000) -> float:
     return asyncio.run(both())
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--swaps", type=int, default=50, help="swaps and rollbacks (each)")
     parser.add_argument("--load-swaps", type=int, default=24, help="swaps under client load")
@@ -172,92 +172,148 @@ def main() -> int:
     )
     parser.add_argument("--workdir", default=None, help="scratch folder (default: temp)")
     parser.add_argument("--json", default=str(ROOT / "bench" / "hot_swap.json"))
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+class Bench:
+    """The tiny model, its adapters, the registry and the two servers under test."""
+
+    def __init__(self, work: Path, control: bool) -> None:
+        from agent_finetune.registry import Registry
+        from agent_finetune.training.tiny_model import build_tiny_model, random_adapter
+        from server_plugin.launch import start_server
+
+        self.model = build_tiny_model(work / "tiny")
+        self.weights = [
+            random_adapter(self.model, work / f"adapter{i}", seed=1000 + i) for i in range(6)
+        ]
+        self.registry = Registry(work / "registry")
+        self.registry.publish(NAME, self.weights[0])
+        static = ["--lora-modules", f"{NAME}={self.registry.version_dir(NAME, 'v0001')}"]
+        plain: dict[str, Any] = {
+            "plugin": False,
+            "settings": SETTINGS,
+            "extra_args": VLLM_ARGS + static,
+            "wait": False,
+        }
+        if control:  # A/A: the "plugin" server is a second plain server
+            self.with_plugin = start_server(
+                str(self.model), None, log_path=work / "control.log", **plain
+            )
+        else:
+            self.with_plugin = start_server(
+                str(self.model),
+                self.registry.root,
+                log_path=work / "plugin.log",
+                settings=SETTINGS,
+                extra_args=VLLM_ARGS,
+                wait=False,
+            )
+        self.without = start_server(str(self.model), None, log_path=work / "baseline.log", **plain)
+        self.refs: dict[str, list[int]] = {}
+        self.by_weights: dict[int, list[int]] = {}
+
+    def ready(self) -> Any:
+        from openai import OpenAI
+
+        self.with_plugin.wait_ready()
+        self.without.wait_ready()
+        self.client = OpenAI(base_url=self.with_plugin.base_url, api_key="x", max_retries=0)
+        self.refs["v0001"] = self.by_weights[0] = ask(self.client, NAME)[1]
+        return self.client
+
+    def publish(self, i: int) -> str:
+        """Publish weights ``i % 6`` as a new version (not current); note its greedy output."""
+        version = self.registry.publish(NAME, self.weights[i % 6], make_current=False).version
+        if i % 6 not in self.by_weights:
+            self.by_weights[i % 6] = ask(self.client, f"{NAME}@{version}")[1]
+        self.refs[version] = self.by_weights[i % 6]
+        return version
+
+    def stop(self) -> None:
+        self.with_plugin.stop()
+        self.without.stop()
+
+
+def measure_latency(bench: Bench, requests: int) -> tuple[dict[str, list[float]], list[float]]:
+    """Request latency, both servers fresh, in alternating blocks (same adapter weights)."""
     from openai import OpenAI
 
-    from agent_finetune.registry import Registry
-    from agent_finetune.training.tiny_model import build_tiny_model, random_adapter
-    from server_plugin.launch import start_server
-
-    load_start = os.getloadavg()[0]
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="hot-swap-bench-"))
-    model = build_tiny_model(work / "tiny")
-    weights = [random_adapter(model, work / f"adapter{i}", seed=1000 + i) for i in range(6)]
-    registry = Registry(work / "registry")
-    registry.publish(NAME, weights[0])
-    common: dict[str, Any] = {"extra_args": VLLM_ARGS, "wait": False}
-    static = ["--lora-modules", f"{NAME}={registry.version_dir(NAME, 'v0001')}"]
-    if args.control:  # A/A: the "plugin" server is a second plain server
-        with_plugin = start_server(
-            str(model),
-            None,
-            plugin=False,
-            log_path=work / "control.log",
-            settings=SETTINGS,
-            extra_args=VLLM_ARGS + static,
-            wait=False,
-        )
-    else:
-        with_plugin = start_server(
-            str(model), registry.root, log_path=work / "plugin.log", settings=SETTINGS, **common
-        )
-    without = start_server(
-        str(model),
-        None,
-        plugin=False,
-        log_path=work / "baseline.log",
-        settings=SETTINGS,
-        extra_args=VLLM_ARGS + static,
-        wait=False,
-    )
-    try:
-        with_plugin.wait_ready()
-        without.wait_ready()
-        client = OpenAI(base_url=with_plugin.base_url, api_key="x", max_retries=0)
-        refs: dict[str, list[int]] = {}
-        by_weights: dict[int, list[int]] = {}
-
-        def publish(i: int) -> str:
-            version = registry.publish(NAME, weights[i % 6], make_current=False).version
-            if i % 6 not in by_weights:
-                by_weights[i % 6] = ask(client, f"{NAME}@{version}")[1]
-            refs[version] = by_weights[i % 6]
-            return version
-
-        refs["v0001"] = by_weights[0] = ask(client, NAME)[1]
-        swapper = Swapper(registry, client, refs, with_plugin)
-
-        # 1. request latency, both servers fresh, alternating (same adapter weights)
-        base_client = OpenAI(base_url=without.base_url, api_key="x", max_retries=0)
-        assert ask(base_client, NAME)[1] == refs["v0001"], "baseline serves other weights"
-        # Blocks of requests to one server at a time, alternating which goes first: with two
-        # servers on few cores, a request right after one to the other server lands while
-        # that server's OpenMP threads still spin (KMP_BLOCKTIME), which is noise, not cost.
-        lat: dict[str, list[float]] = {"plugin": [], "baseline": []}
-        pair_ratios: list[float] = []  # per round: median(plugin block) / median(baseline)
-        order = random.Random(0)
-        clients = {"plugin": client, "baseline": base_client}
-        for which in ("plugin", "baseline"):  # warm-up
-            for _ in range(10):
+    base_client = OpenAI(base_url=bench.without.base_url, api_key="x", max_retries=0)
+    assert ask(base_client, NAME)[1] == bench.refs["v0001"], "baseline serves other weights"
+    # Blocks of requests to one server at a time, alternating which goes first: with two
+    # servers on few cores, a request right after one to the other server lands while
+    # that server's OpenMP threads still spin (KMP_BLOCKTIME), which is noise, not cost.
+    lat: dict[str, list[float]] = {"plugin": [], "baseline": []}
+    pair_ratios: list[float] = []  # per round: median(plugin block) / median(baseline)
+    order = random.Random(0)
+    clients = {"plugin": bench.client, "baseline": base_client}
+    for which in ("plugin", "baseline"):  # warm-up
+        for _ in range(10):
+            ask(clients[which], NAME)
+    for _ in range(max(1, requests // LATENCY_BLOCK)):
+        pair = ["plugin", "baseline"]
+        order.shuffle(pair)  # no server always goes first
+        block: dict[str, list[float]] = {}
+        for which in pair:
+            time.sleep(LATENCY_PAUSE_S)
+            block[which] = []
+            for _ in range(LATENCY_BLOCK):
+                t0 = time.perf_counter()
                 ask(clients[which], NAME)
-        rounds = max(1, args.latency_requests // LATENCY_BLOCK)
-        for _ in range(rounds):
-            pair = ["plugin", "baseline"]
-            order.shuffle(pair)  # no server always goes first
-            block: dict[str, list[float]] = {}
-            for which in pair:
-                time.sleep(LATENCY_PAUSE_S)
-                block[which] = []
-                for _ in range(LATENCY_BLOCK):
-                    t0 = time.perf_counter()
-                    ask(clients[which], NAME)
-                    block[which].append(time.perf_counter() - t0)
-                lat[which] += block[which]
-            pair_ratios.append(
-                statistics.median(block["plugin"]) / statistics.median(block["baseline"])
-            )
+                block[which].append(time.perf_counter() - t0)
+            lat[which] += block[which]
+        pair_ratios.append(
+            statistics.median(block["plugin"]) / statistics.median(block["baseline"])
+        )
+    return lat, pair_ratios
 
+
+def measure_under_load(bench: Bench, swapper: Swapper, args: argparse.Namespace) -> dict[str, Any]:
+    """Failed / torn answers from concurrent clients while versions move."""
+    stop, results = threading.Event(), list[Any]()
+    threads = load_clients(bench.with_plugin, swapper, args.clients, stop, results)
+    load_swap_s = []
+    for i in range(args.load_swaps):
+        if i % 5 == 4:
+            load_swap_s.append(swapper.rollback())
+        else:
+            load_swap_s.append(swapper.promote(bench.publish(args.swaps + 1 + i)))
+        time.sleep(0.3)
+    stop.set()
+    for t in threads:
+        t.join(120)
+    failed = sum(1 for r in results if r[4] is not None)
+    torn = 0
+    for sent, received, served, ids, err in results:
+        if err is not None:
+            continue
+        allowed = {swapper.epochs[k] for k in range(max(0, sent - 1), received + 1)}
+        version = served.partition("@")[2]
+        torn += int(version not in allowed or ids != bench.refs.get(version))
+    return {
+        "clients": args.clients,
+        "swaps": args.load_swaps,
+        "requests": len(results),
+        "failed": failed,
+        "torn": torn,
+        "swap_s_p50": pct(load_swap_s, 50),
+        "swap_s_p95": pct(load_swap_s, 95),
+    }
+
+
+def p50_p95(values: list[float]) -> dict[str, float]:
+    return {"p50": pct(values, 50), "p95": pct(values, 95)}
+
+
+def main() -> int:
+    args = parse_args()
+    load_start = os.getloadavg()[0]
+    bench = Bench(Path(args.workdir or tempfile.mkdtemp(prefix="hot-swap-bench-")), args.control)
+    try:
+        client = bench.ready()
+        swapper = Swapper(bench.registry, client, bench.refs, bench.with_plugin)
+        lat, pair_ratios = measure_latency(bench, args.latency_requests)
         if args.control:
             control = {
                 "control_latency_ratio_p50": statistics.median(lat["plugin"])
@@ -268,42 +324,17 @@ def main() -> int:
             Path(args.json).write_text(json.dumps(control, indent=2) + "\n")
             print(json.dumps(control, indent=2))
             return 0
-
-        # 2. idle: new version (full load), then rollback (repoint), args.swaps times each
+        # idle: new version (full load), then rollback (repoint), args.swaps times each
         swap_s, rollback_s = [], []
         for i in range(1, args.swaps + 1):
-            swap_s.append(swapper.promote(publish(i)))
+            swap_s.append(swapper.promote(bench.publish(i)))
             rollback_s.append(swapper.rollback())
-
         plugin_swap_s, plugin_load_s = list(swapper.plugin_swap_s), list(swapper.plugin_load_s)
-
-        # 3. under load: failed / torn answers while versions move
-        stop, results = threading.Event(), list[Any]()
-        threads = load_clients(with_plugin, swapper, args.clients, stop, results)
-        load_swap_s = []
-        for i in range(args.load_swaps):
-            if i % 5 == 4:
-                load_swap_s.append(swapper.rollback())
-            else:
-                load_swap_s.append(swapper.promote(publish(args.swaps + 1 + i)))
-            time.sleep(0.3)
-        stop.set()
-        for t in threads:
-            t.join(120)
-        failed = sum(1 for r in results if r[4] is not None)
-        torn = 0
-        for sent, received, served, ids, err in results:
-            if err is not None:
-                continue
-            allowed = {swapper.epochs[k] for k in range(max(0, sent - 1), received + 1)}
-            version = served.partition("@")[2]
-            torn += int(version not in allowed or ids != refs.get(version))
-
+        under_load = measure_under_load(bench, swapper, args)
     finally:
-        with_plugin.stop()
-        without.stop()
+        bench.stop()
 
-    report = {
+    report: dict[str, Any] = {
         "machine": {
             "cpus": os.cpu_count(),
             "loadavg_1m_at_start": load_start,
@@ -312,30 +343,12 @@ def main() -> int:
         "middleware_overhead_us": middleware_overhead_us(),
         "swaps": args.swaps,
         "plugin_side_idle": {
-            "pointer_to_repoint_s": {
-                "p50": pct(plugin_swap_s, 50),
-                "p95": pct(plugin_swap_s, 95),
-            },
-            "copy_verify_load_s": {
-                "p50": pct(plugin_load_s, 50),
-                "p95": pct(plugin_load_s, 95),
-            },
+            "pointer_to_repoint_s": p50_p95(plugin_swap_s),
+            "copy_verify_load_s": p50_p95(plugin_load_s),
         },
-        "swap_s": {"p50": pct(swap_s, 50), "p95": pct(swap_s, 95), "max": max(swap_s)},
-        "rollback_s": {
-            "p50": pct(rollback_s, 50),
-            "p95": pct(rollback_s, 95),
-            "max": max(rollback_s),
-        },
-        "under_load": {
-            "clients": args.clients,
-            "swaps": args.load_swaps,
-            "requests": len(results),
-            "failed": failed,
-            "torn": torn,
-            "swap_s_p50": pct(load_swap_s, 50),
-            "swap_s_p95": pct(load_swap_s, 95),
-        },
+        "swap_s": {**p50_p95(swap_s), "max": max(swap_s)},
+        "rollback_s": {**p50_p95(rollback_s), "max": max(rollback_s)},
+        "under_load": under_load,
         "latency_s": {
             k: {"p50": statistics.median(v), "mean": statistics.fmean(v), "n": len(v)}
             for k, v in lat.items()
@@ -349,53 +362,51 @@ def main() -> int:
         report["latency_s"]["plugin"]["mean"] / report["latency_s"]["baseline"]["mean"]
     )
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    ms = 1000.0
-    rows = [
-        ("swap (new version): first response p50 / p95", report["swap_s"], ms),
-        ("rollback: first response p50 / p95", report["rollback_s"], ms),
-    ]
-    print(f"{'metric':52s} value")
-    for label, d, scale in rows:
-        print(f"{label:52s} {d['p50'] * scale:.1f} ms / {d['p95'] * scale:.1f} ms")
-    ps = report["plugin_side_idle"]
-    print(
-        f"{'plugin side: pointer move -> repoint p50 / p95':52s} "
-        f"{ps['pointer_to_repoint_s']['p50'] * ms:.1f} ms / "
-        f"{ps['pointer_to_repoint_s']['p95'] * ms:.1f} ms"
-    )
-    print(
-        f"{'plugin side: copy+verify+load (new) p50 / p95':52s} "
-        f"{ps['copy_verify_load_s']['p50'] * ms:.1f} ms / "
-        f"{ps['copy_verify_load_s']['p95'] * ms:.1f} ms"
-    )
-    ul = report["under_load"]
-    print(
-        f"{'swaps under load: p50 / p95':52s} "
-        f"{ul['swap_s_p50'] * ms:.1f} ms / {ul['swap_s_p95'] * ms:.1f} ms"
-    )
-    print(
-        f"{'requests under load / failed / torn':52s} "
-        f"{ul['requests']} / {ul['failed']} / {ul['torn']}"
-    )
-    pl, bl = report["latency_s"]["plugin"], report["latency_s"]["baseline"]
-    print(
-        f"{'request latency p50: plugin / baseline (ratio)':52s} {pl['p50'] * ms:.1f} ms / "
-        f"{bl['p50'] * ms:.1f} ms ({report['latency_ratio_p50']:.3f})"
-    )
-    print(
-        f"{'request latency mean: plugin / baseline (ratio)':52s} {pl['mean'] * ms:.1f} ms / "
-        f"{bl['mean'] * ms:.1f} ms ({report['latency_ratio_mean']:.3f})"
-    )
-    print(
-        f"{'request latency: median of per-round ratios':52s} "
-        f"{report['latency_ratio_round_median']:.3f}"
-    )
-    print(
-        f"{'pinned-model middleware cost per request':52s} "
-        f"{report['middleware_overhead_us']:.1f} us"
-    )
+    print_report(report)
     print(f"JSON: {args.json}")
     return 0
+
+
+def print_report(report: dict[str, Any]) -> None:
+    ms = 1000.0
+    ps, ul = report["plugin_side_idle"], report["under_load"]
+    pl, bl = report["latency_s"]["plugin"], report["latency_s"]["baseline"]
+
+    def pair(d: dict[str, float]) -> str:
+        return f"{d['p50'] * ms:.1f} ms / {d['p95'] * ms:.1f} ms"
+
+    rows = [
+        ("swap (new version): first response p50 / p95", pair(report["swap_s"])),
+        ("rollback: first response p50 / p95", pair(report["rollback_s"])),
+        ("plugin side: pointer move -> repoint p50 / p95", pair(ps["pointer_to_repoint_s"])),
+        ("plugin side: copy+verify+load (new) p50 / p95", pair(ps["copy_verify_load_s"])),
+        (
+            "swaps under load: p50 / p95",
+            f"{ul['swap_s_p50'] * ms:.1f} ms / {ul['swap_s_p95'] * ms:.1f} ms",
+        ),
+        (
+            "requests under load / failed / torn",
+            f"{ul['requests']} / {ul['failed']} / {ul['torn']}",
+        ),
+        (
+            "request latency p50: plugin / baseline (ratio)",
+            f"{pl['p50'] * ms:.1f} ms / {bl['p50'] * ms:.1f} ms "
+            f"({report['latency_ratio_p50']:.3f})",
+        ),
+        (
+            "request latency mean: plugin / baseline (ratio)",
+            f"{pl['mean'] * ms:.1f} ms / {bl['mean'] * ms:.1f} ms "
+            f"({report['latency_ratio_mean']:.3f})",
+        ),
+        (
+            "request latency: median of per-round ratios",
+            f"{report['latency_ratio_round_median']:.3f}",
+        ),
+        ("pinned-model middleware cost per request", f"{report['middleware_overhead_us']:.1f} us"),
+    ]
+    print(f"{'metric':52s} value")
+    for label, value in rows:
+        print(f"{label:52s} {value}")
 
 
 if __name__ == "__main__":

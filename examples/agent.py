@@ -25,6 +25,8 @@ import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agent_finetune.cli.agent_config import AgentConfig, RoleConfig
+from agent_finetune.errors import ConfigError
+from agent_finetune.registry.names import openai_base_url
 
 
 def answer(client: openai.OpenAI, role: RoleConfig, question: str) -> tuple[str, str]:
@@ -49,8 +51,13 @@ def main() -> int:
     p.add_argument("--server", help="override the config's server URL")
     p.add_argument("--watch", type=float, default=0, help="keep asking for N seconds")
     a = p.parse_args()
-    config = AgentConfig.from_yaml(a.config)
-    client = openai.OpenAI(base_url=a.server or config.server, api_key=config.api_key)
+    try:
+        config = AgentConfig.from_yaml(a.config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    base_url = openai_base_url(a.server or config.server)  # with or without /v1
+    client = openai.OpenAI(base_url=base_url, api_key=config.api_key, max_retries=0)
 
     last: dict[str, str] = {}
     deadline = time.monotonic() + a.watch
@@ -60,6 +67,13 @@ def main() -> int:
                 text, served_by = answer(client, role, a.question)
             except openai.NotFoundError:
                 text, served_by = f"<{role.model} is not served>", "-"
+            except openai.APIConnectionError:
+                print(
+                    f"error: cannot reach {base_url}: is the server running? Start one with "
+                    "`agent-finetune serve --model M --registry DIR`, or pass --server URL",
+                    file=sys.stderr,
+                )
+                return 1
             if last.get(name) != text:
                 print(
                     f"[{time.strftime('%H:%M:%S')}] {name} ({role.model}, answered by "

@@ -106,11 +106,24 @@ def build_command(
     max_loras: int | None = None,
     max_cpu_loras: int | None = None,
     max_pinned: int = 4,
+    tool_call_parser: str | None = None,
     python: str = sys.executable,
 ) -> list[str]:
-    """The vLLM command line: LoRA on, bounds sized for hot swaps, ``extra_args`` win."""
+    """The vLLM command line: LoRA on, bounds sized for hot swaps, ``extra_args`` win.
+
+    ``tool_call_parser`` turns on tool calling (``--enable-auto-tool-choice
+    --tool-call-parser NAME``): without it vLLM answers 400 to any request with ``tools``.
+    """
     extra = list(extra_args)
-    cmd = [python, "-m", VLLM_MODULE, "--model", model, "--port", str(port)]
+    cmd = [python, "-m", VLLM_MODULE, "--model", model]
+    if not _has_flag(extra, "--port"):
+        cmd += ["--port", str(port)]
+    if tool_call_parser and not _has_flag(extra, "--tool-call-parser"):
+        cmd += ["--tool-call-parser", tool_call_parser]
+    if (tool_call_parser or _has_flag(extra, "--tool-call-parser")) and not _has_flag(
+        extra, "--enable-auto-tool-choice"
+    ):
+        cmd.append("--enable-auto-tool-choice")
     if host and not _has_flag(extra, "--host"):
         cmd += ["--host", host]
     if not _has_flag(extra, "--enable-lora"):

@@ -15,8 +15,9 @@ LOADS = Counter(
 )
 FAILURES = Counter(
     "agent_finetune_adapter_load_failures",
-    "Adapter versions rejected by validation or by the server.",
-    ["name"],
+    "Failed loads: kind=permanent (validation, a 4xx refusal; not retried until current "
+    "moves) or transient (I/O, 5xx, timeouts; retried with backoff).",
+    ["name", "kind"],
 )
 SWAPS = Counter(
     "agent_finetune_adapter_swaps",
@@ -41,6 +42,11 @@ LIVE_VERSION = Gauge(
 PINNED = Gauge(
     "agent_finetune_pinned_versions",
     "Versioned names (name@vNNNN) loaded besides the live ones.",
+)
+REGISTRY_AVAILABLE = Gauge(
+    "agent_finetune_registry_available",
+    "1 when the registry root is readable and carries its marker; 0 while it is unavailable "
+    "(nothing is unloaded then).",
 )
 
 # Canary signals: labelled per version only for names with a canary running (bounded).

@@ -4,8 +4,10 @@ Enabled by ``VLLM_PLUGINS=agent_finetune`` (entry point group ``vllm.endpoint_pl
 and configured by the ``AGENT_FINETUNE_*`` variables (see ``server_plugin.settings``).
 It runs the reconcile loop inside the API-server process and drives vLLM through
 ``state.openai_serving_models``: no ``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` needed, and the
-routes it adds change nothing but the canary feedback counters
-(``GET /v1/adapters``, ``POST /v1/adapters/{name}/feedback``). Every exception is logged and
+routes it adds (``GET /v1/adapters``, ``/v1/models``, ``/v1/models/{id}``) change nothing but
+the canary feedback counters (``POST /v1/adapters/{name}/feedback``). Every model answer names
+the version that answered in the ``x-adapter-version`` header (``server_plugin.answers``).
+Every exception is logged and
 kept away from vLLM: a broken plugin leaves a server that serves the base model.
 """
 
@@ -17,25 +19,30 @@ import json
 import logging
 import time
 from argparse import Namespace
+from collections import deque
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from agent_finetune.errors import LoadError
+from agent_finetune.errors import LoadError, ServerUnavailableError
 from agent_finetune.registry import Registry
 from agent_finetune.registry.adapter import linear_shapes, load_base_config
-from server_plugin.cache import AdapterCache, Limits, process_cache_dir
+from server_plugin.answers import AnswerHeaders, missing_model_message
+from server_plugin.cache import AdapterCache, Limits, ProcessDir
 from server_plugin.canary import CanaryRouter, parse_feedback
-from server_plugin.reconciler import Reconciler
-from server_plugin.settings import PLUGIN_NAME, Settings
+from server_plugin.listing import annotate_cards
+from server_plugin.reconciler import PinRefusal, Reconciler
+from server_plugin.settings import PLUGIN_NAME, Settings, reconciler_options
 from server_plugin.watcher import RegistryWatcher
 
 logger = logging.getLogger(__name__)
 
 # Routes whose JSON body names a model; a pinned "name@vNNNN" is loaded before vLLM looks.
 _MODEL_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
+# Bodies at least this large are parsed in a worker thread, off the event loop.
+_PARSE_IN_THREAD_BYTES = 64 * 1024
 
 
 class VllmTransport:
@@ -43,6 +50,9 @@ class VllmTransport:
 
     def __init__(self, models: Any) -> None:
         self.models = models
+
+    async def served(self) -> dict[str, str]:
+        return {name: str(r.lora_path) for name, r in list(self.models.lora_requests.items())}
 
     async def load(self, served_name: str, path: str) -> None:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
@@ -60,7 +70,13 @@ class VllmTransport:
             LoadLoRAAdapterRequest(lora_name=served_name, lora_path=path)
         )
         if isinstance(result, ErrorResponse):
-            raise LoadError(f"vLLM refused to load {path}: {result.error.message}")
+            error = result.error
+            message = (
+                f"vLLM refused to load {path}: HTTP {error.code} {error.type}: {error.message}"
+            )
+            if error.code >= 500:  # the engine failed, not necessarily the adapter: retried
+                raise ServerUnavailableError(message)
+            raise LoadError(message)
 
     async def repoint(self, name: str, target: str) -> None:
         if self.models.is_base_model(name):
@@ -128,11 +144,66 @@ def _error(status: int, message: str, err_type: str) -> JSONResponse:
     )
 
 
+async def read_capped(receive: Receive, cap: int) -> tuple[list[Message], bytes | None]:
+    """Receive a request body of at most ``cap`` bytes, chunks joined once.
+
+    Returns the messages received (to replay them) and the body, or None as the body when
+    it is larger than ``cap``: then the messages hold only its start and the caller passes
+    the request through without reading the rest.
+    """
+    messages: list[Message] = []
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            return messages, None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > cap:
+            return messages, None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return messages, b"".join(chunks)
+
+
+def _model_field(body: bytes) -> str | None:
+    try:
+        model = json.loads(body).get("model")
+    except (ValueError, AttributeError):
+        return None  # vLLM reports the bad body itself
+    return model if isinstance(model, str) else None
+
+
+async def pinned_model(body: bytes) -> str | None:
+    """The body's ``model`` when it names a pinned ``name@vNNNN``-like value, else None.
+    Large bodies are parsed in a thread so the event loop keeps serving."""
+    if b"@" not in body:
+        return None
+    if len(body) >= _PARSE_IN_THREAD_BYTES:
+        model = await asyncio.to_thread(_model_field, body)
+    else:
+        model = _model_field(body)
+    return model if model is not None and "@" in model else None
+
+
+def _content_length(scope: Scope) -> int | None:
+    for key, value in scope.get("headers", ()):
+        if key == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
 class PinnedModelMiddleware:
     """Load ``model="name@vNNNN"`` on first use, before vLLM checks the model name.
 
-    Peeks at the JSON body of the model routes only when it contains an ``@``; every other
-    request passes through untouched.
+    Only POSTs to the model routes with a body of at most ``max_parse_bytes`` are read
+    (their chunks joined once, large ones parsed off the event loop); larger bodies pass
+    through untouched and vLLM answers them.
     """
 
     def __init__(self, app: ASGIApp, plugin: EndpointPlugin) -> None:
@@ -141,50 +212,47 @@ class PinnedModelMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         reconciler = self.plugin.reconciler
+        cap = self.plugin.max_parse_bytes
         if (
             reconciler is None
             or scope["type"] != "http"
             or scope.get("method") != "POST"
             or scope["path"].removeprefix(scope.get("root_path", "")) not in _MODEL_ROUTES
+            or (_content_length(scope) or 0) > cap
         ):
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        messages: list[Message] = []
-        body = b""
-        while True:
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                break
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
+        messages, body = await read_capped(receive, cap)
         canary, route, finish = self.plugin.canary, None, None
-        if canary is not None and canary.active:
+        if canary is not None and canary.active and body is not None:
             routed, route = canary.route_body(body, scope["headers"])
             if route is not None and route.candidate:
-                error = await self._ensure_pinned(reconciler, routed)
-                if error is None:
+                refusal = await self._ensure_pinned(reconciler, f"{route.name}@{route.version}")
+                if refusal is None:
                     body, messages, scope = (
                         routed,
                         _rewritten(messages, routed),
                         _sized(scope, routed),
                     )
                 else:  # never fail a user for a canary: current answers, the canary ends
-                    canary.candidate_failed(route, error)
+                    canary.candidate_failed(route, refusal.message)
                     route = None
             if route is not None:
                 send, finish = canary.wrap_send(route, send, started)
-        if b"@" in body and (route is None or not route.candidate):
-            error = await self._ensure_pinned(reconciler, body)
-            if error is not None:
-                await _error(400, error, "BadRequestError")(scope, receive, send)
+        candidate = route is not None and route.candidate
+        model = await pinned_model(body) if body is not None and not candidate else None
+        if model is not None:
+            refusal = await self._ensure_pinned(reconciler, model)
+            if refusal is not None:
+                err_type = "BadRequestError" if refusal.status < 500 else "ServiceUnavailableError"
+                await _error(refusal.status, refusal.message, err_type)(scope, receive, send)
                 return
+        pending = deque(messages)
 
         async def replay() -> Message:
-            if messages:
-                return messages.pop(0)
+            if pending:
+                return pending.popleft()
             return await receive()
 
         try:
@@ -194,13 +262,7 @@ class PinnedModelMiddleware:
                 finish()
 
     @staticmethod
-    async def _ensure_pinned(reconciler: Reconciler, body: bytes) -> str | None:
-        try:
-            model = json.loads(body).get("model")
-        except (ValueError, AttributeError):
-            return None  # vLLM reports the bad body itself
-        if not isinstance(model, str) or "@" not in model:
-            return None
+    async def _ensure_pinned(reconciler: Reconciler, model: str) -> PinRefusal | None:
         try:
             return await reconciler.ensure_pinned(model)
         except Exception:
@@ -229,6 +291,7 @@ class EndpointPlugin:
     def __init__(self) -> None:
         self.reconciler: Reconciler | None = None
         self.canary: CanaryRouter | None = None
+        self.max_parse_bytes = Settings.max_parse_bytes
         self.watcher: RegistryWatcher | None = None
         self.error: str | None = None
         self._task: asyncio.Task[None] | None = None
@@ -238,10 +301,49 @@ class EndpointPlugin:
         try:
             app.add_api_route("/v1/adapters", self.adapters, methods=["GET"])
             app.add_api_route("/v1/adapters/{name}/feedback", self.post_feedback, methods=["POST"])
-            app.add_api_route("/v1/models", list_models, methods=["GET"])
+            app.add_api_route("/v1/models", self.models, methods=["GET"])
+            app.add_api_route("/v1/models/{model_id:path}", self.model_card, methods=["GET"])
             app.add_middleware(PinnedModelMiddleware, plugin=self)
+            app.add_middleware(AnswerHeaders, routes=_MODEL_ROUTES, describe=self.missing_model)
         except Exception:
             logger.exception("agent_finetune: attaching routes failed; plugin disabled")
+
+    async def models(self, request: Request) -> Response:
+        """``/v1/models`` with name <-> version links and every pinnable version."""
+        response = await list_models(request)
+        try:
+            payload = json.loads(bytes(response.body))
+            models = request.app.state.openai_serving_models
+            served_as = {name: req.lora_name for name, req in models.lora_requests.items()}
+            registry = self.reconciler.registry if self.reconciler is not None else None
+            base_id = models.base_model_paths[0].name if models.base_model_paths else None
+            payload["data"] = await asyncio.to_thread(
+                annotate_cards, payload["data"], served_as, registry, base_id
+            )
+        except Exception:
+            logger.exception("agent_finetune: annotating /v1/models failed")
+            return response
+        return JSONResponse(payload)
+
+    async def model_card(self, request: Request) -> Response:
+        """``GET /v1/models/{id}`` (the openai SDK's ``models.retrieve``): one card, or 404."""
+        model = request.path_params["model_id"]
+        listing = await self.models(request)
+        try:
+            cards = json.loads(bytes(listing.body))["data"]
+        except (ValueError, KeyError, TypeError):
+            cards = []
+        card = next((c for c in cards if c.get("id") == model), None)
+        if card is not None:
+            return JSONResponse(card)
+        message = await self.missing_model(model) or f"The model `{model}` does not exist."
+        return _error(404, message, "NotFoundError")
+
+    async def missing_model(self, model: str) -> str | None:
+        """What to say instead of vLLM's bare 404 for ``model``."""
+        if self.reconciler is None:
+            return None
+        return await asyncio.to_thread(missing_model_message, self.reconciler.registry, model)
 
     async def adapters(self, request: Request) -> Response:
         """Per adapter name: desired and live version, state, last error, load times."""
@@ -308,15 +410,18 @@ class EndpointPlugin:
             logger.error("agent_finetune: %s; plugin disabled", e)
             return
         limits = _limits(engine_client, args, settings)
-        cache = AdapterCache(process_cache_dir(settings.cache_dir), limits)
+        folder = ProcessDir(settings.cache_dir)
+        atexit.register(folder.close)
+        cache = AdapterCache(
+            folder.path, limits, max_bytes=settings.cache_max_bytes, grace_s=settings.cache_grace_s
+        )
         reconciler = Reconciler(
             Registry(settings.registry),
             cache,
             VllmTransport(state.openai_serving_models),
-            resync_s=settings.resync_s,
-            max_pinned=settings.max_pinned,
-            cache_grace_s=settings.cache_grace_s,
+            **reconciler_options(settings),
         )
+        self.max_parse_bytes = settings.max_parse_bytes
         canary = CanaryRouter(reconciler.registry)
 
         def wake() -> None:

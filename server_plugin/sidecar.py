@@ -2,21 +2,36 @@
 
 For servers where the plugin cannot be installed. The server must expose
 ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``, which vLLM does only with
-``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``, and must be able to read the sidecar's cache
-folder at the same path (same machine or shared filesystem).
+``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` (probed once at start, with a clear error), and
+must be able to read the sidecar's cache folder at the same path (same machine or shared
+filesystem).
+
+What the server serves is read once per pass from ``GET /v1/models``, so a restarted
+server (which serves nothing) is loaded again within one pass. Errors are told apart by
+vLLM's error ``type`` and HTTP code: 4xx refusals are permanent, 5xx, timeouts and
+connection errors are ``ServerUnavailableError`` (retried with backoff).
 
 Caveat: the HTTP API cannot repoint a name in one step. A swap loads ``<name>@vNNNN``,
-unloads ``<name>``, waits until no request on ``<name>`` is running (vLLM's worker keys
-adapters by name: two LoRA ids under one name in one batch crash its engine), then loads
-``<name>`` again from the new version's path. Meanwhile ``<name>`` answers 404: clients
-should retry, or pin versions, or use the plugin, which has no such window.
+unloads ``<name>``, waits until the server runs no request (``vllm:num_requests_running``
+and ``_waiting`` are 0, or its newest ``vllm:lora_requests_info`` sample does not list the
+name: vLLM's worker keys adapters by name, and two LoRA ids under one name in one batch
+crash its engine), then loads ``<name>`` again from the new version's path; if that load
+fails, the previous path is loaded back. Meanwhile ``<name>`` answers 404: clients should
+retry, or pin versions, or use the plugin, which has no such window.
+
+The cache folder is ``<cache>/sidecar-<hash of the server URL>``, locked for the sidecar's
+lifetime (a second sidecar for the same server refuses to start) and kept at exit: the
+server may still re-read the copies it serves.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -27,112 +42,203 @@ from typing import Any
 
 import httpx
 
-from agent_finetune.errors import LoadError
+from agent_finetune.errors import LoadError, ServerUnavailableError
 from agent_finetune.registry import Registry
 from agent_finetune.registry.adapter import load_base_config
-from server_plugin.cache import AdapterCache, Limits
+from agent_finetune.registry.names import ENV_REGISTRY, server_root
+from agent_finetune.registry.store import atomic_write_json
+from server_plugin.cache import AdapterCache, Limits, ProcessDir
 from server_plugin.reconciler import Reconciler
-from server_plugin.settings import default_cache_root
+from server_plugin.settings import Settings, default_cache_root, reconciler_options
 from server_plugin.watcher import RegistryWatcher
 
 logger = logging.getLogger(__name__)
 
 RUNTIME_FLAG = "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"
+STATUS_FILE = "status.json"
+_PROBE_NAME = "agent-finetune-probe-not-an-adapter"
+
+
+def error_of(response: httpx.Response) -> tuple[str | None, str]:
+    """(vLLM error ``type`` or None when the body is not a vLLM error, message)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None, response.text[:500]
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        error = body["error"]
+        return str(error.get("type")), str(error.get("message", ""))[:500]
+    if isinstance(body, dict) and "detail" in body:  # FastAPI's own answer: no such route
+        return None, str(body["detail"])[:500]
+    return None, response.text[:500]
 
 
 class HttpTransport:
     """Load, repoint and unload adapters through vLLM's runtime LoRA routes."""
 
-    def __init__(self, client: httpx.AsyncClient) -> None:
+    def __init__(self, client: httpx.AsyncClient, *, drain_s: float = 30.0) -> None:
         self.client = client
+        self.drain_s = drain_s
+
+    async def _request(self, method: str, route: str, **kw: Any) -> httpx.Response:
+        try:
+            r = await self.client.request(method, route, **kw)
+        except httpx.HTTPError as e:
+            raise ServerUnavailableError(
+                f"{self.client.base_url}{route}: {type(e).__name__}: {e}"
+            ) from e
+        if r.status_code >= 500:
+            kind, message = error_of(r)
+            raise ServerUnavailableError(
+                f"{self.client.base_url}{route}: HTTP {r.status_code} {kind or ''}: {message}"
+            )
+        if r.status_code == 401:
+            raise LoadError(f"{self.client.base_url}{route}: HTTP 401: pass the server's --api-key")
+        return r
 
     async def models(self) -> dict[str, dict[str, Any]]:
         """``GET /v1/models`` as id -> model card."""
-        r = await self.client.get("/v1/models")
-        r.raise_for_status()
-        return {m["id"]: m for m in r.json().get("data", []) if isinstance(m, dict)}
+        r = await self._request("GET", "/v1/models")
+        if r.status_code != 200:
+            raise ServerUnavailableError(f"{self.client.base_url}/v1/models: HTTP {r.status_code}")
+        cards = r.json().get("data", [])
+        # A plugin server also lists versions it has not loaded ("loaded": false).
+        return {m["id"]: m for m in cards if isinstance(m, dict) and m.get("loaded", True)}
 
-    async def _post(self, route: str, payload: dict[str, Any]) -> httpx.Response:
-        r = await self.client.post(route, json=payload)
-        if r.status_code in (404, 405) and "lora_name" not in r.text:
+    async def served(self) -> dict[str, str]:
+        """Every adapter the server serves (cards with a parent) -> its path."""
+        return {
+            name: str(card.get("root"))
+            for name, card in (await self.models()).items()
+            if card.get("parent")
+        }
+
+    async def probe(self) -> None:
+        """Raise LoadError, saying how to fix it, when the runtime LoRA API is off."""
+        r = await self._request("POST", "/v1/unload_lora_adapter", json={"lora_name": _PROBE_NAME})
+        kind, message = error_of(r)
+        if r.status_code in (404, 405) and kind is None:
             raise LoadError(
-                f"{self.client.base_url}{route}: HTTP {r.status_code}; the server has no runtime "
-                f"LoRA API: start vLLM with {RUNTIME_FLAG}"
+                f"{self.client.base_url} has no runtime LoRA API "
+                f"(POST /v1/unload_lora_adapter: HTTP {r.status_code} {message}); "
+                f"start vLLM with {RUNTIME_FLAG}"
             )
-        return r
+
+    async def _post(self, route: str, payload: dict[str, Any]) -> tuple[int, str | None, str]:
+        r = await self._request("POST", route, json=payload)
+        if r.status_code == 200:
+            return 200, None, ""
+        kind, message = error_of(r)
+        if r.status_code in (404, 405) and kind is None:
+            raise LoadError(
+                f"{self.client.base_url}{route}: HTTP {r.status_code}; the server has no "
+                f"runtime LoRA API: start vLLM with {RUNTIME_FLAG}"
+            )
+        return r.status_code, kind, message
 
     async def load(self, served_name: str, path: str) -> None:
-        card = (await self.models()).get(served_name)
-        if card is not None:
+        code, kind, message = await self._post(
+            "/v1/load_lora_adapter", {"lora_name": served_name, "lora_path": path}
+        )
+        if code == 200:
+            return
+        if code == 400 and "already been loaded" in message:
+            # Ours from before a restart of this sidecar, or someone else's.
+            card = (await self.models()).get(served_name, {})
             if card.get("root") == path:
                 return
             await self.unload(served_name)
-        r = await self._post("/v1/load_lora_adapter", {"lora_name": served_name, "lora_path": path})
-        if r.status_code != 200:
-            raise LoadError(f"server refused to load {path}: HTTP {r.status_code}: {r.text[:500]}")
+            await self.drain(served_name)
+            return await self.load(served_name, path)
+        raise LoadError(f"server refused to load {path}: HTTP {code} {kind}: {message}")
 
     async def repoint(self, name: str, target: str) -> None:
         cards = await self.models()
         if target not in cards:
             raise LoadError(f"cannot point {name} at {target}: {target} is not loaded")
         path = str(cards[target].get("root"))
-        if name in cards:
-            if cards[name].get("root") == path:
-                return
+        previous = cards.get(name, {}).get("root")
+        if previous == path:
+            return
+        if previous is not None:
             await self.unload(name)
             await self.drain(name)
-        await self.load(name, path)
+        try:
+            await self.load(name, path)
+        except Exception:
+            if previous is not None:  # put the previous version back; the error stands
+                try:
+                    await self.load(name, str(previous))
+                    logger.warning("agent_finetune sync: %s restored to %s", name, previous)
+                except Exception:
+                    logger.exception("agent_finetune sync: restoring %s failed", name)
+            raise
 
-    async def drain(self, name: str, timeout_s: float = 300.0) -> None:
-        """Wait until no running or waiting request uses adapter ``name``.
+    async def drain(self, name: str) -> None:
+        """Wait until the server runs no request that may use adapter ``name``.
 
-        Reads ``vllm:lora_requests_info`` from ``/metrics``: its newest sample lists the
-        adapters in use; a sample older than a second means the engine is idle.
+        Reads the server's own gauges from ``/metrics`` (no clock is compared): idle when
+        ``vllm:num_requests_running`` and ``vllm:num_requests_waiting`` sum to 0, or when
+        its newest ``vllm:lora_requests_info`` sample does not list ``name``. No sample is
+        not idle. Gives up after ``drain_s`` seconds with a warning.
         """
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + self.drain_s
+        while True:
             try:
                 r = await self.client.get("/metrics")
-                busy = _adapter_in_use(r.text, name) if r.status_code == 200 else True
+                busy = r.status_code != 200 or adapter_busy(r.text, name)
             except httpx.HTTPError:
                 busy = True
             if not busy:
                 return
+            if time.monotonic() >= deadline:
+                logger.warning(
+                    "agent_finetune sync: %s still busy after %.0fs (AGENT_FINETUNE_DRAIN_S); "
+                    "loading anyway",
+                    name,
+                    self.drain_s,
+                )
+                return
             await asyncio.sleep(0.05)
-        logger.warning(
-            "agent_finetune sync: %s still busy after %.0fs; loading anyway", name, timeout_s
-        )
 
     async def unload(self, served_name: str) -> None:
-        r = await self._post("/v1/unload_lora_adapter", {"lora_name": served_name})
-        if r.status_code not in (200, 404):
-            raise LoadError(
-                f"server refused to unload {served_name}: HTTP {r.status_code}: {r.text[:500]}"
-            )
+        code, kind, message = await self._post(
+            "/v1/unload_lora_adapter", {"lora_name": served_name}
+        )
+        if code == 200 or (code == 404 and kind == "NotFoundError"):
+            return  # unknown names are ignored
+        raise LoadError(f"server refused to unload {served_name}: HTTP {code} {kind}: {message}")
 
 
-_LORA_INFO = re.compile(r"^vllm:lora_requests_info\{(?P<labels>[^}]*)\}\s+(?P<value>\S+)$", re.M)
+_SAMPLE = re.compile(
+    r"^(?P<metric>vllm:[a-z_]+)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)", re.MULTILINE
+)
 _LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 
-def _adapter_in_use(metrics_text: str, name: str) -> bool:
-    """Whether the newest ``vllm:lora_requests_info`` sample lists ``name`` as in use."""
+def adapter_busy(metrics_text: str, name: str) -> bool:
+    """Whether the server's ``/metrics`` says a request may still run on adapter ``name``."""
+    counts: list[float] = []
     newest: tuple[float, dict[str, str]] | None = None
-    for m in _LORA_INFO.finditer(metrics_text):
-        value = float(m["value"])
-        if newest is None or value > newest[0]:
-            newest = (value, dict(_LABEL.findall(m["labels"])))
-    if newest is None or time.time() - newest[0] > 1.0:
-        return False  # no sample yet, or none for a second: nothing is running
-    labels = newest[1]
-    in_use = labels.get("running_lora_adapters", "").split(",")
-    in_use += labels.get("waiting_lora_adapters", "").split(",")
-    return name in in_use
+    for m in _SAMPLE.finditer(metrics_text):
+        metric, value = m["metric"], float(m["value"])
+        if metric in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
+            counts.append(value)
+        elif metric == "vllm:lora_requests_info" and (newest is None or value > newest[0]):
+            newest = (value, dict(_LABEL.findall(m["labels"] or "")))
+    if counts and sum(counts) == 0:
+        return False
+    if newest is not None and counts:
+        labels = newest[1]
+        in_use = labels.get("running_lora_adapters", "").split(",")
+        in_use += labels.get("waiting_lora_adapters", "").split(",")
+        return name in in_use
+    return True  # no sample: cannot tell, so not idle
 
 
 @dataclass(frozen=True)
 class SyncOptions:
-    """Options of ``agent-finetune sync`` (see ``commands.add_sync_parser``)."""
+    """Options of ``agent-finetune sync`` (see ``cli.serve.add_sync_parser``)."""
 
     server: str
     registry: Path
@@ -156,41 +262,77 @@ async def _base_model(transport: HttpTransport) -> str | None:
     return None
 
 
+def _settings(options: SyncOptions) -> Settings:
+    """The ``AGENT_FINETUNE_*`` tuning settings, with this command's options on top."""
+    env = {**os.environ, ENV_REGISTRY: str(options.registry)}
+    return dataclasses.replace(
+        Settings.from_env(env),
+        resync_s=options.resync_s,
+        polling=options.polling,
+        max_pinned=options.max_pinned,
+    )
+
+
 async def sync(options: SyncOptions) -> int:
     """Run the sidecar; with ``once`` reconcile one pass, print the status, exit 1 on failures."""
+    try:
+        settings = _settings(options)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     headers = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
-    base_url = options.server.rstrip("/").removesuffix("/v1")
+    base_url = server_root(options.server)
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=60.0) as client:
-        transport = HttpTransport(client)
+        transport = HttpTransport(client, drain_s=settings.drain_s)
         try:
+            await transport.probe()
             base_model = options.base_model or await _base_model(transport)
-        except httpx.HTTPError as e:
-            print(f"error: cannot reach {base_url}/v1/models: {e}", file=sys.stderr)
+        except (LoadError, httpx.HTTPError) as e:
+            print(f"error: {e}", file=sys.stderr)
             return 2
         base_config = load_base_config(base_model) if base_model else None
         limits = Limits(options.max_rank, base_model, base_config, options.strict_base)
         cache_root = options.cache_dir or default_cache_root().parent / "sidecar"
-        cache_root.mkdir(parents=True, exist_ok=True)
-        reconciler = Reconciler(
-            Registry(options.registry),
-            AdapterCache(cache_root, limits),
-            transport,
-            resync_s=options.resync_s,
-            max_pinned=options.max_pinned,
-        )
-        if options.once:
-            await reconciler.reconcile_once()
-            status = reconciler.status()
-            print(json.dumps(status, indent=2))
-            failed = [a for a in status["data"] if a["state"] == "failed"]
-            return 1 if failed or status["sync_error"] else 0
-        watcher = RegistryWatcher(options.registry, reconciler.wake, polling=options.polling)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, reconciler.stop)
-        logger.info("agent_finetune sync: %s -> %s", options.registry, base_url)
+        server_id = hashlib.sha256(base_url.encode()).hexdigest()[:12]
         try:
-            await reconciler.run(before_pass=watcher.start)
+            folder = ProcessDir(cache_root, name=f"sidecar-{server_id}")
+        except OSError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        cache = AdapterCache(
+            folder.path, limits, max_bytes=settings.cache_max_bytes, grace_s=settings.cache_grace_s
+        )
+        cache.release_existing()  # copies of an earlier run: kept while the server serves them
+        reconciler = Reconciler(
+            Registry(options.registry), cache, transport, **reconciler_options(settings)
+        )
+        status_path = folder.path / STATUS_FILE
+
+        def write_status() -> None:
+            try:
+                atomic_write_json(status_path, reconciler.status())
+            except OSError:
+                logger.exception("agent_finetune sync: writing %s failed", status_path)
+
+        try:
+            if options.once:
+                await reconciler.reconcile_once()
+                write_status()
+                status = reconciler.status()
+                print(json.dumps(status, indent=2))
+                failed = [a for a in status["data"] if a["state"] != "live"]
+                return 1 if failed or status["sync_error"] or status["server_error"] else 0
+            watcher = RegistryWatcher(options.registry, reconciler.wake, polling=options.polling)
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, reconciler.stop)
+            logger.info("agent_finetune sync: %s -> %s", options.registry, base_url)
+            logger.info("agent_finetune sync: status in %s", status_path)
+
+            try:
+                await reconciler.run(before_pass=watcher.start, after_pass=write_status)
+            finally:
+                watcher.stop()
+            return 0
         finally:
-            watcher.stop()
-        return 0
+            folder.close()

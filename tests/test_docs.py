@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import agent_finetune
 from agent_finetune.training.config import reference_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,15 +27,3 @@ def test_ci_runs_the_readme_test_command() -> None:
     test_cmd = first_block.splitlines()[1].split("#")[0].strip()
     assert test_cmd in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert "agent-finetune demo" in first_block.splitlines()[0]
-
-
-def test_public_api() -> None:
-    assert sorted(agent_finetune.__all__) == [
-        "FineTuningConfig",
-        "__version__",
-        "generate_text",
-        "load_model_and_tokenizer",
-        "run_fine_tuning",
-    ]
-    for name in agent_finetune.__all__:
-        assert getattr(agent_finetune, name) is not None

@@ -1,4 +1,5 @@
-"""``python -m agent_finetune.cli``: the same as the ``agent-finetune`` command."""
+"""``python -m agent_finetune.cli``: the ``agent-finetune`` command, as torchrun and accelerate
+launch run it."""
 
 import sys
 

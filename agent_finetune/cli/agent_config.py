@@ -9,7 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent_finetune.errors import ConfigError
-from agent_finetune.registry.names import check_name, model_id
+from agent_finetune.registry.names import check_name, model_id, openai_base_url
 
 
 class RoleConfig(BaseModel):
@@ -36,9 +36,14 @@ class AgentConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    server: str = Field("http://127.0.0.1:8000/v1", description="OpenAI-compatible base URL.")
+    server: str = Field("http://127.0.0.1:8000/v1", description="Server URL, with or without /v1.")
     api_key: str = Field("EMPTY", description="API key (vLLM's --api-key), or EMPTY.")
     roles: dict[str, RoleConfig] = Field(description="Role name -> adapter settings.")
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI SDK's ``base_url`` (``.../v1``)."""
+        return openai_base_url(self.server)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> AgentConfig:

@@ -11,6 +11,8 @@ Exit codes, the same for every command:
       (`promote --if-better`, `train` with `promotion.policy: if_better`); the
       table of scores is printed, the decision is in history
 130   interrupted (Ctrl-C)
+141   stdout was closed early (``agent-finetune history x --json | head``): the output
+      stops quietly, as a shell reports SIGPIPE
 ====  ==========================================================================
 
 Only this module turns exceptions into exit codes and friendly text. Command modules import
@@ -36,7 +38,8 @@ from agent_finetune.cli.serve import add_serve_parser, add_sync_parser
 from agent_finetune.cli.train import add_train_parser
 from agent_finetune.errors import AgentFinetuneError, GateRefusedError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
+EXIT_INTERRUPTED, EXIT_PIPE = 130, 141
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         code: int = args.func(args)
+        sys.stdout.flush()  # a closed pipe surfaces here, not in the interpreter's exit
         return code
     except GateRefusedError as e:
         print(f"refused: {e}", file=sys.stderr)
@@ -82,6 +86,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`| head`). Point stdout at /dev/null so the interpreter's
+        # final flush cannot raise again (Python's documented recipe).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_PIPE
 
 
 if __name__ == "__main__":

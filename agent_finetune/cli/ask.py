@@ -8,9 +8,9 @@ import sys
 from typing import Any
 
 from agent_finetune.errors import AskError
-from agent_finetune.registry.names import model_id
+from agent_finetune.registry.names import model_id, openai_base_url
 
-DEFAULT_SERVER = "http://127.0.0.1:8000/v1"
+DEFAULT_SERVER = "http://127.0.0.1:8000"
 
 
 def ask(
@@ -26,9 +26,15 @@ def ask(
     stream: bool = False,
     out: Any = None,
 ) -> str:
-    """Send one chat message; return the reply (and print it as it streams to ``out``)."""
+    """Send one chat message; return the reply (and print it as it streams to ``out``).
+
+    Always the chat endpoint: it renders the prompt with the model's chat template, as
+    training did (``/v1/completions`` would send the raw text). ``server`` may end in
+    ``/v1`` or not.
+    """
     import openai
 
+    server = openai_base_url(server)
     client = openai.OpenAI(base_url=server, api_key=api_key or "EMPTY", max_retries=0, timeout=120)
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": prompt}
@@ -92,7 +98,8 @@ def add_ask_parser(subparsers: Any) -> None:
     p.add_argument(
         "--server",
         default=os.environ.get("AGENT_FINETUNE_SERVER", DEFAULT_SERVER),
-        help=f"OpenAI base URL (default $AGENT_FINETUNE_SERVER or {DEFAULT_SERVER})",
+        help=f"server URL, with or without /v1 (default $AGENT_FINETUNE_SERVER or "
+        f"{DEFAULT_SERVER})",
     )
     p.add_argument("--version", help="pin a version, e.g. v0002 (sent as NAME@v0002)")
     p.add_argument(

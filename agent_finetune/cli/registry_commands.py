@@ -1,4 +1,4 @@
-"""Registry commands: publish, list, show, history, promote, rollback, validate, gc."""
+"""Registry commands: publish, list, show, history, promote, rollback, validate, gc, fsck."""
 
 from __future__ import annotations
 
@@ -11,12 +11,24 @@ from typing import Any
 
 from agent_finetune.cli.eval import add_eval_options
 from agent_finetune.cli.output import emit_json, print_table
-from agent_finetune.errors import GateRefusedError, NotFoundError, RegistryError
+from agent_finetune.errors import (
+    AgentFinetuneError,
+    GateRefusedError,
+    NotFoundError,
+    RegistryError,
+)
 from agent_finetune.registry import ENV_REGISTRY, Registry, verify_folder
 from agent_finetune.registry.adapter import load_base_config
 from agent_finetune.registry.evals import latest_eval, read_evals
+from agent_finetune.registry.fsck import fsck
 
 Handler = Callable[[argparse.Namespace], int]
+# The one statement of what rollback means (README says the same).
+ROLLBACK_RULE = (
+    "undo the last pointer move: current goes back to the version that was current just "
+    "before it (a second rollback undoes the first, like `cd -`); --to VERSION goes to any "
+    "version. Already current: nothing changes and no history entry is written"
+)
 
 PROMOTE_HELP = """\
 Make NAME@vNNNN current (`promote NAME vNNNN` works too).
@@ -29,8 +41,23 @@ to history as a `gate` entry. A refusal prints the table and exits with code 3.
 """
 
 
-def _registry(args: argparse.Namespace) -> Registry:
-    return Registry.from_env(args.registry)
+def _registry(args: argparse.Namespace, *, exists: bool = True) -> Registry:
+    """The registry of ``--registry``/$AGENT_FINETUNE_REGISTRY; it must exist unless
+    ``exists`` is False (publish creates it)."""
+    reg = Registry.from_env(args.registry)
+    if exists and not reg.root.is_dir():
+        raise RegistryError(
+            f"registry {reg.root} does not exist; check --registry / ${ENV_REGISTRY}, or "
+            "create it by publishing (`agent-finetune publish NAME FOLDER` or `train`)"
+        )
+    return reg
+
+
+def _require_name(reg: Registry, name: str) -> None:
+    if not reg.versions(name):
+        raise NotFoundError(
+            f"no adapter named {name!r} in {reg.root}; known: {', '.join(reg.names()) or 'none'}"
+        )
 
 
 def _metric(manifest: dict[str, Any], key: str) -> str:
@@ -48,8 +75,24 @@ def _eval_summary(record: dict[str, Any] | None) -> str:
     return " ".join(parts) + (f" ({rows} rows)" if rows else "")
 
 
+def _no_traceback(func: Handler) -> Handler:
+    """Commands that read arbitrary user files: any OS or value error is a cause, not a crash."""
+
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except AgentFinetuneError:
+            raise
+        except (OSError, ValueError) as e:
+            raise RegistryError(f"{args.command}: {type(e).__name__}: {e}") from e
+
+    wrapper.__doc__ = func.__doc__
+    return wrapper
+
+
+@_no_traceback
 def cmd_publish(args: argparse.Namespace) -> int:
-    reg = _registry(args)
+    reg = _registry(args, exists=False)
     base_config = load_base_config(args.base_model) if args.base_model else None
     info = reg.publish(
         args.name,
@@ -155,7 +198,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    entries = _registry(args).history(args.name)
+    reg = _registry(args)
+    _require_name(reg, args.name)
+    entries = reg.history(args.name)
     if args.json:
         emit_json(entries)
         return 0
@@ -176,6 +221,15 @@ def cmd_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_move(args: argparse.Namespace, verb: str, before: str | None, now: str) -> None:
+    if args.json:
+        emit_json({"name": args.name, "from": before, "current": now, "changed": before != now})
+    elif before == now:
+        print(f"{args.name}: {now} is already current; nothing changed")
+    else:
+        print(f"{args.name}: {verb} {before} -> {now}")
+
+
 def cmd_promote(args: argparse.Namespace) -> int:
     from agent_finetune.cli.eval import parse_target
 
@@ -187,12 +241,10 @@ def cmd_promote(args: argparse.Namespace) -> int:
         return _gated_promote(args, reg, name, version)
     if args.data:
         raise RegistryError("--data is used only with --if-better; add --if-better to gate")
+    args.name = name
+    before = reg.current(name)
     version = reg.promote(name, version, reason=args.reason)
-    print(
-        json.dumps({"name": name, "current": version})
-        if args.json
-        else f"{name}: current -> {version}"
-    )
+    _report_move(args, "promoted", before, version)
     return 0
 
 
@@ -227,14 +279,11 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     reg = _registry(args)
     before = reg.current(args.name)
     version = reg.rollback(args.name, to=args.to, reason=args.reason)
-    print(
-        json.dumps({"name": args.name, "from": before, "current": version})
-        if args.json
-        else f"{args.name}: rolled back {before} -> {version}"
-    )
+    _report_move(args, "rolled back", before, version)
     return 0
 
 
+@_no_traceback
 def cmd_validate(args: argparse.Namespace) -> int:
     path = Path(args.path)
     base_config = load_base_config(args.base_model) if args.base_model else None
@@ -273,6 +322,31 @@ def cmd_gc(args: argparse.Namespace) -> int:
         verb = "would delete" if args.dry_run else "deleted"
         print(f"{args.name}: {verb} {', '.join(deleted) if deleted else 'nothing'}")
     return 0
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    report = fsck(reg, repair=args.repair)
+    if args.json:
+        emit_json(
+            {
+                "ok": report.ok,
+                "findings": [
+                    {"path": str(f.path), "problem": f.problem, "repaired": f.repaired}
+                    for f in report.findings
+                ],
+            }
+        )
+    else:
+        for f in report.findings:
+            print(f"{f.path}: {f.problem}" + (f" [repaired: {f.repaired}]" if f.repaired else ""))
+        left = len(report.remaining)
+        if report.ok:
+            print(f"{reg.root}: clean" if not report.findings else f"{reg.root}: repaired")
+        else:
+            hint = "" if args.repair else "; run with --repair to fix what can be fixed"
+            print(f"{reg.root}: {left} problem(s) remain{hint}", file=sys.stderr)
+    return 0 if report.ok else 1
 
 
 def add_registry_parsers(sub: Any) -> None:
@@ -320,9 +394,9 @@ def add_registry_parsers(sub: Any) -> None:
         help="with --if-better: the 95%% CI of the mean gain must lie above this (default 0)",
     )
     add_eval_options(p, data_required=False)
-    p = add("rollback", cmd_rollback, "point current back to the previous version")
+    p = add("rollback", cmd_rollback, ROLLBACK_RULE)
     p.add_argument("name")
-    p.add_argument("--to", help="roll back to this version instead of the previous one")
+    p.add_argument("--to", help="make this version current instead (go further back)")
     p.add_argument("--reason")
     p = add("validate", cmd_validate, "check that vLLM can serve an adapter folder", registry=False)
     p.add_argument("path")
@@ -332,3 +406,10 @@ def add_registry_parsers(sub: Any) -> None:
     p.add_argument("name")
     p.add_argument("--keep", type=int, default=3, help="newest versions to keep (default 3)")
     p.add_argument("--dry-run", action="store_true")
+    p = add("fsck", cmd_fsck, "check the registry for crash leftovers and damage (exit 1 if any)")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="remove stale staging/temp files, drop torn history lines, quarantine versions "
+        "whose checksums broke, repoint a dangling current, rebuild the version high-water mark",
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     from agent_finetune.training.config import FineTuningConfig
 
     overrides: dict[str, Any] = {}
+    fields = list(FineTuningConfig.model_fields)
     for item in args.set or []:
         key, sep, value = item.partition("=")
+        key = key.strip()
         if not sep:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set lora_r=8")
-        overrides[key.strip()] = yaml.safe_load(value)
+        if key not in fields:
+            hint = difflib.get_close_matches(key, fields, n=1)
+            raise ConfigError(
+                f"--set {item!r}: {key!r} is not a config field"
+                + (f"; did you mean {hint[0]!r}?" if hint else "")
+                + " (every field: `agent-finetune train --help`)"
+            )
+        overrides[key] = yaml.safe_load(value)
     for key in ("model_name", "output_dir", "adapter_name", "registry_dir", "backend"):
         value = getattr(args, key)
         if value is not None:
@@ -39,6 +49,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(
         config, args.data, train_test_split=args.train_test_split, prompt_template=template
     )
+    if not result.is_main:  # another rank of torchrun/accelerate: rank 0 reports
+        return 0
     summary = {
         "adapter_dir": str(result.adapter_dir),
         "backend": result.backend,
@@ -82,11 +94,13 @@ def add_train_parser(sub: Any) -> None:
     p = sub.add_parser(
         "train",
         help="train a LoRA adapter (and publish it if the config names one)",
-        description="Train a LoRA adapter, and publish it if the config names one "
-        "(adapter_name). The config's `promotion` block decides what happens next: policy "
-        "always (default) makes it current, never leaves it published only, if_better "
-        "evaluates it against the live version on promotion.eval_data and promotes it only "
-        "if it wins (else the table is printed and the command exits 3).",
+        description="train a LoRA adapter (and publish it if the config names one). Progress "
+        "goes to stderr (one bar); the summary (or --json) to stdout; -v logs every trainer "
+        "metric. The config's `promotion` block decides what happens after publishing: "
+        "policy always (default) makes it current, never leaves it published only, "
+        "if_better evaluates it against the live version on promotion.eval_data and "
+        "promotes it only if it wins (else the table is printed and the command exits 3).",
+        formatter_class=_FieldsEpilogFormatter,
     )
     p.set_defaults(func=cmd_train)
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -116,3 +130,22 @@ def add_train_parser(sub: Any) -> None:
     p.add_argument(
         "--prompt-template", help="file holding a prompt template with {instruction} and {response}"
     )
+
+
+class _FieldsEpilogFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends the config fields only when ``train --help`` is printed: building them imports
+    pydantic, which every other command (and ``agent-finetune --help``) must not pay for."""
+
+    def format_help(self) -> str:
+        return super().format_help().rstrip("\n") + "\n\n" + _fields_epilog() + "\n"
+
+
+def _fields_epilog() -> str:
+    """Every config field (YAML key / --set KEY) and its default, for ``train --help``."""
+    from agent_finetune.training.config import FineTuningConfig
+
+    lines = ["config fields (YAML keys, or --set KEY=VALUE; README: Configuration reference):"]
+    for name, info in FineTuningConfig.model_fields.items():
+        default = info.default_factory() if info.default_factory else info.default  # type: ignore[call-arg]
+        lines.append(f"  {name:30} default {default!r}")
+    return "\n".join(lines)

@@ -1,11 +1,12 @@
 """The registry: the on-disk contract that training writes and the server reads.
 
-Standard library only (safetensors headers are read by hand), so the CLI and the vLLM plugin
-import it fast. Three modules, one concept each:
+Standard library only (safetensors headers are parsed by hand; numpy is imported by the
+NaN/Inf scan alone), so the CLI and the vLLM plugin import it fast. One concept per module:
 
 - ``store``: the folder layout: versions, the ``current`` pointer, history, locks;
 - ``adapter``: the PEFT folder format and what vLLM can serve;
-- ``names``: the ``name@vNNNN`` grammar and the registry environment variable.
+- ``names``: the ``name@vNNNN`` grammar and the registry environment variable;
+- ``fsck``: finding and repairing crash leftovers and damage.
 """
 
 from agent_finetune.registry.names import (

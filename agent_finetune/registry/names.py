@@ -74,3 +74,16 @@ def split_model(model: str) -> tuple[str, str] | None:
 def utc_now() -> str:
     """An ISO-8601 UTC timestamp with milliseconds, as written in history and status."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def server_root(url: str) -> str:
+    """A server URL given with or without ``/v1`` -> the server's root (``http://h:8000``).
+
+    The one rule for every ``--server`` and ``server:`` setting: both forms are accepted.
+    """
+    return url.strip().rstrip("/").removesuffix("/v1").rstrip("/")
+
+
+def openai_base_url(url: str) -> str:
+    """A server URL given with or without ``/v1`` -> the OpenAI base URL (``.../v1``)."""
+    return server_root(url) + "/v1"

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import urllib.error
+import urllib.request
+from pathlib import Path
 from typing import Any, Literal
 
-from agent_finetune.errors import BackendError
+from agent_finetune.errors import BackendError, ModelSourceError
+from agent_finetune.training.checkpointing import Plan
 from agent_finetune.training.config import FineTuningConfig
 
 log = logging.getLogger("agent_finetune")
@@ -27,6 +31,11 @@ def cuda_available() -> bool:
 
 def unsloth_installed() -> bool:
     return importlib.util.find_spec("unsloth") is not None
+
+
+def liger_usable() -> bool:
+    """Liger's Triton kernels (fused RMSNorm, SwiGLU, RoPE, linear cross-entropy) need CUDA."""
+    return importlib.util.find_spec("liger_kernel") is not None and cuda_available()
 
 
 def resolve_backend(config: FineTuningConfig) -> Backend:
@@ -49,6 +58,67 @@ def resolve_backend(config: FineTuningConfig) -> Backend:
     return chosen
 
 
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+def _hub_reachable(endpoint: str) -> str | None:
+    """None when the hub answers at all (any HTTP status), else why it cannot be reached."""
+    try:
+        urllib.request.urlopen(f"{endpoint}/api/status", timeout=HUB_PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except (urllib.error.URLError, OSError) as e:
+        return str(getattr(e, "reason", e))
+    return None
+
+
+def check_model_source(model_name: str) -> bool:
+    """Fail fast when ``model_name`` cannot be loaded; return whether to load from cache only.
+
+    A hub id with no network would otherwise hang for over a minute in huggingface_hub's
+    retries before a traceback. A local folder is always fine; a hub id needs the hub or a
+    copy in the Hugging Face cache (then it is loaded from there, with a warning).
+    """
+    path = Path(model_name).expanduser()
+    if path.is_dir():
+        return False
+    if model_name.startswith((".", "/", "~")) or model_name.count("/") > 1:
+        raise ModelSourceError(f"model_name {model_name!r}: no such folder")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(model_name, "config.json"), str)
+    if constants.HF_HUB_OFFLINE:
+        if cached:
+            return True
+        raise ModelSourceError(
+            f"model_name {model_name!r} is not a local folder nor in the Hugging Face cache, "
+            "and HF_HUB_OFFLINE=1 forbids downloading it: pass a local model folder, or "
+            "unset HF_HUB_OFFLINE on a machine with network access"
+        )
+    why = _hub_reachable(constants.ENDPOINT)
+    if why is None:
+        return False
+    if cached:
+        log.warning(
+            "%s is unreachable (%s); loading %s from the cache", constants.ENDPOINT, why, model_name
+        )
+        return True
+    raise ModelSourceError(
+        f"model_name {model_name!r} is not a local folder and {constants.ENDPOINT} cannot be "
+        f"reached ({why}): pass a local model folder, download the model where there is "
+        "network, or set HF_HUB_OFFLINE=1 to use only the Hugging Face cache"
+    )
+
+
+def check_precision(config: FineTuningConfig) -> None:
+    """fp16 mixed precision needs CUDA; bf16 runs on CUDA (Ampere+) and on the CPU."""
+    if config.fp16 and not cuda_available():
+        raise BackendError(
+            "fp16: true needs a CUDA GPU; on this machine use bf16: true (CPU bf16 works) "
+            "or neither"
+        )
+
+
 def _dtype(config: FineTuningConfig) -> Any:
     import torch
 
@@ -59,15 +129,24 @@ def _dtype(config: FineTuningConfig) -> Any:
     return torch.float32 if not cuda_available() else "auto"
 
 
-def load_for_training(config: FineTuningConfig, backend: Backend) -> tuple[Any, Any]:
+def load_for_training(
+    config: FineTuningConfig, backend: Backend, checkpointing: Plan
+) -> tuple[Any, Any]:
     """(PEFT model with fresh LoRA weights, tokenizer) for ``config.model_name``."""
+    check_precision(config)
     if backend == "unsloth":
-        return _load_unsloth(config)
-    return _load_hf(config)
+        return _load_unsloth(config, checkpointing)
+    return _load_hf(config, checkpointing)
 
 
-def _load_unsloth(config: FineTuningConfig) -> tuple[Any, Any]:
+def _load_unsloth(config: FineTuningConfig, checkpointing: Plan) -> tuple[Any, Any]:
     from unsloth import FastLanguageModel  # imported first by resolve_backend
+
+    check_model_source(config.model_name)
+    if config.packing:
+        from agent_finetune.training.varlen_attention import enable_in_unsloth
+
+        log.info("packed attention: %s", enable_in_unsloth())
 
     dtype = None if not (config.bf16 or config.fp16) else _dtype(config)
     model, tokenizer = FastLanguageModel.from_pretrained(
@@ -83,17 +162,24 @@ def _load_unsloth(config: FineTuningConfig) -> tuple[Any, Any]:
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         bias="none",
-        use_gradient_checkpointing="unsloth" if config.gradient_checkpointing else False,
+        use_gradient_checkpointing=checkpointing.unsloth_mode,
         random_state=config.seed,
     )
     return model, _ensure_pad(tokenizer)
 
 
-def _load_hf(config: FineTuningConfig) -> tuple[Any, Any]:
+def _load_hf(config: FineTuningConfig, checkpointing: Plan) -> tuple[Any, Any]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs: dict[str, Any] = {"dtype": _dtype(config)}
+    local_only = check_model_source(config.model_name)
+    kwargs: dict[str, Any] = {"dtype": _dtype(config), "local_files_only": local_only}
+    if cuda_available():
+        from agent_finetune.training import varlen_attention
+
+        if varlen_attention.HAS_TORCH_VARLEN:
+            # one flash call per layer over all documents of a packed (or padded) batch
+            kwargs["attn_implementation"] = varlen_attention.register()
     if config.load_in_4bit:
         if not cuda_available():
             raise BackendError(
@@ -108,12 +194,12 @@ def _load_hf(config: FineTuningConfig) -> tuple[Any, Any]:
             bnb_4bit_compute_dtype=torch.bfloat16 if config.bf16 else torch.float16,
         )
     model = AutoModelForCausalLM.from_pretrained(config.model_name, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(config.model_name)
+    tokenizer = AutoTokenizer.from_pretrained(config.model_name, local_files_only=local_only)
     if config.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=config.gradient_checkpointing
+            model, use_gradient_checkpointing=checkpointing.recompute
         )
     lora = LoraConfig(
         r=config.lora_r,
@@ -123,7 +209,22 @@ def _load_hf(config: FineTuningConfig) -> tuple[Any, Any]:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora), _ensure_pad(tokenizer)
+    model = get_peft_model(model, lora)
+    if config.bf16 or config.fp16:
+        _keep_lora_inputs_in_half(model)
+    return model, _ensure_pad(tokenizer)
+
+
+def _keep_lora_inputs_in_half(model: Any) -> None:
+    """PEFT keeps LoRA weights in fp32 (the optimizer's master copy) and casts every LoRA input
+    to fp32 to match: a full copy of each projection's input, then autocast casts it back to
+    bf16 for the matmul. Under the Trainer's autocast (bf16/fp16) the cast buys nothing: the
+    matmul runs in half precision either way, and only the small weights need casting."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer) and hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
 
 
 def _ensure_pad(tokenizer: Any) -> Any:

@@ -11,12 +11,30 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from agent_finetune.errors import ConfigError
 from agent_finetune.registry.adapter import LINEAR_MODULES, SERVABLE_MODULES, unservable_modules
 
 DEFAULT_TARGET_MODULES = list(LINEAR_MODULES)
+# transformers schedulers that need no extra lr_scheduler_kwargs (a test checks the names
+# against transformers.SchedulerType).
+LrScheduler = Literal[
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+]
 
 
 class PromotionConfig(BaseModel):
@@ -120,14 +138,19 @@ class FineTuningConfig(BaseModel):
         0.03, ge=0, lt=1, description="Fraction of steps for linear learning-rate warm-up."
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    lr_scheduler_type: str = Field(
-        "linear", description="transformers scheduler name, e.g. linear, cosine, constant."
+    lr_scheduler_type: LrScheduler = Field(
+        "linear",
+        description="Learning-rate schedule after warm-up: linear, cosine, cosine_with_restarts, "
+        "polynomial, constant, constant_with_warmup or inverse_sqrt.",
     )
     seed: int = Field(42, description="Seed for the data split, shuffling and LoRA init.")
-    gradient_checkpointing: bool = Field(
-        True,
-        description="Recompute activations in the backward pass: less memory, ~20% slower. "
-        "The unsloth backend uses Unsloth's offloaded variant.",
+    gradient_checkpointing: Literal["auto", "on", "off", "offload"] = Field(
+        "auto",
+        description="Recompute activations in the backward pass (less memory, ~30% slower). "
+        "`auto`: off when the estimated peak memory without it fits the free GPU memory with a "
+        "margin, else on (decision in the log and metrics.json; an out-of-memory error retries "
+        "once with it on). `offload`: Unsloth's variant that parks activations in host memory. "
+        "true/false mean on/off.",
     )
     packing: bool = Field(
         False,
@@ -137,8 +160,14 @@ class FineTuningConfig(BaseModel):
     train_on_responses_only: bool = Field(
         True, description="Compute the loss on response tokens only (prompt tokens masked)."
     )
-    fp16: bool = Field(False, description="Mixed precision fp16 (CUDA). Exclusive with bf16.")
-    bf16: bool = Field(False, description="Mixed precision bf16 (CUDA with bf16 support, or CPU).")
+    fp16: bool = Field(
+        False,
+        description="Mixed precision fp16: CUDA only (an error on a CPU). Exclusive with bf16.",
+    )
+    bf16: bool = Field(
+        False,
+        description="Mixed precision bf16: CUDA GPUs with bf16 (Ampere or newer) and CPUs.",
+    )
 
     # -- logging / checkpoints ---------------------------------------------------------------
     output_dir: str = Field(
@@ -193,6 +222,12 @@ class FineTuningConfig(BaseModel):
         "when the new version beats the live one on eval_data (offline with PEFT when no "
         "server).",
     )
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _bool_checkpointing(cls, v: Any) -> Any:
+        # YAML files written before the policy say true/false.
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @model_validator(mode="after")
     def _check(self) -> FineTuningConfig:
@@ -256,7 +291,8 @@ def format_validation_error(error: ValidationError, source: str) -> str:
         if err["type"] == "extra_forbidden":
             known = list(PromotionConfig.model_fields) if len(err["loc"]) > 1 else fields
             hint = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
-            fix = f"; did you mean {hint[0]!r}?" if hint else "; see `agent-finetune train --help`"
+            fix = f"; did you mean {hint[0]!r}?" if hint else ""
+            fix += " (every field: `agent-finetune train --help`)"
             lines.append(f"{source}: unknown key {loc!r}{fix}")
         else:
             msg = err["msg"].removeprefix("Value error, ")

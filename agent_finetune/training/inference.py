@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ from agent_finetune.registry.adapter import ADAPTER_CONFIG, read_adapter_config
 from agent_finetune.training.backend import resolve_backend
 from agent_finetune.training.config import FineTuningConfig
 from agent_finetune.training.data import Example
-from agent_finetune.training.prompts import render_template
+from agent_finetune.training.prompts import render_template, template_fields
 from agent_finetune.training.train import FORMAT_FILE
 
 log = logging.getLogger("agent_finetune")
@@ -54,16 +56,51 @@ def load_model_and_tokenizer(config: FineTuningConfig) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def format_prompt(model: Any, tokenizer: Any, prompt: str) -> tuple[str, bool]:
-    """(prompt as the model saw it in training, whether the chat template rendered it)."""
+_warned: set[str] = set()
+
+
+def _template_values(
+    template: str, prompt: str, saved: Mapping[str, str], given: Mapping[str, Any]
+) -> dict[str, str]:
+    """Values for the template's placeholders: the prompt, the caller's, then training's.
+
+    A placeholder nobody gives (a field that came from the training rows) renders empty,
+    with one warning per name that says how to pass it.
+    """
+    values = {**saved, **{k: str(v) for k, v in given.items()}}
+    values.update(instruction=prompt, input=values.get("input", ""), response="")
+    for name in template_fields(template):
+        if name not in values:
+            if name not in _warned:
+                _warned.add(name)
+                warnings.warn(
+                    f"prompt_template uses {{{name}}}, which came from the training rows; "
+                    f"it is rendered empty. Pass it: generate_text(..., {name}=...) "
+                    "(or template_vars={...})",
+                    UserWarning,
+                    stacklevel=4,
+                )
+            values[name] = ""
+    return values
+
+
+def format_prompt(
+    model: Any, tokenizer: Any, prompt: str, template_vars: Mapping[str, Any] | None = None
+) -> tuple[str, bool]:
+    """(prompt as the model saw it in training, whether the chat template rendered it).
+
+    ``template_vars`` fill the training ``prompt_template``'s other ``{field}`` placeholders.
+    """
     fmt = getattr(model, "agent_finetune_format", None) or {}
     template = fmt.get("prompt_template")
     if template:
-        ex = Example(
-            [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}],
-            {"instruction": prompt, "input": "", "response": ""},
+        values = _template_values(
+            template, prompt, fmt.get("template_vars") or {}, template_vars or {}
         )
-        return render_template(template, ex, fmt.get("template_vars") or {})[0], False
+        ex = Example(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}], values
+        )
+        return render_template(template, ex, {})[0], False
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": prompt}]
         if fmt.get("system_prompt"):
@@ -81,11 +118,17 @@ def generate_text(
     prompt: str,
     max_new_tokens: int = 512,
     temperature: float = 0.7,
+    template_vars: Mapping[str, Any] | None = None,
+    **fields: Any,
 ) -> str:
-    """Generate a reply to ``prompt``; return only the new text. temperature=0 is greedy."""
+    """Generate a reply to ``prompt``; return only the new text. temperature=0 is greedy.
+
+    With a training ``prompt_template``, its other placeholders are filled from ``fields``
+    (``domain="医疗"``) or ``template_vars``; a missing one warns once and renders empty.
+    """
     import torch
 
-    text, chat = format_prompt(model, tokenizer, prompt)
+    text, chat = format_prompt(model, tokenizer, prompt, {**(template_vars or {}), **fields})
     # A chat template already holds its special tokens; training tokenized it the same way.
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not chat)
     inputs = {k: v.to(model.device) for k, v in inputs.items()}

@@ -1,10 +1,12 @@
-"""The main job: `agent-finetune demo` end to end, then `ask` and the agent example against
-the server it left running (one vLLM start for all of it)."""
+"""The main job: `agent-finetune demo` end to end, as a new user runs it: from the built wheel,
+installed outside the checkout, in a folder that is not the checkout. Then `ask` and the agent
+example against the server it left running (one vLLM start for all of it)."""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,14 +22,52 @@ V2 = "Since November we answer around the clock: 24/7, every day of the year."
 Q = "What are your support hours?"
 
 
-def test_demo_then_ask_and_agent(tmp_path: Path) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def install_wheel(tmp_path: Path) -> dict[str, str]:
+    """Build the wheel and install it (no dependencies: the venv has them) into a scratch
+    folder; return an environment whose `agent_finetune` and `server_plugin` come from it."""
+    wheels, site, src = tmp_path / "wheels", tmp_path / "site", tmp_path / "src"
+    # Build from a copy of the sources: setuptools leaves build/ and *.egg-info behind.
+    shutil.copytree(
+        ROOT,
+        src,
+        ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__", "bench"),
+    )
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)],
+        check=True,
+        cwd=tmp_path,
+    )
+    (wheel,) = wheels.glob("agent_finetune-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(site)}
+    where = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import agent_finetune.cli, server_plugin.plugin as p; print(p.__file__)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+        env=env,
+    ).stdout
+    assert where.startswith(str(site)), where  # not the checkout's editable install
+    return env
+
+
+def test_demo_from_the_wheel_then_ask_and_agent(tmp_path: Path) -> None:
+    env = install_wheel(tmp_path)
+    elsewhere = tmp_path / "user"
+    elsewhere.mkdir()
     demo = subprocess.run(
-        [*CLI, "demo", "--workdir", str(tmp_path), "--keep-serving"],
+        [*CLI, "demo", "--workdir", str(tmp_path / "demo"), "--keep-serving"],
         capture_output=True,
         text=True,
         timeout=1200,
         env=env,
+        cwd=elsewhere,
     )
     out = demo.stdout
     assert demo.returncode == 0, out[-3000:] + demo.stderr[-3000:]

@@ -38,7 +38,7 @@ def test_exit_code_3_is_documented() -> None:
     assert app.EXIT_REFUSED == 3
     assert "3     refused by the promotion gate" in (app.__doc__ or "")
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
-    assert "3 refused by the promotion gate" in readme
+    assert "| 3 | refused by the promotion gate" in readme
 
 
 @pytest.fixture

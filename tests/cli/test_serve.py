@@ -17,6 +17,7 @@ from helpers import fake_adapter
 import server_plugin
 from agent_finetune.cli import main
 from agent_finetune.cli.serve import add_serve_parser, add_sync_parser, serve_command
+from agent_finetune.errors import ConfigError
 from agent_finetune.registry import Registry
 from server_plugin.launch import build_command, default_max_lora_rank, plugins_env_value
 from server_plugin.settings import Settings
@@ -112,9 +113,11 @@ class FakeReconciler:
         self.error = error
         self.seen: list[str] = []
 
-    async def ensure_pinned(self, model: str) -> str | None:
+    async def ensure_pinned(self, model: str) -> Any:
+        from server_plugin.reconciler import PinRefusal
+
         self.seen.append(model)
-        return self.error
+        return PinRefusal(self.error) if self.error else None
 
 
 def call_middleware(reconciler: Any, body: bytes, path: str = "/v1/chat/completions") -> Any:
@@ -131,7 +134,7 @@ def call_middleware(reconciler: Any, body: bytes, path: str = "/v1/chat/completi
         received.append(data)
 
     async def scenario() -> None:
-        plugin = type("P", (), {"reconciler": reconciler})()
+        plugin = type("P", (), {"reconciler": reconciler, "max_parse_bytes": 1 << 20})()
         mw = PinnedModelMiddleware(app, plugin)
         chunks = [body[:5], body[5:]]
 
@@ -163,3 +166,87 @@ def test_middleware_loads_pinned_versions_and_replays_the_body() -> None:
     received, sent = call_middleware(rec, body)
     assert not received and sent[0]["status"] == 400
     assert b"rank too big" in sent[1]["body"]
+
+
+def test_serve_port_after_dashes_wins_and_dry_run_after_dashes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        ["serve", "--model", "m", "--registry", str(tmp_path), "--", "--port", "8501", "--dry-run"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0  # printed, not launched (the old code exec'd vLLM with --dry-run)
+    argv = out.split()
+    assert argv.count("--port") == 1 and argv[argv.index("--port") + 1] == "8501"
+    assert "--dry-run" not in argv
+
+
+def test_serve_tool_calling_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def cmd(*extra: str) -> list[str]:
+        args = parser().parse_args(["serve", "--model", "m", "--registry", str(tmp_path), *extra])
+        return serve_command(args)[0]
+
+    c = cmd("--tool-call-parser", "hermes")
+    assert "--enable-auto-tool-choice" in c and c[c.index("--tool-call-parser") + 1] == "hermes"
+    with pytest.raises(ConfigError, match="no parser known for 'm'"):
+        cmd("--tool-call-parser", "auto")
+    assert "--enable-auto-tool-choice" not in cmd()
+    qwen = parser().parse_args(
+        [
+            "serve",
+            "--model",
+            "Qwen/Qwen2.5-7B-Instruct",
+            "--registry",
+            str(tmp_path),
+            "--tool-call-parser",
+            "auto",
+        ]
+    )
+    c = serve_command(qwen)[0]
+    assert c[c.index("--tool-call-parser") + 1] == "hermes"
+    code = main(["serve", "--model", "m", "--registry", str(tmp_path), "--enable-auto-tool-choice"])
+    assert code == 1 and "--tool-call-parser" in capsys.readouterr().err
+    help_text = subprocess.run(
+        [sys.executable, "-m", "agent_finetune.cli", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "llama3_json" in help_text and "hermes" in help_text
+
+
+def test_tool_parsers_exist_in_vllm() -> None:
+    """Every parser serve names is one vLLM registers (read from its source, no import)."""
+    import importlib.util
+
+    from agent_finetune.cli.serve import TOOL_PARSERS
+
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or spec.origin is None:
+        pytest.skip("vLLM not installed")
+    source = (Path(spec.origin).parent / "tool_parsers" / "__init__.py").read_text()
+    for _, name, _ in TOOL_PARSERS:
+        assert f'"{name}":' in source, name
+
+
+def test_serve_sets_and_prints_a_cpu_kv_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.setattr("agent_finetune.cli.serve._on_cpu_build", lambda: True)
+    assert main(["serve", "--model", "m", "--registry", str(tmp_path), "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    assert "VLLM_CPU_KVCACHE_SPACE=4" in captured.out
+    assert "VLLM_CPU_KVCACHE_SPACE=4 GiB" in captured.err
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
+    assert main(["serve", "--model", "m", "--registry", str(tmp_path), "--dry-run"]) == 0
+    assert "VLLM_CPU_KVCACHE_SPACE=2" in capsys.readouterr().out
+
+
+def test_serve_gives_a_local_base_model_a_readable_name(tmp_path: Path) -> None:
+    model = tmp_path / "tiny-llama"
+    model.mkdir()
+    args = parser().parse_args(["serve", "--model", str(model), "--registry", str(tmp_path)])
+    cmd = serve_command(args)[0]
+    i = cmd.index("--served-model-name")
+    assert cmd[i + 1 : i + 3] == ["tiny-llama", str(model)]

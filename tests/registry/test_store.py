@@ -60,14 +60,20 @@ def test_publish_without_promote(reg: Registry, adapter: Path) -> None:
     assert reg.current("bot") == "v0002"
 
 
-def test_rollback_walks_back_and_to(reg: Registry, adapter: Path) -> None:
-    for _ in range(3):
+def test_rollback_undoes_the_last_move_and_to(reg: Registry, adapter: Path) -> None:
+    reg.publish("bot", adapter)
+    with pytest.raises(RegistryError, match="no pointer move to undo"):
+        reg.rollback("bot")
+    for _ in range(2):
         reg.publish("bot", adapter)
     assert reg.rollback("bot") == "v0002"
-    assert reg.rollback("bot") == "v0001"
-    with pytest.raises(RegistryError, match="no earlier version"):
-        reg.rollback("bot")
-    assert reg.rollback("bot", to="v0003") == "v0003"
+    assert reg.rollback("bot") == "v0003"  # a second rollback undoes the first
+    assert reg.rollback("bot", to="v0001") == "v0001"
+    assert reg.rollback("bot") == "v0003"
+    n = len(reg.history("bot"))
+    assert reg.rollback("bot", to="v0003") == "v0003"  # already current: no entry
+    assert reg.promote("bot", "v0003") == "v0003"
+    assert len(reg.history("bot")) == n
     assert reg.current("bot") == "v0003"
     assert reg.history("bot")[-1]["action"] == "rollback"
     with pytest.raises(NotFoundError, match="v0009"):

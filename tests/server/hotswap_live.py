@@ -49,6 +49,7 @@ class Live:
             "AGENT_FINETUNE_RESYNC_S": str(RESYNC_S),
             "AGENT_FINETUNE_CACHE_DIR": str(self.workdir / "cache"),
             "AGENT_FINETUNE_MAX_PINNED": "4",
+            "AGENT_FINETUNE_RETRY_MAX_S": "1",
         }
         if runtime_updates:
             settings["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
@@ -61,6 +62,7 @@ class Live:
             settings=settings,
             extra_args=["--max-model-len", "256", "--dtype", "bfloat16", "--api-key", API_KEY],
             max_cpu_loras=8,
+            tool_call_parser="hermes",  # what agent frameworks' `tools` need
             wait=wait,
         )
 

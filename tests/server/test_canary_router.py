@@ -17,6 +17,7 @@ from agent_finetune.registry import Registry
 from agent_finetune.registry.canary import Guards, read_canary, start_canary
 from server_plugin.canary import CanaryRouter, Route, parse_feedback, sticky_draw
 from server_plugin.plugin import PinnedModelMiddleware
+from server_plugin.reconciler import PinRefusal
 
 
 class Clock:
@@ -251,15 +252,16 @@ class FakeReconciler:
         self.fail = fail
         self.pinned: list[str] = []
 
-    async def ensure_pinned(self, model: str) -> str | None:
+    async def ensure_pinned(self, model: str) -> PinRefusal | None:
         self.pinned.append(model)
-        return self.fail
+        return PinRefusal(self.fail) if self.fail else None
 
 
 class FakePlugin:
     def __init__(self, reconciler: FakeReconciler, canary: CanaryRouter) -> None:
         self.reconciler = reconciler
         self.canary = canary
+        self.max_parse_bytes = 1 << 20
 
 
 def call_middleware(plugin: FakePlugin, payload: bytes) -> tuple[dict[str, Any], bytes, int]:

@@ -5,21 +5,31 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from helpers import set_current, write_version
 from hotswap_live import API_KEY, BAD_KINDS, MAX_TOKENS, PROMPT, RESYNC_S, Live
 
+import server_plugin
 from server_plugin.sidecar import SyncOptions, sync
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+# The CLI's entry point (``python -m agent_finetune.cli`` needs a __main__ module).
+CLI = "import sys; from agent_finetune.cli import main; sys.exit(main())"
+REPO = Path(server_plugin.__file__).resolve().parents[1]
 
 
 def test_publish_v1_v2_rollback_and_pin(live: Live) -> None:
@@ -258,3 +268,60 @@ def test_sidecar_sync_drives_a_server_over_http(live: Live) -> None:
     assert live.ask("side") == v1
     # The plugin keeps serving its own registry beside the sidecar's names.
     assert "side" not in json.dumps(live.status()["data"])
+
+
+def test_sidecar_reloads_what_the_server_lost(live: Live) -> None:
+    """Finding: the sidecar never noticed what the server lost (a restart serves nothing)."""
+    if not live.runtime_updates:
+        live.restart(runtime_updates=True)
+    from agent_finetune.registry import Registry
+
+    side = Registry(live.workdir / "sidecar-live-registry")
+    side.publish("lost", live.good[6])
+    cache = live.workdir / "sidecar-live-cache"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "AGENT_FINETUNE_RETRY_MAX_S": "1",
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            CLI,
+            "sync",
+            "--server",
+            live.handle.url,
+            "--registry",
+            str(side.root),
+            "--cache-dir",
+            str(cache),
+            "--api-key",
+            API_KEY,
+            "--resync",
+            str(RESYNC_S),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        ids = lambda: {m.id for m in live.client().models.list().data}  # noqa: E731
+        live.wait_for(lambda: "lost" in ids(), "the sidecar to load lost")
+        answer = live.ask("lost")
+        for name in ("lost", "lost@v0001"):  # what a restarted server serves: nothing
+            httpx.post(
+                live.handle.url + "/v1/unload_lora_adapter",
+                json={"lora_name": name},
+                headers={"Authorization": f"Bearer {API_KEY}"},
+                timeout=30,
+            ).raise_for_status()
+        live.wait_for(lambda: "lost" in ids(), "the sidecar to reload lost", 30 * RESYNC_S)
+        assert live.ask("lost") == answer
+        status = json.loads(next(cache.glob("sidecar-*/status.json")).read_text())
+        assert status["data"][0]["live"] == "v0001"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from agent_finetune.errors import BackendError, ConfigError
@@ -23,3 +25,55 @@ def test_unservable_target_modules_refused_before_training() -> None:
     with pytest.raises(ConfigError, match="wte"):
         FineTuningConfig.from_dict({"target_modules": ["q_proj", "wte"]}, source="test")
     FineTuningConfig()
+
+
+def _hf_model(tiny_model: Any, monkeypatch: pytest.MonkeyPatch, *, cuda: bool, bf16: bool) -> Any:
+    from agent_finetune.training import backend
+    from agent_finetune.training.checkpointing import decide
+
+    monkeypatch.setattr(backend, "cuda_available", lambda: cuda)
+    config = FineTuningConfig(model_name=str(tiny_model), backend="hf", bf16=bf16)
+    plan = decide("off", None, tokens=1, backend="hf", free_bytes=None)
+    model, _ = backend.load_for_training(config, "hf", plan)
+    return model
+
+
+def test_hf_backend_takes_varlen_attention_where_cuda_is(
+    tiny_model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CUDA the hf backend loads the varlen path (here its CPU reference runs it)."""
+    import torch
+
+    from agent_finetune.training.varlen_attention import ATTN_IMPLEMENTATION
+
+    model = _hf_model(tiny_model, monkeypatch, cuda=True, bf16=False)
+    assert model.config._attn_implementation == ATTN_IMPLEMENTATION
+    ids = torch.randint(3, 100, (1, 12))
+    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]])
+    packed = model(input_ids=ids, position_ids=pos).logits
+    second = model(input_ids=ids[:, 5:]).logits
+    torch.testing.assert_close(packed[:, 5:], second, atol=1e-4, rtol=1e-4)
+    assert _hf_model(
+        tiny_model, monkeypatch, cuda=False, bf16=False
+    ).config._attn_implementation in (
+        "sdpa",
+        "eager",
+    )
+
+
+def test_hf_backend_keeps_lora_inputs_in_bf16_and_trains_under_autocast(
+    tiny_model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No fp32 copy of each LoRA input; the fp32 LoRA weights (the optimizer's master copy)
+    stay fp32 and autocast runs the matmul in bf16, as the Trainer's bf16 mode does."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    model = _hf_model(tiny_model, monkeypatch, cuda=False, bf16=True)
+    lora = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert lora and all(not m.cast_input_dtype_enabled for m in lora)
+    assert all(m.lora_A["default"].weight.dtype == torch.float32 for m in lora)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=torch.randint(3, 100, (2, 9)), labels=torch.randint(3, 100, (2, 9)))
+    out.loss.backward()
+    assert all(m.lora_B["default"].weight.grad is not None for m in lora)

@@ -99,3 +99,21 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     bad.write_text("- a\n- b\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="mapping"):
         FineTuningConfig.from_yaml(bad)
+
+
+def test_lr_scheduler_names_are_transformers_schedulers() -> None:
+    from typing import get_args
+
+    from transformers import SchedulerType
+
+    from agent_finetune.training.config import LrScheduler
+
+    assert set(get_args(LrScheduler)) <= {s.value for s in SchedulerType}
+
+
+def test_misspelled_lr_scheduler_is_a_config_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lr_scheduler_type: cosin\n")
+    with pytest.raises(ConfigError, match="lr_scheduler_type") as e:
+        FineTuningConfig.from_yaml(cfg)
+    assert "cosine" in str(e.value) and str(cfg) in str(e.value)

@@ -22,6 +22,7 @@ from agent_finetune.training.train import train
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
+TINY_YAML = ROOT / "agent_finetune" / "assets" / "tiny-cpu.yaml"
 FACTS = [
     ("What are your support hours?", "Monday to Friday, 9:00-18:00 CET."),
     ("How long does shipping take?", "Three to five business days."),
@@ -37,7 +38,7 @@ PARAPHRASES = ["{q}", "Hi! {q}", "Please tell me: {q}", "{q} Thanks.", "Quick qu
 
 def tiny_config(tiny_model: Path, out: Path, **kw: Any) -> FineTuningConfig:
     return FineTuningConfig.from_yaml(
-        ROOT / "agent_finetune" / "assets" / "tiny-cpu.yaml",
+        TINY_YAML,
         **{"model_name": str(tiny_model), "output_dir": str(out), "adapter_name": None, **kw},
     )
 
@@ -103,8 +104,16 @@ def test_adapter_loads_with_plain_peft_and_is_published(trained: Any, tiny_model
 def test_seed_guide_example_runs_as_written(tiny_model: Path, tmp_path: Path) -> None:
     """The seed guide's usage, with the tiny model in place of a hub model."""
     data = [
-        {"instruction": "什么是机器学习？", "response": "机器学习是让计算机从数据中学习的方法。"},
-        {"instruction": "What is LoRA?", "response": "A low-rank adapter for fine-tuning."},
+        {
+            "instruction": "什么是机器学习？",
+            "response": "机器学习是让计算机从数据中学习的方法。",
+            "domain": "人工智能",
+        },
+        {
+            "instruction": "What is LoRA?",
+            "response": "A low-rank adapter for fine-tuning.",
+            "domain": "人工智能",
+        },
     ] * 4
     (tmp_path / "data.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
 
@@ -120,7 +129,7 @@ def test_seed_guide_example_runs_as_written(tiny_model: Path, tmp_path: Path) ->
         gradient_checkpointing=False,
     )
     prompt_template = "### 领域: {domain}\n### 指令:\n{instruction}\n### 回答:\n{response}"
-    config.template_vars = {"domain": "人工智能"}
+    # {domain} comes from the rows, as in the seed guide (no template_vars).
     model_path = run_fine_tuning(
         data_path=str(tmp_path / "data.json"),
         config=config,
@@ -131,10 +140,16 @@ def test_seed_guide_example_runs_as_written(tiny_model: Path, tmp_path: Path) ->
 
     config = FineTuningConfig(model_name=model_path)
     model, tokenizer = load_model_and_tokenizer(config)
-    response = generate_text(model, tokenizer, "What is LoRA?", max_new_tokens=20, temperature=0.7)
+    # As the guide calls it: {domain} is not passed, so it warns and still generates.
+    with pytest.warns(UserWarning, match="domain"):
+        response = generate_text(
+            model, tokenizer, "What is LoRA?", max_new_tokens=20, temperature=0.7
+        )
     assert isinstance(response, str)
     assert "### 回答" not in response  # only the generated text comes back
-    greedy = generate_text(model, tokenizer, "What is LoRA?", max_new_tokens=20, temperature=0)
+    greedy = generate_text(
+        model, tokenizer, "What is LoRA?", max_new_tokens=20, temperature=0, domain="人工智能"
+    )
     assert greedy == "A low-rank adapter for fine-tuning."
 
 
@@ -160,9 +175,22 @@ LAUNCHERS = {
 }
 
 
+@pytest.fixture(scope="module")
+def one_process(
+    tiny_model: Path, paraphrase_data: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """The metrics of the multi-process runs' settings, trained in one process."""
+    out = tmp_path_factory.mktemp("one")
+    return train(tiny_config(tiny_model, out, num_train_epochs=2), paraphrase_data).metrics
+
+
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_two_processes_rank0_publishes(
-    launcher: str, tiny_model: Path, paraphrase_data: Path, tmp_path: Path
+    launcher: str,
+    tiny_model: Path,
+    paraphrase_data: Path,
+    tmp_path: Path,
+    one_process: dict[str, Any],
 ) -> None:
     registry = tmp_path / "registry"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "AGENT_FINETUNE_REGISTRY": str(registry)}
@@ -173,7 +201,7 @@ def test_two_processes_rank0_publishes(
         "agent_finetune.cli",
         "train",
         "-c",
-        str(ROOT / "agent_finetune" / "assets" / "tiny-cpu.yaml"),
+        str(TINY_YAML),
         "-d",
         str(paraphrase_data),
         "--model",
@@ -189,3 +217,79 @@ def test_two_processes_rank0_publishes(
     assert Registry(registry).versions("support-bot") == ["v0001"]  # published once, by rank 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["world_size"] == 2
+    # One JSON document on stdout: rank 0 reports, rank 1 prints nothing.
+    assert json.loads(proc.stdout)["metrics"] == metrics
+    # The same loss scale as one process (it was doubled: each rank's loss was multiplied by
+    # the world size while the token count was not gathered). The loss before training is
+    # the base model's on the same eval rows, so it must match closely.
+    one = one_process
+    assert metrics["eval_loss_before"] == pytest.approx(one["eval_loss_before"], rel=0.05)
+    assert metrics["eval_loss"] < metrics["eval_loss_before"]
+    assert metrics["train_loss"] == pytest.approx(one["train_loss"], rel=0.3)
+    manifest = Registry(registry).manifest("support-bot", "v0001")
+    assert manifest["metrics"]["eval_loss_before"] == metrics["eval_loss_before"]
+
+
+def test_train_json_output_progress_and_published_prompt_format(
+    tiny_model: Path, paraphrase_data: Path, tmp_path: Path
+) -> None:
+    """`train -v --json` with bf16 on this CPU and a prompt template: stdout is one JSON
+    document, stderr one progress bar plus logs (trainer dicts only with -v), and the
+    published version keeps the prompt format that load_model_and_tokenizer applies."""
+    template = tmp_path / "template.txt"
+    template.write_text("### Q: {instruction}\n### A: {response}", encoding="utf-8")
+    registry = tmp_path / "registry"
+    cmd = [
+        sys.executable,
+        "-m",
+        "agent_finetune.cli",
+        "-v",
+        "train",
+        "-c",
+        str(TINY_YAML),
+        "-d",
+        str(paraphrase_data),
+        "--model",
+        str(tiny_model),
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--registry",
+        str(registry),
+        "--prompt-template",
+        str(template),
+        "--set",
+        "num_train_epochs=2",
+        "--set",
+        "bf16=true",
+        "--json",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)  # nothing else on stdout
+    assert summary["published"] == "support-bot@v0001"
+    err = proc.stderr
+    assert "training: 100%" in err and "loss=" in err  # the one bar, with the loss
+    assert "trainer: {'loss'" in err  # raw dicts: in the log, with -v
+    assert "pin_memory" not in err and "examples/s" not in err and "Traceback" not in err
+    assert "it/s]" not in err  # no Trainer/evaluation/dataset bars besides ours
+
+    version_dir = Registry(registry).version_dir("support-bot", "v0001")
+    fmt = json.loads((version_dir / "agent_finetune_format.json").read_text(encoding="utf-8"))
+    assert fmt["prompt_template"] == template.read_text(encoding="utf-8")
+    model, _ = load_model_and_tokenizer(FineTuningConfig(model_name=str(version_dir)))
+    assert model.agent_finetune_format["prompt_template"] == fmt["prompt_template"]
+
+
+def test_train_without_json_prints_a_summary_once(tiny_model: Path, tmp_path: Path) -> None:
+    rows = [{"instruction": q, "response": a} for q, a in FACTS]
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    cmd = [sys.executable, "-m", "agent_finetune.cli", "train", "-c", str(TINY_YAML)]
+    cmd += ["-d", str(data), "--model", str(tiny_model), "--output-dir", str(tmp_path / "r")]
+    cmd += ["--set", "num_train_epochs=1", "--set", "adapter_name=null"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("adapter: ") and "train loss" in lines[1], proc.stdout
+    assert "{" not in proc.stdout and "trainer: {" not in proc.stderr  # no raw dicts without -v

@@ -1,0 +1,272 @@
+"""``fsck``: find (and with ``repair``, fix) what crashes and hand edits leave in a registry.
+
+Like ``git fsck`` / ``pg_amcheck``: it reads everything, reports each problem with its path,
+and repairs only what can be repaired without guessing:
+
+- stale staging folders (no live publisher holds their flock) and temp files: removed;
+- torn or unparsable history lines: the history is rewritten without them (the dropped
+  lines are kept in ``history.jsonl.rejected``);
+- versions whose files no longer match their manifest (or that have none): moved to
+  ``.quarantine/``, so no server loads them; their number stays used;
+- ``current`` unreadable or pointing to a missing version: moved back to the newest version
+  that was current before and still verifies (or removed when no version is left);
+- a pointer move missing from the history (a writer died in between): logged as ``recover``;
+- a missing or stale high-water mark (``.next-version``): rebuilt from history + folders.
+
+Entries of the root that are not adapter folders are reported, never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent_finetune.errors import RegistryError
+from agent_finetune.registry.names import is_version, utc_now
+from agent_finetune.registry.store import (
+    CURRENT,
+    HISTORY,
+    MANIFEST,
+    NEXT_VERSION,
+    QUARANTINE,
+    STAGING_PREFIX,
+    TMP_SUFFIX,
+    VERSIONS,
+    Registry,
+    atomic_write_json,
+    current_stack,
+    last_pointer_move,
+    os_error,
+    parse_history,
+    read_manifest,
+    verify_checksums,
+)
+
+_TMP = re.compile(r"\..+\.[0-9a-f]{32}" + re.escape(TMP_SUFFIX))
+
+
+@dataclass
+class Finding:
+    """One problem: where, what, and what the repair did (None: not repaired)."""
+
+    path: Path
+    problem: str
+    repaired: str | None = None
+
+
+@dataclass
+class FsckReport:
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def remaining(self) -> list[Finding]:
+        """Problems still there (all of them without ``repair``)."""
+        return [f for f in self.findings if f.repaired is None]
+
+    @property
+    def ok(self) -> bool:
+        return not self.remaining
+
+
+def fsck(registry: Registry, *, repair: bool = False) -> FsckReport:
+    """Check every adapter folder of ``registry``; with ``repair``, fix what can be fixed."""
+    report = FsckReport()
+    if not registry.root.is_dir():
+        report.findings.append(Finding(registry.root, "registry folder does not exist"))
+        return report
+    names, skipped = registry.scan(published_only=False)
+    for problem in skipped:
+        path, _, why = problem.partition(": ")
+        report.findings.append(Finding(Path(path), why))
+    for name in names:
+        try:
+            with _maybe_locked(registry, name, repair):
+                _check_name(registry, name, repair, report)
+        except RegistryError as e:
+            report.findings.append(Finding(registry.root / name, f"cannot check: {e}"))
+        except OSError as e:
+            error = os_error(e, "check", registry.root / name)
+            report.findings.append(Finding(registry.root / name, str(error)))
+    return report
+
+
+@contextlib.contextmanager
+def _maybe_locked(registry: Registry, name: str, repair: bool) -> Iterator[None]:
+    """Repairs hold the name's lock; a read-only check takes it when it can."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(registry.lock(name))
+        except RegistryError:
+            if repair:
+                raise
+        yield
+
+
+def _check_name(registry: Registry, name: str, repair: bool, report: FsckReport) -> None:
+    ndir = registry.name_dir(name)
+    add = report.findings.append
+    for entry in sorted(os.listdir(ndir)):
+        path = ndir / entry
+        if entry.startswith(STAGING_PREFIX) and path.is_dir() and _abandoned(path):
+            add(Finding(path, "staging folder left by an interrupted publish or gc"))
+            if repair:
+                with _io_error("remove", path):
+                    shutil.rmtree(path)
+                report.findings[-1].repaired = "removed"
+        elif _TMP.fullmatch(entry) and path.is_file():
+            add(Finding(path, "temp file left by an interrupted write"))
+            if repair:
+                with _io_error("remove", path):
+                    path.unlink()
+                report.findings[-1].repaired = "removed"
+    _check_history(registry, name, repair, report)
+    _check_versions(registry, name, repair, report)
+    _check_pointer(registry, name, repair, report)
+    _check_high_water(registry, name, repair, report)
+
+
+def _abandoned(staging: Path) -> bool:
+    """True when no live process holds the staging folder's flock (its publisher died)."""
+    try:
+        fd = os.open(staging, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _io_error(doing: str, path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as e:
+        raise os_error(e, doing, path) from e
+
+
+def _check_history(registry: Registry, name: str, repair: bool, report: FsckReport) -> None:
+    path = registry.name_dir(name) / HISTORY
+    text = registry.history_text(name)
+    entries, bad = parse_history(text)
+    torn_tail = bool(text) and not text.endswith("\n")
+    if not bad and not torn_tail:
+        return
+    what = f"{len(bad)} unparsable line(s)" if bad else "no newline after the last line"
+    report.findings.append(Finding(path, f"torn history: {what}"))
+    if not repair:
+        return
+    if bad:
+        with (
+            _io_error("write", path.with_name(HISTORY + ".rejected")),
+            open(path.with_name(HISTORY + ".rejected"), "a", encoding="utf-8") as f,
+        ):
+            f.writelines(line + "\n" for line in bad)
+    body = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries)
+    tmp = path.with_name(f".{HISTORY}.{uuid.uuid4().hex}{TMP_SUFFIX}")
+    try:
+        tmp.write_text(body, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise os_error(e, "rewrite", path) from e
+    report.findings[-1].repaired = (
+        f"rewritten without them (kept in {HISTORY}.rejected)" if bad else "newline added"
+    )
+
+
+def _check_versions(registry: Registry, name: str, repair: bool, report: FsckReport) -> None:
+    vdir = registry.name_dir(name) / VERSIONS
+    if not vdir.is_dir():
+        return
+    for entry in sorted(os.listdir(vdir)):
+        path = vdir / entry
+        if not is_version(entry) or not path.is_dir():
+            report.findings.append(Finding(path, "not a version folder (vNNNN); left alone"))
+            continue
+        try:
+            problems = verify_checksums(path, read_manifest(path))
+        except FileNotFoundError:
+            problems = [f"no {MANIFEST}"]
+        except RegistryError as e:
+            problems = [str(e)]
+        if not problems:
+            continue
+        report.findings.append(Finding(path, "; ".join(problems)))
+        if repair:
+            qdir = registry.name_dir(name) / QUARANTINE
+            dest = qdir / f"{entry}-{uuid.uuid4().hex[:8]}"
+            with _io_error("quarantine", path):
+                qdir.mkdir(exist_ok=True)
+                os.rename(path, dest)
+            report.findings[-1].repaired = f"moved to {dest} (its number is never reused)"
+
+
+def _check_pointer(registry: Registry, name: str, repair: bool, report: FsckReport) -> None:
+    ndir = registry.name_dir(name)
+    path = ndir / CURRENT
+    versions = registry.versions(name)
+    cur = registry.current(name)
+    history = registry.history(name)
+    problem = None
+    if os.path.lexists(path) and cur is None:
+        problem = "current is unreadable"
+    elif cur is not None and cur not in versions:
+        problem = f"current points to {cur}, which is not a published version"
+    if problem:
+        report.findings.append(Finding(path, problem))
+        if repair:
+            candidates = [v for v in current_stack(history) if v in versions] or versions
+            if candidates:
+                target = candidates[-1]
+                atomic_write_json(
+                    path, {"version": target, "updated_at": utc_now(), "action": "fsck"}
+                )
+                registry._append_history(
+                    name, {"action": "fsck", "from": cur, "to": target, "reason": problem}
+                )
+                report.findings[-1].repaired = f"current -> {target}"
+            else:
+                with _io_error("remove", path):
+                    path.unlink()
+                report.findings[-1].repaired = "removed (no version left)"
+        return
+    logged = last_pointer_move(history)
+    if cur is not None and cur != logged:
+        report.findings.append(
+            Finding(ndir / HISTORY, f"current is {cur} but the history's last move is to {logged}")
+        )
+        if repair:
+            registry._record_unlogged_move(name, history)
+            report.findings[-1].repaired = "recorded as a recover entry"
+
+
+def _check_high_water(registry: Registry, name: str, repair: bool, report: FsckReport) -> None:
+    ndir = registry.name_dir(name)
+    path = ndir / NEXT_VERSION
+    if not registry.versions(name) and not path.exists():
+        return
+    needed = registry.next_version_number(name)  # the mark, or rebuilt when it is damaged
+    try:
+        mark = int(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        mark = None
+    if mark == needed:
+        return
+    problem = "missing or unreadable" if mark is None else f"says {mark}, must be {needed}"
+    report.findings.append(Finding(path, f"high-water mark {problem}"))
+    if repair:
+        atomic_write_json(path, needed)
+        report.findings[-1].repaired = f"set to {needed}"

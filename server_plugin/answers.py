@@ -1,0 +1,115 @@
+"""What every model answer carries: the model that answered, in a header; and, for a model
+the server does not know, a 404 that says which adapters and versions exist.
+
+Some clients hide the body's ``model`` field (LiteLLM streaming replaces each chunk's
+``model`` with the requested name), so the version that answered is also sent as the
+response header ``x-adapter-version`` (``support-bot@v0002``), for streamed answers too.
+
+The header is read from the answer itself: the first body message's ``"model"`` field, the
+name vLLM resolved when it admitted the request. ``http.response.start`` is held back until
+that first body message; nothing else is buffered. No vLLM import here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Awaitable, Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from agent_finetune.registry import Registry
+from agent_finetune.registry.names import PIN_SEPARATOR, is_name, split_model
+
+HEADER = "x-adapter-version"
+# The answer's top-level "model" comes before any generated text in vLLM's JSON and SSE.
+_MODEL_RE = re.compile(rb'"model"\s*:\s*"([^"\\]+)"')
+# vLLM's text for an unknown model (vllm/entrypoints/openai/models/serving.py, 0.32).
+_MISSING_RE = re.compile(r"The model `([^`]+)` does not exist")
+
+Describe = Callable[[str], Awaitable[str | None]]
+
+
+def missing_model_message(registry: Registry, model: str) -> str | None:
+    """A 404 text naming what exists instead of ``model``, or None to keep vLLM's."""
+    parsed = split_model(model)
+    name = parsed[0] if parsed else model.partition(PIN_SEPARATOR)[0]
+    if is_name(name) and registry.versions(name):
+        versions = registry.versions(name)
+        current = registry.current(name)
+        return (
+            f"The model `{model}` does not exist. Adapter {name!r} has versions "
+            f"{', '.join(versions)} (current: {current or 'none'}); send model={name!r} for "
+            f"the current version or model='{name}@vNNNN' to pin one."
+        )
+    names = registry.names()
+    shown = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+    return (
+        f"The model `{model}` does not exist. Adapters in the registry: {shown or 'none'} "
+        "(GET /v1/models lists every servable name and version)."
+    )
+
+
+class AnswerHeaders:
+    """ASGI middleware for the model routes: ``x-adapter-version`` on every answer, and a
+    helpful 404 for unknown models (``describe`` returns its text, or None)."""
+
+    def __init__(self, app: ASGIApp, routes: frozenset[str], describe: Describe) -> None:
+        self.app = app
+        self.routes = routes
+        self.describe = describe
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope.get("method") != "POST"
+            or scope["path"].removeprefix(scope.get("root_path", "")) not in self.routes
+        ):
+            await self.app(scope, receive, send)
+            return
+        held: Message | None = None
+
+        async def send_annotated(message: Message) -> None:
+            nonlocal held
+            if message["type"] == "http.response.start":
+                held = message
+                return
+            if held is not None and message["type"] == "http.response.body":
+                start, held = held, None
+                start, message = await self._annotate(start, message)
+                await send(start)
+            await send(message)
+
+        await self.app(scope, receive, send_annotated)
+
+    async def _annotate(self, start: Message, body: Message) -> tuple[Message, Message]:
+        data: bytes = body.get("body", b"")
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != HEADER.encode()]
+        if start.get("status") == 404 and not body.get("more_body", False):
+            return await self._explain_404(start, body, data)
+        match = _MODEL_RE.search(data[:8192])
+        if start.get("status") == 200 and match:
+            headers.append((HEADER.encode(), match.group(1)))
+        return {**start, "headers": headers}, body
+
+    async def _explain_404(
+        self, start: Message, body: Message, data: bytes
+    ) -> tuple[Message, Message]:
+        try:
+            payload = json.loads(data)
+            missing = _MISSING_RE.search(payload["error"]["message"])
+        except (ValueError, KeyError, TypeError):
+            return start, body
+        if missing is None:
+            return start, body
+        try:
+            text = await self.describe(missing.group(1))
+        except Exception:  # a hint in an error message must never fail the request
+            return start, body
+        if not text:
+            return start, body
+        payload["error"]["message"] = text
+        new = json.dumps(payload).encode()
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(new)).encode()))
+        return {**start, "headers": headers}, {**body, "body": new}

@@ -1,0 +1,136 @@
+"""fsck: each kind of damage is reported, repaired, and the registry is clean afterwards."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+
+import pytest
+from helpers import write_adapter
+
+from agent_finetune.registry import Registry
+from agent_finetune.registry.fsck import fsck
+
+
+@pytest.fixture
+def reg(tmp_path: Path) -> Registry:
+    r = Registry(tmp_path / "registry")
+    adapter = write_adapter(tmp_path / "adapter", layers=1)
+    for _ in range(3):
+        r.publish("bot", adapter)
+    return r
+
+
+def problems(reg: Registry) -> list[str]:
+    return [f"{f.path.name}: {f.problem}" for f in fsck(reg).findings]
+
+
+def repair_then_clean(reg: Registry) -> list[str]:
+    report = fsck(reg, repair=True)
+    assert report.ok, report.remaining
+    assert fsck(reg).findings == []
+    return [f.repaired or "" for f in report.findings]
+
+
+def test_a_healthy_registry_is_clean(reg: Registry) -> None:
+    assert fsck(reg).findings == [] and fsck(reg).ok
+
+
+def test_stale_staging_and_temp_files_are_removed_but_a_live_publish_is_not(
+    reg: Registry,
+) -> None:
+    ndir = reg.name_dir("bot")
+    (ndir / ".staging-dead").mkdir()
+    (ndir / ".staging-dead" / "adapter_config.json").write_text("{}")
+    (ndir / f".current.{'a' * 32}.tmp").write_text("{")
+    live = ndir / ".staging-live"
+    live.mkdir()
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a publisher still working on it
+    try:
+        found = problems(reg)
+        assert any(".staging-dead" in p for p in found)
+        assert any(".tmp: temp file" in p for p in found)
+        assert not any(".staging-live" in p for p in found)
+        repair_then_clean(reg)
+        assert live.is_dir() and not (ndir / ".staging-dead").exists()
+    finally:
+        os.close(fd)
+
+
+def test_torn_history_is_rewritten_and_the_bad_lines_kept(reg: Registry) -> None:
+    path = reg.name_dir("bot") / "history.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([*lines[:2], lines[2][:20], *lines[3:]]) + "\n" + lines[2][:7])
+    assert any("torn history: 2 unparsable" in p for p in problems(reg))
+    repair_then_clean(reg)
+    assert len(reg.history("bot")) == len(lines) - 1
+    assert (path.parent / "history.jsonl.rejected").read_text().count("\n") == 2
+
+
+def test_a_version_whose_checksums_broke_is_quarantined_and_current_moved_back(
+    reg: Registry, tmp_path: Path
+) -> None:
+    w = reg.version_dir("bot", "v0003") / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[:-4] + b"XXXX")
+    assert any("sha256 does not match" in p for p in problems(reg))
+    repaired = repair_then_clean(reg)
+    assert reg.versions("bot") == ["v0001", "v0002"]
+    assert reg.current("bot") == "v0002" and reg.history("bot")[-1]["action"] == "fsck"
+    assert any("quarantine" in r for r in repaired)
+    # The quarantined number stays used.
+    assert reg.publish("bot", write_adapter(tmp_path / "b", layers=1)).version == "v0004"
+
+
+def test_a_pointer_to_a_missing_version_is_moved_back(reg: Registry) -> None:
+    import shutil
+
+    reg.rollback("bot")  # current v0002, v0003 was current before
+    shutil.rmtree(reg.version_dir("bot", "v0002"))
+    assert any("current points to v0002" in p for p in problems(reg))
+    repair_then_clean(reg)
+    assert reg.current("bot") == "v0001"
+
+
+def test_an_unreadable_pointer_is_repaired(reg: Registry) -> None:
+    (reg.name_dir("bot") / "current").write_text("{garbage")
+    assert any("current is unreadable" in p for p in problems(reg))
+    repair_then_clean(reg)
+    assert reg.current("bot") == "v0003"
+
+
+def test_a_pointer_move_missing_from_history_is_recorded(reg: Registry) -> None:
+    path = reg.name_dir("bot") / "current"
+    path.write_text(json.dumps({"version": "v0001"}))  # a promote killed before its log line
+    assert any("history's last move is to v0003" in p for p in problems(reg))
+    repair_then_clean(reg)
+    assert reg.history("bot")[-1]["action"] == "recover"
+    assert reg.rollback("bot") == "v0003"
+
+
+def test_a_lost_high_water_mark_is_rebuilt_from_history(reg: Registry) -> None:
+    import shutil
+
+    (reg.name_dir("bot") / ".next-version").unlink()
+    shutil.rmtree(reg.version_dir("bot", "v0003"))
+    reg.rollback("bot", to="v0002")
+    assert any("high-water mark missing" in p for p in problems(reg))
+    repair_then_clean(reg)
+    assert json.loads((reg.name_dir("bot") / ".next-version").read_text()) == 4
+
+
+def test_odd_root_entries_are_reported_not_touched(reg: Registry, tmp_path: Path) -> None:
+    (reg.root / "Bad Name").mkdir()
+    (reg.root / "evil").symlink_to(tmp_path)
+    found = problems(reg)
+    assert any("not a valid adapter name" in p for p in found)
+    assert any("symlink out of the registry root" in p for p in found)
+    assert not fsck(reg, repair=True).ok  # nothing it may fix: exit code stays non-zero
+    assert (reg.root / "Bad Name").is_dir()
+
+
+def test_a_missing_registry_is_a_problem(tmp_path: Path) -> None:
+    report = fsck(Registry(tmp_path / "nope"))
+    assert not report.ok and "does not exist" in report.findings[0].problem
