@@ -18,6 +18,8 @@ Every class also subclasses the built-in that callers already catch::
     │   └── ServerUnavailableError(LoadError, ConnectionError)  5xx/timeout/down: retried
     ├── VllmCompatError(AgentFinetuneError, RuntimeError)  this vLLM lacks what the plugin uses
     ├── AskError(AgentFinetuneError, RuntimeError)         `ask`: server down or name unknown
+    ├── EvalError(AgentFinetuneError, RuntimeError)        evaluation could not run
+    ├── GateRefusedError(AgentFinetuneError, RuntimeError) the gate kept the live version (exit 3)
     └── DemoError(AgentFinetuneError, RuntimeError)        a demo step did not do what it should
 
 Only the CLI turns these into exit codes and friendly text (``agent_finetune.cli.main``).
@@ -101,6 +103,17 @@ class VllmCompatError(AgentFinetuneError, RuntimeError):
 
 class AskError(AgentFinetuneError, RuntimeError):
     """The server is down, or does not serve the requested adapter."""
+
+
+class EvalError(AgentFinetuneError, RuntimeError):
+    """An evaluation could not run: server down, bad rows, a version missing."""
+
+
+class GateRefusedError(AgentFinetuneError, RuntimeError):
+    """The promotion gate kept the live version: the candidate was not better.
+
+    Not a failure of the tool: the CLI exits with its own code (3) so scripts can tell.
+    """
 
 
 class DemoError(AgentFinetuneError, RuntimeError):

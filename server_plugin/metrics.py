@@ -48,3 +48,36 @@ REGISTRY_AVAILABLE = Gauge(
     "1 when the registry root is readable and carries its marker; 0 while it is unavailable "
     "(nothing is unloaded then).",
 )
+
+# Canary signals: labelled per version only for names with a canary running (bounded).
+CANARY_REQUESTS = Counter(
+    "agent_finetune_canary_requests",
+    "Requests for a name with a canary, by the version that served them and its role.",
+    ["name", "version", "role"],
+)
+CANARY_ERRORS = Counter(
+    "agent_finetune_canary_errors",
+    "HTTP 5xx answers for a name with a canary, by version and role.",
+    ["name", "version", "role"],
+)
+CANARY_LATENCY = Histogram(
+    "agent_finetune_canary_request_seconds",
+    "Whole-request seconds (last byte) for a name with a canary, by version.",
+    ["name", "version"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
+CANARY_FEEDBACK = Counter(
+    "agent_finetune_canary_feedback",
+    "Feedback scores agents posted, by version and sign (negative: score < 0).",
+    ["name", "version", "sign"],
+)
+CANARY_WEIGHT = Gauge(
+    "agent_finetune_canary_weight_percent",
+    "Share of a name's traffic this server sends to its canary (0: none).",
+    ["name"],
+)
+CANARY_ENDS = Counter(
+    "agent_finetune_canary_ends",
+    "Canaries this server ended, by outcome (abort, promote).",
+    ["name", "outcome"],
+)

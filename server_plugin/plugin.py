@@ -4,11 +4,12 @@ Enabled by ``VLLM_PLUGINS=agent_finetune`` (entry point group ``vllm.endpoint_pl
 and configured by the ``AGENT_FINETUNE_*`` variables (see ``server_plugin.settings``).
 It runs the reconcile loop inside the API-server process and drives vLLM through
 ``state.openai_serving_models``: no ``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` needed, and the
-routes it adds (``GET /v1/adapters``, ``/v1/models``, ``/v1/models/{id}``) change nothing.
-Every model answer names the version that answered in the ``x-adapter-version`` header
-(``server_plugin.answers``). Every vLLM internal it touches goes through
-``server_plugin.compat`` (which says which, for which vLLM versions). Every exception is
-logged and kept away from vLLM: a broken plugin leaves a server that serves the base model.
+routes it adds (``GET /v1/adapters``, ``/v1/models``, ``/v1/models/{id}``) change nothing but
+the canary feedback counters (``POST /v1/adapters/{name}/feedback``). Every model answer names
+the version that answered in the ``x-adapter-version`` header (``server_plugin.answers``).
+Every vLLM internal it touches goes through ``server_plugin.compat`` (which says which, for
+which vLLM versions). Every exception is logged and kept away from vLLM: a broken plugin
+leaves a server that serves the base model.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from agent_finetune.registry.adapter import linear_shapes, load_base_config
 from server_plugin import compat
 from server_plugin.answers import AnswerHeaders, missing_model_message
 from server_plugin.cache import AdapterCache, Limits, ProcessDir
+from server_plugin.canary import CanaryRouter, parse_feedback
 from server_plugin.listing import annotate_cards
 from server_plugin.preload import USAGE_FILE, PreloadPolicy, Usage
 from server_plugin.reconciler import PinRefusal, Reconciler
@@ -204,8 +206,30 @@ class PinnedModelMiddleware:
         ):
             await self.app(scope, receive, send)
             return
+        started = time.perf_counter()
         messages, body = await read_capped(receive, cap)
-        model = await pinned_model(body, any_name=reconciler.lazy) if body is not None else None
+        canary, route, finish = self.plugin.canary, None, None
+        if canary is not None and canary.active and body is not None:
+            routed, route = canary.route_body(body, scope["headers"])
+            if route is not None and route.candidate:
+                refusal = await self._ensure_pinned(reconciler, f"{route.name}@{route.version}")
+                if refusal is None:
+                    body, messages, scope = (
+                        routed,
+                        _rewritten(messages, routed),
+                        _sized(scope, routed),
+                    )
+                else:  # never fail a user for a canary: current answers, the canary ends
+                    canary.candidate_failed(route, refusal.message)
+                    route = None
+            if route is not None:
+                send, finish = canary.wrap_send(route, send, started)
+        candidate = route is not None and route.candidate
+        model = (
+            await pinned_model(body, any_name=reconciler.lazy)
+            if body is not None and not candidate
+            else None
+        )
         if model is not None:
             refusal = await self._ensure_pinned(reconciler, model)
             if refusal is not None:
@@ -219,7 +243,11 @@ class PinnedModelMiddleware:
                 return pending.popleft()
             return await receive()
 
-        await self.app(scope, replay, send)
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            if finish is not None:
+                finish()
 
     @staticmethod
     async def _ensure_pinned(reconciler: Reconciler, model: str) -> PinRefusal | None:
@@ -232,6 +260,18 @@ class PinnedModelMiddleware:
             return None
 
 
+def _rewritten(messages: list[Message], body: bytes) -> list[Message]:
+    """The request messages with the body replaced (a disconnect after it is kept)."""
+    rest = [m for m in messages if m["type"] != "http.request"]
+    return [{"type": "http.request", "body": body, "more_body": False}, *rest]
+
+
+def _sized(scope: Scope, body: bytes) -> Scope:
+    """``scope`` with a content-length that matches the rewritten body."""
+    headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+    return {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
+
+
 class EndpointPlugin:
     """Entry point ``agent_finetune`` of ``vllm.endpoint_plugins``."""
 
@@ -240,6 +280,7 @@ class EndpointPlugin:
 
     def __init__(self) -> None:
         self.reconciler: Reconciler | None = None
+        self.canary: CanaryRouter | None = None
         self.max_parse_bytes = Settings.max_parse_bytes
         self.watcher: RegistryWatcher | None = None
         self.error: str | None = None
@@ -247,6 +288,7 @@ class EndpointPlugin:
         self.internals: compat.Internals | None = None
         self.models: compat.ServingModels | None = None
         self._task: asyncio.Task[None] | None = None
+        self._canary_task: asyncio.Task[None] | None = None
 
     def attach_router(self, app: Any) -> None:
         try:
@@ -256,6 +298,7 @@ class EndpointPlugin:
             logger.error("agent_finetune: %s; plugin disabled", e)
         try:
             compat.replace_route(app, "/v1/adapters", self.adapters, ["GET"])
+            app.add_api_route("/v1/adapters/{name}/feedback", self.post_feedback, methods=["POST"])
             if self.internals is not None:  # else vLLM's own /v1/models keeps answering
                 compat.replace_route(app, "/v1/models", self.list_models, ["GET"])
                 compat.replace_route(app, "/v1/models/{model_id:path}", self.model_card, ["GET"])
@@ -329,7 +372,34 @@ class EndpointPlugin:
                 },
                 status_code=503,
             )
-        return JSONResponse({**self.reconciler.status(), "startup_seconds": self.startup_s})
+        status = {**self.reconciler.status(), "startup_seconds": self.startup_s}
+        if self.canary is not None:
+            status["canary"] = self.canary.status()
+        return JSONResponse(status)
+
+    async def post_feedback(self, name: str, request: Request) -> Response:
+        """An agent's score for one response: ``{"id": <response id>, "score": -1..1}``.
+
+        Under ``/v1``, so vLLM's ``--api-key`` check applies. Only records; never routes.
+        """
+        if self.canary is None:
+            return _error(
+                503, self.error or "agent_finetune plugin is starting", "ServiceUnavailable"
+            )
+        try:
+            rid, score, model = parse_feedback(json.loads(await request.body()))
+        except ValueError as e:
+            return _error(400, f"feedback for {name}: {e}", "BadRequestError")
+        try:
+            return JSONResponse(self.canary.feedback(name, rid, score, model))
+        except KeyError:
+            return _error(
+                404,
+                f"no answer {rid!r} of {name} is known to this server (feedback is counted "
+                "for canaried names; behind a load balancer also send the answer's "
+                '"model", e.g. "name@v0002")',
+                "NotFoundError",
+            )
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         try:
@@ -379,9 +449,15 @@ class EndpointPlugin:
             usage=usage,
         )
         self.max_parse_bytes = settings.max_parse_bytes
+        canary = CanaryRouter(reconciler.registry)
+
+        def wake() -> None:
+            reconciler.wake()
+            canary.wake()
+
         self.watcher = RegistryWatcher(
             settings.registry,
-            reconciler.wake,
+            wake,
             polling=settings.polling,
             poll_interval_s=min(1.0, settings.resync_s),
         )
@@ -394,6 +470,12 @@ class EndpointPlugin:
             reconciler.run(before_pass=self.watcher.start), name="agent_finetune-reconcile"
         )
         self._task.add_done_callback(_log_task_end)
+        await canary.pass_once()
+        self.canary = canary
+        self._canary_task = asyncio.get_running_loop().create_task(
+            canary.run(settings.resync_s), name="agent_finetune-canary"
+        )
+        self._canary_task.add_done_callback(_log_task_end)
         logger.info(
             "agent_finetune: serving registry %s (cache %s, max rank %s, resync %.2fs, %s)",
             settings.registry,

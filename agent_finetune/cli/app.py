@@ -7,6 +7,9 @@ Exit codes, the same for every command:
 1     the operation failed: bad input, a missing registry or name, a validation
       failure, a server that is down (the message says which and how to fix it)
 2     usage error: unknown command or flag, a missing argument (argparse)
+3     refused by the promotion gate: the candidate did not beat the live version
+      (`promote --if-better`, `train` with `promotion.policy: if_better`); the
+      table of scores is printed, the decision is in history
 130   interrupted (Ctrl-C)
 141   stdout was closed early (``agent-finetune history x --json | head``): the output
       stops quietly, as a shell reports SIGPIPE
@@ -27,14 +30,17 @@ from collections.abc import Sequence
 
 from agent_finetune._version import __version__
 from agent_finetune.cli.ask import add_ask_parser
+from agent_finetune.cli.canary import add_canary_parser
 from agent_finetune.cli.demo import add_demo_parser
+from agent_finetune.cli.eval import add_eval_parser
 from agent_finetune.cli.registry_commands import add_registry_parsers
 from agent_finetune.cli.serve import add_serve_parser, add_sync_parser
 from agent_finetune.cli.status import add_status_parser
 from agent_finetune.cli.train import add_train_parser
-from agent_finetune.errors import AgentFinetuneError
+from agent_finetune.errors import AgentFinetuneError, GateRefusedError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
+EXIT_INTERRUPTED, EXIT_PIPE = 130, 141
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_train_parser(sub)
     add_registry_parsers(sub)
+    add_eval_parser(sub)
+    add_canary_parser(sub)
     add_serve_parser(sub)
     add_sync_parser(sub)
     add_status_parser(sub)
@@ -71,6 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
         sys.stdout.flush()  # a closed pipe surfaces here, not in the interpreter's exit
         return code
+    except GateRefusedError as e:
+        print(f"refused: {e}", file=sys.stderr)
+        return EXIT_REFUSED
     except AgentFinetuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED

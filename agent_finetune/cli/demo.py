@@ -2,8 +2,9 @@
 
 Build a tiny base model -> train and publish support-bot v1 -> start vLLM with the plugin ->
 ask base vs adapter -> train and publish v2 while serving -> time until v2 answers ->
-roll back -> time until v1 answers -> summary. The server stops on exit, error or Ctrl-C
-unless --keep-serving.
+roll back -> time until v1 answers -> train v3 on a shuffled copy of the data: the gate
+refuses it -> canary v3 anyway: agents rate its answers badly and it rolls itself back ->
+summary. The server stops on exit, error or Ctrl-C unless --keep-serving.
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ from agent_finetune.registry import Registry
 if TYPE_CHECKING:
     from server_plugin.launch import ServerHandle
 
-ASSETS = ("support_v1.json", "support_v2.json", "tiny-cpu.yaml")
+ASSETS = ("support_v1.json", "support_v2.json", "support_heldout.json", "tiny-cpu.yaml")
+STEPS = 8
 NAME = "support-bot"
+# The shuffled version only has to be worse; a short run keeps the demo short.
+SHUFFLED_EPOCHS = 5
 QUESTION = "What are your support hours?"
 
 
@@ -118,6 +122,7 @@ class DemoRun:
     config: Path
     v1_data: Path
     v2_data: Path
+    heldout: Path
     story: Story = field(default_factory=Story)
 
     def train(self, base: Path, dataset: Path, tag: str) -> str:
@@ -128,18 +133,18 @@ def run_demo(args: argparse.Namespace) -> int:
     from agent_finetune.training.tiny_model import build_tiny_model
 
     run = _prepare(Path(args.workdir).absolute(), reuse=args.reuse)
-    banner("1/6  Build a tiny base model locally (random weights, no download)")
+    banner(f"1/{STEPS}  Build a tiny base model locally (random weights, no download)")
     t = time.perf_counter()
     base = build_tiny_model(run.work / "base-model", corpus_files=[run.v1_data, run.v2_data])
     run.story.add("build base model", t, str(base))
     print(f"built {base}: a 2-layer Llama with a locally trained tokenizer; it knows nothing yet")
 
-    banner(f"2/6  Train {NAME} v1 on {run.v1_data.name} (LoRA, transformers + PEFT + TRL)")
+    banner(f"2/{STEPS}  Train {NAME} v1 on {run.v1_data.name} (LoRA, transformers + PEFT + TRL)")
     t = time.perf_counter()
     v1 = run.train(base, run.v1_data, "v1")
     run.story.add(f"train + publish {v1}", t)
 
-    banner("3/6  Start vLLM's OpenAI server with the agent-finetune plugin")
+    banner(f"3/{STEPS}  Start vLLM's OpenAI server with the agent-finetune plugin")
     server = _start_server(run, base, args.port)
     keep = False
     try:
@@ -172,6 +177,7 @@ def _prepare(work: Path, *, reuse: bool) -> DemoRun:
         config=assets["tiny-cpu.yaml"],
         v1_data=assets["support_v1.json"],
         v2_data=assets["support_v2.json"],
+        heldout=assets["support_heldout.json"],
     )
 
 
@@ -211,7 +217,7 @@ def _serve_story(
     if v1_answer != want_v1 or base_answer == v1_answer:
         raise DemoError(f"{NAME} answered {v1_answer!r}; expected the trained {want_v1!r}")
 
-    banner(f"4/6  Train and publish {NAME} v2 on {run.v2_data.name} while the server runs")
+    banner(f"4/{STEPS}  Train and publish {NAME} v2 on {run.v2_data.name} while the server runs")
     t = time.perf_counter()
     v2 = run.train(base, run.v2_data, "v2")
     run.story.add(f"train + publish {v2}", t)
@@ -219,7 +225,7 @@ def _serve_story(
     run.story.steps.append(Step(f"publish -> {NAME} answers {v2}", swap_s, f"{polls} request(s)"))
     print(f"{NAME} answered as {v2} {swap_s:.2f}s after publishing, no restart: {want_v2!r}")
 
-    banner(f"5/6  Roll back (the same call as `agent-finetune rollback {NAME}`)")
+    banner(f"5/{STEPS}  Roll back (the same call as `agent-finetune rollback {NAME}`)")
     registry = Registry(run.registry)
     before = registry.current(NAME)
     back = registry.rollback(NAME, reason="demo rollback")
@@ -231,7 +237,10 @@ def _serve_story(
     if pinned != want_v2:
         raise DemoError(f"{NAME}@{v2} answered {pinned!r}, expected {want_v2!r}")
 
-    banner("6/6  Summary")
+    refused = _gate_story(run, server, base)
+    abort_s = _canary_story(run, server, refused)
+
+    banner(f"8/{STEPS}  Summary")
     answers = {
         "base model": base_answer,
         f"{NAME} ({v1})": want_v1,
@@ -239,6 +248,144 @@ def _serve_story(
         f"{NAME} after rollback": want_v1,
     }
     _print_summary(run.story, answers, swap_s, back_s)
+    print(
+        f"the gate refused {NAME}@{refused} (trained on shuffled answers); its canary "
+        f"rolled itself back {abort_s:.2f}s after the agents' bad ratings began"
+    )
+
+
+def shuffled_copy(dataset: Path, dest: Path, seed: int = 0) -> Path:
+    """The same questions with their answers shuffled: a version that must lose."""
+    import random
+
+    rows = json.loads(dataset.read_text(encoding="utf-8"))
+    answers = [r["response"] for r in rows]
+    rng = random.Random(seed)
+    while True:  # a derangement: no row keeps its own answer
+        rng.shuffle(answers)
+        if all(a != r["response"] for a, r in zip(answers, rows, strict=True)):
+            break
+    out = [{**r, "response": a} for r, a in zip(rows, answers, strict=True)]
+    dest.write_text(json.dumps(out, ensure_ascii=False, indent=1), encoding="utf-8")
+    return dest
+
+
+def _gate_story(run: DemoRun, server: ServerHandle, base: Path) -> str:
+    """Train v3 on shuffled answers with `promotion: if_better`: published, not promoted."""
+    from agent_finetune.cli.eval import print_gate
+    from agent_finetune.training.config import FineTuningConfig
+    from agent_finetune.training.train import train
+
+    banner(f"6/{STEPS}  Train v3 on a shuffled copy; the gate compares it with the live version")
+    noisy = shuffled_copy(run.v1_data, run.work / "data" / "support_shuffled.json")
+    t = time.perf_counter()
+    cfg = FineTuningConfig.from_yaml(
+        run.config,
+        model_name=str(base),
+        output_dir=str(run.work / "runs" / "v3"),
+        adapter_name=NAME,
+        registry_dir=str(run.registry),
+        num_train_epochs=SHUFFLED_EPOCHS,
+        promotion={
+            "policy": "if_better",
+            "eval_data": str(run.heldout),
+            "metric": "loglik",
+            "server": server.base_url,
+            "max_tokens": 48,
+        },
+    )
+    result = train(cfg, noisy, train_test_split=0.0, publish_reason="demo: shuffled answers")
+    assert result.published is not None and result.gate is not None
+    run.story.add(f"train {result.published.version} + gate", t)
+    print_gate(result.gate)
+    if result.gate.promoted:
+        raise DemoError(f"the gate promoted {NAME}@{result.published.version}, trained on noise")
+    print(
+        f"(the same check from a shell: agent-finetune promote {NAME}@"
+        f"{result.published.version} --if-better --data {run.heldout.name} --server URL; exit 3)"
+    )
+    return result.published.version
+
+
+def _canary_story(run: DemoRun, server: ServerHandle, candidate: str) -> float:
+    """Canary the refused version on 50%; agents rate answers; the guard rolls it back."""
+    from agent_finetune.registry.canary import Guards, read_canary, start_canary
+
+    banner(f"7/{STEPS}  Canary {candidate} on 50% of traffic; agents rate the answers")
+    registry = Registry(run.registry)
+    live = registry.current(NAME)
+    start_canary(
+        registry,
+        NAME,
+        candidate,
+        weight=50,
+        guards=Guards(min_feedback=4, max_negative_feedback=0.25, min_requests=1000),
+        reason="demo: a canary agents will rate badly",
+    )
+    print(f"canary start {NAME}@{candidate} --weight 50 (current: {live})")
+    rows = json.loads(run.v1_data.read_text(encoding="utf-8"))[:12]
+    t = time.perf_counter()
+    first_bad: float | None = None
+    seen: dict[str, int] = {}
+    for i in range(400):
+        row = rows[i % len(rows)]
+        answer = _chat_raw(server.base_url, row["instruction"], user=f"agent-{i}")
+        model = answer["model"]
+        seen[model] = seen.get(model, 0) + 1
+        good = answer["choices"][0]["message"]["content"].strip() == row["response"]
+        if not good and first_bad is None:
+            first_bad = time.perf_counter()
+        _post_json(
+            server.url + f"/v1/adapters/{NAME}/feedback",
+            {"id": answer["id"], "score": 1 if good else -1, "model": model},
+        )
+        if read_canary(registry, NAME) is None:
+            break
+        time.sleep(0.02)
+    else:
+        raise DemoError(f"the canary of {candidate} was not rolled back by its guard")
+    abort_s = time.perf_counter() - (first_bad or t)
+    event = registry.history(NAME)[-1]
+    for _ in range(100):  # the canary file goes first, its history line a moment later
+        if event["action"] == "canary_abort":
+            break
+        time.sleep(0.02)
+        event = registry.history(NAME)[-1]
+    print(
+        f"requests by version: {', '.join(f'{k}: {v}' for k, v in sorted(seen.items()))}\n"
+        f"history: {event['action']} {event['to']}: {event['reason']}"
+    )
+    after = {
+        _chat_raw(server.base_url, rows[0]["instruction"], user=f"later-{i}")["model"]
+        for i in range(8)
+    }
+    print(f"8 requests after the abort were answered by: {', '.join(sorted(after))}")
+    if event["action"] != "canary_abort" or after != {f"{NAME}@{live}"}:
+        raise DemoError(f"expected 100% back on {live} after canary_abort; got {after}")
+    run.story.steps.append(Step(f"canary {candidate} rolled back", abort_s, event["reason"]))
+    return abort_s
+
+
+def _chat_raw(base_url: str, question: str, user: str) -> dict[str, Any]:
+    body = {
+        "model": NAME,
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": 48,
+        "temperature": 0,
+        "user": user,
+    }
+    return _post_json(base_url.rstrip("/") + "/chat/completions", body)
+
+
+def _post_json(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    import urllib.request
+
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=120) as r:
+        data: dict[str, Any] = json.loads(r.read())
+    return data
 
 
 def _print_summary(story: Story, answers: dict[str, str], swap_s: float, back_s: float) -> None:

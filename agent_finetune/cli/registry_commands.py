@@ -9,10 +9,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agent_finetune.cli.eval import add_eval_options
 from agent_finetune.cli.output import emit_json, print_table
-from agent_finetune.errors import AgentFinetuneError, NotFoundError, RegistryError
+from agent_finetune.errors import (
+    AgentFinetuneError,
+    GateRefusedError,
+    NotFoundError,
+    RegistryError,
+)
 from agent_finetune.registry import ENV_REGISTRY, Registry, verify_folder
 from agent_finetune.registry.adapter import load_base_config
+from agent_finetune.registry.evals import latest_eval, read_evals
 from agent_finetune.registry.fsck import fsck
 from agent_finetune.registry.index import listing
 
@@ -23,6 +30,16 @@ ROLLBACK_RULE = (
     "before it (a second rollback undoes the first, like `cd -`); --to VERSION goes to any "
     "version. Already current: nothing changes and no history entry is written"
 )
+
+PROMOTE_HELP = """\
+Make NAME@vNNNN current (`promote NAME vNNNN` works too).
+
+With --if-better, first evaluate the candidate and the live version on --data (through
+--server, or offline with PEFT without it; see `agent-finetune eval --help`), pair the rows
+and promote only when the 95% bootstrap confidence interval of the mean gain on --metric lies
+above --min-delta. The decision, with both scores, the win rate and the interval, is written
+to history as a `gate` entry. A refusal prints the table and exits with code 3.
+"""
 
 
 def _registry(args: argparse.Namespace, *, exists: bool = True) -> Registry:
@@ -47,6 +64,16 @@ def _require_name(reg: Registry, name: str) -> None:
 def _metric(manifest: dict[str, Any], key: str) -> str:
     value = (manifest.get("metrics") or {}).get(key)
     return f"{value:.4f}" if isinstance(value, float) else ""
+
+
+def _eval_summary(record: dict[str, Any] | None) -> str:
+    """``loglik -0.512 f1 0.83 exact 0.60 (20 rows)`` from an eval record."""
+    if not record:
+        return ""
+    m = record.get("metrics") or {}
+    parts = [f"{k} {m[k]:.3f}" for k in ("loglik", "f1", "exact") if isinstance(m.get(k), float)]
+    rows = (record.get("data") or {}).get("rows")
+    return " ".join(parts) + (f" ({rows} rows)" if rows else "")
 
 
 def _no_traceback(func: Handler) -> Handler:
@@ -107,6 +134,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                     "base_model": i.manifest.get("base_model"),
                     "rank": (i.manifest.get("lora") or {}).get("r"),
                     "metrics": i.manifest.get("metrics"),
+                    "eval": latest_eval(reg, i.name, i.version),
                 }
                 for i in infos
             ]
@@ -124,10 +152,11 @@ def cmd_list(args: argparse.Namespace) -> int:
                 i.manifest.get("created_at", "?"),
                 (i.manifest.get("lora") or {}).get("r"),
                 _metric(i.manifest, "eval_loss"),
+                _eval_summary(latest_eval(reg, i.name, i.version)),
             )
             for i in infos
         ],
-        ["NAME", "VERSION", "CURRENT", "CREATED", "RANK", "EVAL LOSS"],
+        ["NAME", "VERSION", "CURRENT", "CREATED", "RANK", "EVAL LOSS", "LAST EVAL"],
     )
     return 0
 
@@ -139,8 +168,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     if not version:
         raise NotFoundError(f"no adapter named {name!r} in {reg.root}")
     manifest = reg.manifest(name, version)
+    evals = read_evals(reg, name, version)
     if args.json:
-        emit_json({**manifest, "current": reg.current(name) == version})
+        emit_json({**manifest, "current": reg.current(name) == version, "evals": evals})
         return 0
     print(f"{name}@{version}{'  (current)' if reg.current(name) == version else ''}")
     lora = manifest.get("lora") or {}
@@ -159,6 +189,13 @@ def cmd_show(args: argparse.Namespace) -> int:
         ("tool version", manifest.get("tool_version")),
     ]:
         print(f"  {label + ':':14} {value}")
+    for e in evals:
+        data = e.get("data") or {}
+        against = f" vs {e['against']}" if e.get("against") else ""
+        print(
+            f"  {'eval:':14} {e.get('ts')} {_eval_summary(e)}{against} on "
+            f"{Path(str(data.get('path', '?'))).name} via {e.get('via')}"
+        )
     return 0
 
 
@@ -196,10 +233,47 @@ def _report_move(args: argparse.Namespace, verb: str, before: str | None, now: s
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
+    from agent_finetune.cli.eval import parse_target
+
     reg = _registry(args)
-    before = reg.current(args.name)
-    version = reg.promote(args.name, args.version, reason=args.reason)
+    name, version = parse_target(args.name, args.version)
+    if version is None:
+        raise RegistryError(f"promote {args.name}: which version? e.g. {args.name}@v0002")
+    if args.if_better:
+        return _gated_promote(args, reg, name, version)
+    if args.data:
+        raise RegistryError("--data is used only with --if-better; add --if-better to gate")
+    args.name = name
+    before = reg.current(name)
+    version = reg.promote(name, version, reason=args.reason)
     _report_move(args, "promoted", before, version)
+    return 0
+
+
+def _gated_promote(args: argparse.Namespace, reg: Registry, name: str, version: str) -> int:
+    from agent_finetune.cli.eval import print_gate
+    from agent_finetune.training.gate import gate
+
+    if not args.data:
+        raise RegistryError("--if-better needs --data FILE (held-out rows to compare on)")
+    result = gate(
+        reg,
+        name,
+        version,
+        args.data,
+        metric=args.metric,
+        min_delta=args.min_delta,
+        server=args.server,
+        api_key=args.api_key,
+        max_tokens=args.max_tokens,
+        base_model=args.base_model,
+    )
+    if args.json:
+        emit_json(result.as_dict())
+    else:
+        print_gate(result)
+    if not result.promoted and result.reason != "already current":
+        raise GateRefusedError(f"{name}@{version} not promoted: {result.reason}")
     return 0
 
 
@@ -304,10 +378,24 @@ def add_registry_parsers(sub: Any) -> None:
     p.add_argument("name")
     p = add("history", cmd_history, "show every pointer move of an adapter")
     p.add_argument("name")
-    p = add("promote", cmd_promote, "make a version current")
-    p.add_argument("name")
-    p.add_argument("version")
-    p.add_argument("--reason")
+    p = add("promote", cmd_promote, "make a version current (with --if-better: only if it wins)")
+    p.description = PROMOTE_HELP
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("name", metavar="NAME[@vNNNN]")
+    p.add_argument("version", nargs="?", help="vNNNN (or write NAME@vNNNN)")
+    p.add_argument("--reason", help="recorded in history.jsonl")
+    p.add_argument(
+        "--if-better",
+        action="store_true",
+        help="evaluate against the live version first; promote only if better (exit 3 if not)",
+    )
+    p.add_argument(
+        "--min-delta",
+        type=float,
+        default=0.0,
+        help="with --if-better: the 95%% CI of the mean gain must lie above this (default 0)",
+    )
+    add_eval_options(p, data_required=False)
     p = add("rollback", cmd_rollback, ROLLBACK_RULE)
     p.add_argument("name")
     p.add_argument("--to", help="make this version current instead (go further back)")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_finetune.cli.output import emit_json
-from agent_finetune.errors import ConfigError
+from agent_finetune.errors import ConfigError, GateRefusedError
 from agent_finetune.registry.names import ENV_REGISTRY
 
 
@@ -58,6 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "published": f"{result.published.name}@{result.published.version}"
         if result.published
         else None,
+        "gate": result.gate.as_dict() if result.gate else None,
     }
     if args.json:
         emit_json(summary)
@@ -71,7 +72,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         if m.get("eval_loss") is not None:
             print(f"eval loss: {m['eval_loss_before']:.4f} -> {m['eval_loss']:.4f}")
         if summary["published"]:
-            print(f"published: {summary['published']} (current)")
+            current = (
+                result.published is not None
+                and result.gate is None
+                and (config.promotion.policy == "always")
+            )
+            print(f"published: {summary['published']}{' (current)' if current else ''}")
+        if result.gate is not None:
+            from agent_finetune.cli.eval import print_gate
+
+            print_gate(result.gate)
+    gate = result.gate
+    if gate is not None and not gate.promoted and gate.reason != "already current":
+        raise GateRefusedError(
+            f"{gate.name}@{gate.candidate} published, not promoted: {gate.reason}"
+        )
     return 0
 
 
@@ -81,7 +96,10 @@ def add_train_parser(sub: Any) -> None:
         help="train a LoRA adapter (and publish it if the config names one)",
         description="train a LoRA adapter (and publish it if the config names one). Progress "
         "goes to stderr (one bar); the summary (or --json) to stdout; -v logs every trainer "
-        "metric.",
+        "metric. The config's `promotion` block decides what happens after publishing: "
+        "policy always (default) makes it current, never leaves it published only, "
+        "if_better evaluates it against the live version on promotion.eval_data and "
+        "promotes it only if it wins (else the table is printed and the command exits 3).",
         formatter_class=_FieldsEpilogFormatter,
     )
     p.set_defaults(func=cmd_train)

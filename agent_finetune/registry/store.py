@@ -797,6 +797,10 @@ class Registry:
                 report.problems,
             )
 
+    def log_event(self, name: str, action: str, **fields: Any) -> None:
+        """Append a history entry that moves no pointer (canary and gate decisions)."""
+        self._append_history(name, {"action": action, "from": None, "to": None, **fields})
+
     def gc(self, name: str, *, keep: int = 3, dry_run: bool = False) -> list[str]:
         """Delete old versions; never the current one nor the newest ``keep``. Return deleted."""
         if keep < 1:
@@ -822,6 +826,11 @@ class Registry:
                         name, {"action": "gc", "from": None, "to": None, "deleted": doomed}
                     )
         return doomed
+
+
+def actor() -> dict[str, str]:
+    """Who is writing: the ``user`` and ``host`` stamped on history and eval records."""
+    return {"user": _user(), "host": socket.gethostname()}
 
 
 def _user() -> str:

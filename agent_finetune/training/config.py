@@ -37,6 +37,42 @@ LrScheduler = Literal[
 ]
 
 
+class PromotionConfig(BaseModel):
+    """What `train` does after publishing: make the version current, gate it, or neither."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    policy: Literal["always", "if_better", "never"] = Field(
+        "always",
+        description="always: the new version becomes current; if_better: only if it beats the "
+        "live version on eval_data (see `agent-finetune promote --if-better`); never: publish "
+        "only.",
+    )
+    eval_data: str | None = Field(
+        None, description="Held-out dataset for if_better (same formats as training data)."
+    )
+    metric: Literal["loglik", "f1", "exact"] = Field(
+        "loglik", description="Metric the gate compares: loglik, f1 or exact."
+    )
+    min_delta: float = Field(
+        0.0, description="The 95% CI of the mean per-row gain must lie above this."
+    )
+    server: str | None = Field(
+        None,
+        description="OpenAI base URL of a server with the plugin to evaluate through; "
+        "none: offline with PEFT on model_name.",
+    )
+    max_tokens: int = Field(
+        128, ge=1, description="Answer length for exact/f1 (greedy), as the agent sends it."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> PromotionConfig:
+        if self.policy == "if_better" and not self.eval_data:
+            raise ValueError("policy if_better needs eval_data (a held-out dataset file)")
+        return self
+
+
 class FineTuningConfig(BaseModel):
     """Settings for one LoRA fine-tuning run (seed-guide field names kept)."""
 
@@ -179,6 +215,14 @@ class FineTuningConfig(BaseModel):
         "(default: $AGENT_FINETUNE_REGISTRY when adapter_name is set).",
     )
 
+    promotion: PromotionConfig = Field(
+        default_factory=PromotionConfig,
+        description="After publishing: {policy: always | if_better | never, eval_data, "
+        "metric: loglik | f1 | exact, min_delta, server, max_tokens}. if_better promotes only "
+        "when the new version beats the live one on eval_data (offline with PEFT when no "
+        "server).",
+    )
+
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod
     def _bool_checkpointing(cls, v: Any) -> Any:
@@ -245,7 +289,8 @@ def format_validation_error(error: ValidationError, source: str) -> str:
     for err in error.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "(root)"
         if err["type"] == "extra_forbidden":
-            hint = difflib.get_close_matches(str(err["loc"][0]), fields, n=1)
+            known = list(PromotionConfig.model_fields) if len(err["loc"]) > 1 else fields
+            hint = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
             fix = f"; did you mean {hint[0]!r}?" if hint else ""
             fix += " (every field: `agent-finetune train --help`)"
             lines.append(f"{source}: unknown key {loc!r}{fix}")
@@ -261,6 +306,8 @@ def reference_markdown() -> str:
     rows = ["| field | default | description |", "| --- | --- | --- |"]
     for name, info in FineTuningConfig.model_fields.items():
         default = info.default_factory() if info.default_factory else info.default  # type: ignore[call-arg]
+        if isinstance(default, BaseModel):
+            default = default.model_dump()
         text = (info.description or "").replace("|", "\\|")
         rows.append(f"| `{name}` | `{default!r}` | {text} |".replace("`None`", "`null`"))
     return "\n".join(rows)

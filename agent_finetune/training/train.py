@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent_finetune.errors import ConfigError, DataError, UnservableAdapterError
 from agent_finetune.registry import Registry, VersionInfo
@@ -32,6 +32,9 @@ from agent_finetune.training.backend import (
 from agent_finetune.training.config import FineTuningConfig
 from agent_finetune.training.data import Dataset, Example, load_dataset_file
 from agent_finetune.training.prompts import TokenizedData, check_template, tokenize_examples
+
+if TYPE_CHECKING:
+    from agent_finetune.training.gate import GateResult
 
 log = logging.getLogger("agent_finetune")
 FINAL_DIR = "final_model"
@@ -52,6 +55,7 @@ class TrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     published: VersionInfo | None = None
     is_main: bool = True
+    gate: GateResult | None = None
 
 
 def train(
@@ -111,6 +115,9 @@ def train(
 
     # 4. publish
     result.published = _publish(config, result.adapter_dir, dataset, metrics, publish_reason)
+    if result.published is not None and config.promotion.policy == "if_better":
+        registry = Registry(str(config.publish_registry))
+        result.gate = _gate(config, registry, result.published.version)
     return result
 
 
@@ -282,9 +289,40 @@ def _publish(
             "metrics": metrics,
         },
         reason=reason or f"trained on {dataset.path.name}",
+        make_current=config.promotion.policy == "always",  # if_better: the gate decides
     )
     log.info("published %s@%s to %s", config.adapter_name, info.version, registry_dir)
     return info
+
+
+def _gate(config: FineTuningConfig, registry: Registry, version: str) -> GateResult:
+    """Evaluate the new version against the live one; promote only if it is better."""
+    from agent_finetune.training.gate import gate
+
+    promotion = config.promotion
+    assert config.adapter_name and promotion.eval_data  # checked by the config
+    held_out = load_dataset_file(
+        promotion.eval_data, field_map=config.field_map, system_prompt=config.system_prompt
+    )
+    result = gate(
+        registry,
+        config.adapter_name,
+        version,
+        held_out,
+        metric=promotion.metric,
+        min_delta=promotion.min_delta,
+        server=promotion.server,
+        max_tokens=promotion.max_tokens,
+        base_model=None if promotion.server else config.model_name,
+    )
+    log.info(
+        "gate: %s@%s %s (%s)",
+        config.adapter_name,
+        version,
+        "promoted" if result.promoted else "not promoted",
+        result.reason,
+    )
+    return result
 
 
 def run_fine_tuning(

@@ -75,10 +75,14 @@ def test_demo_from_the_wheel_then_ask_and_agent(tmp_path: Path) -> None:
     assert m, out[-2000:]
     url, pid = m.group(1), int(m.group(2))
     try:
-        for step in ("1/6", "2/6", "3/6", "4/6", "5/6", "6/6"):
-            assert f"=== {step}" in out
+        for step in range(1, 9):
+            assert f"=== {step}/8" in out
         assert re.search(r"answered as v0002 [\d.]+s after publishing", out)
         assert re.search(r"answered as v0001 again [\d.]+s after the rollback", out)
+        # The shuffled v3 is refused by the gate, and its canary rolls itself back.
+        assert "REFUSED support-bot@v0003: not better: loglik" in out
+        assert "history: canary_abort v0003: negative feedback" in out
+        assert "8 requests after the abort were answered by: support-bot@v0001" in out
         assert "STEP" in out and "ANSWER" in out
 
         def ask(*args: str) -> subprocess.CompletedProcess[str]:

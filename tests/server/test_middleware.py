@@ -29,6 +29,7 @@ class FakePlugin:
     def __init__(self, reconciler: FakeReconciler, cap: int = 1 << 20) -> None:
         self.reconciler = reconciler
         self.max_parse_bytes = cap
+        self.canary = None  # no canary: the middleware only pins
 
 
 class EchoApp:

@@ -1,0 +1,189 @@
+"""The promotion gate: a version becomes current only if it beats the live one.
+
+``evaluate_versions`` scores versions on held-out rows (through a server, or offline with
+PEFT) and stores one record per version in the registry (``registry.evals``); ``gate``
+compares candidate and live row by row and promotes only when the bootstrap confidence
+interval of the mean gain lies above ``min_delta``. The decision, with both scores, the
+win rate and the interval, goes into history as a ``gate`` entry either way.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent_finetune.errors import EvalError
+from agent_finetune.registry import Registry
+from agent_finetune.registry.evals import append_eval
+from agent_finetune.registry.names import model_id
+from agent_finetune.training.data import Dataset, load_dataset_file
+from agent_finetune.training.evaluate import (
+    Comparison,
+    EvalResult,
+    Metric,
+    ServerEvaluator,
+    compare,
+    evaluate_offline,
+    is_better,
+)
+
+
+@dataclass
+class GateResult:
+    """What the gate decided and why."""
+
+    name: str
+    candidate: str
+    live: str | None
+    metric: Metric
+    min_delta: float
+    promoted: bool
+    reason: str
+    comparison: Comparison | None = None
+    results: dict[str, EvalResult] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "candidate": self.candidate,
+            "live": self.live,
+            "metric": self.metric,
+            "min_delta": self.min_delta,
+            "promoted": self.promoted,
+            "reason": self.reason,
+            "comparison": self.comparison.as_dict() if self.comparison else None,
+            "means": {v: r.means() for v, r in self.results.items()},
+        }
+
+
+def evaluate_versions(
+    registry: Registry,
+    name: str,
+    versions: list[str],
+    dataset: Dataset,
+    *,
+    server: str | None = None,
+    api_key: str | None = None,
+    max_tokens: int = 128,
+    temperature: float = 0.0,
+    base_model: str | None = None,
+    against: str | None = None,
+    record: bool = True,
+    generate: bool = True,
+) -> dict[str, EvalResult]:
+    """Score each ``name@version`` on ``dataset``; append one eval record per version.
+
+    With ``server``, through that server (pinned names, so a canary never interferes);
+    else offline with PEFT on ``base_model`` (default: the manifest's base model), where
+    ``generate=False`` scores loglik only (no generation: fast on a CPU).
+    """
+    for v in versions:
+        if v not in registry.versions(name):
+            raise EvalError(f"{name}@{v} not found in {registry.root}")
+    results: dict[str, EvalResult] = {}
+    if server:
+        evaluator = ServerEvaluator(
+            server, api_key=api_key, max_tokens=max_tokens, temperature=temperature
+        )
+        try:
+            for v in versions:
+                results[v] = evaluator.evaluate(model_id(name, v), dataset.examples)
+        finally:
+            evaluator.close()
+        via = server
+    else:
+        base = base_model or str(registry.manifest(name, versions[0]).get("base_model") or "")
+        if not base:
+            raise EvalError(f"{name}@{versions[0]}: manifest names no base model; pass one")
+        folders = {v: registry.version_dir(name, v) for v in versions}
+        results = evaluate_offline(
+            base, folders, dataset.examples, max_tokens=max_tokens, generate=generate
+        )
+        via = f"offline (PEFT on {base})"
+    if record:
+        for v, r in results.items():
+            append_eval(
+                registry,
+                name,
+                {
+                    "version": v,
+                    "data": dataset.describe(),
+                    "via": via,
+                    "settings": {"max_tokens": max_tokens, "temperature": temperature},
+                    "metrics": r.means(),
+                    "against": against if v != against else None,
+                },
+            )
+    return results
+
+
+def gate(
+    registry: Registry,
+    name: str,
+    candidate: str,
+    data: str | os.PathLike[str] | Dataset,
+    *,
+    metric: Metric = "loglik",
+    min_delta: float = 0.0,
+    server: str | None = None,
+    api_key: str | None = None,
+    max_tokens: int = 128,
+    base_model: str | None = None,
+    seed: int = 0,
+) -> GateResult:
+    """Promote ``name@candidate`` only if it beats the current version on ``data``."""
+    dataset = data if isinstance(data, Dataset) else load_dataset_file(Path(data))
+    live = registry.current(name)
+    if candidate not in registry.versions(name):
+        raise EvalError(f"{name}@{candidate} not found in {registry.root}")
+    if live == candidate:
+        return GateResult(name, candidate, live, metric, min_delta, False, "already current")
+    if live is None:
+        registry.log_event(
+            name, "gate", to=candidate, decision="promote", reason="no live version", metric=metric
+        )
+        registry.promote(name, candidate, reason="gate: no live version to compare with")
+        return GateResult(
+            name, candidate, None, metric, min_delta, True, "no live version to compare with"
+        )
+    results = evaluate_versions(
+        registry,
+        name,
+        [candidate, live],
+        dataset,
+        server=server,
+        api_key=api_key,
+        max_tokens=max_tokens,
+        base_model=base_model,
+        against=live,
+        generate=metric != "loglik",
+    )
+    comparison = compare(
+        results[candidate].scores[metric], results[live].scores[metric], metric=metric, seed=seed
+    )
+    promoted = is_better(comparison, min_delta)
+    ci = f"{comparison.confidence:.0%} CI [{comparison.ci_low:+.4f}, {comparison.ci_high:+.4f}]"
+    summary = (
+        f"{metric} {comparison.candidate:.4f} vs {comparison.live:.4f} "
+        f"(gain {comparison.delta:+.4f}, {ci}, win rate {comparison.win_rate:.0%}, "
+        f"min delta {min_delta:g})"
+    )
+    reason = summary if promoted else f"not better: {summary}"
+    registry.log_event(
+        name,
+        "gate",
+        **{"from": live, "to": candidate},
+        decision="promote" if promoted else "refuse",
+        reason=reason,
+        min_delta=min_delta,
+        data=dataset.describe(),
+        via=server or "offline",
+        comparison=comparison.as_dict(),
+    )
+    if promoted:
+        registry.promote(name, candidate, reason=f"gate: {summary}")
+    return GateResult(
+        name, candidate, live, metric, min_delta, promoted, reason, comparison, results
+    )
