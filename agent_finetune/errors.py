@@ -13,6 +13,7 @@ Every class also subclasses the built-in that callers already catch::
     │   ├── NotFoundError(RegistryError, KeyError)
     │   └── ValidationError(RegistryError, ValueError)     adapter failed validation
     ├── LoadError(AgentFinetuneError, RuntimeError)        the vLLM server refused a load/swap
+    ├── VllmCompatError(AgentFinetuneError, RuntimeError)  this vLLM lacks what the plugin uses
     ├── AskError(AgentFinetuneError, RuntimeError)         `ask`: server down or name unknown
     └── DemoError(AgentFinetuneError, RuntimeError)        a demo step did not do what it should
 
@@ -71,6 +72,11 @@ class ValidationError(RegistryError, ValueError):
 
 class LoadError(AgentFinetuneError, RuntimeError):
     """The vLLM server refused to load, repoint or unload an adapter."""
+
+
+class VllmCompatError(AgentFinetuneError, RuntimeError):
+    """The installed vLLM lacks an internal the plugin uses, or runs in a mode it cannot
+    serve (``server_plugin.compat``)."""
 
 
 class AskError(AgentFinetuneError, RuntimeError):

@@ -31,9 +31,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from agent_finetune.errors import ConfigError
 from agent_finetune.registry import Registry
 from agent_finetune.registry.adapter import read_adapter_config
 from agent_finetune.registry.names import ENV_REGISTRY
+from server_plugin.compat import multiple_api_servers_error
 from server_plugin.settings import PLUGIN_NAME
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
@@ -80,6 +82,23 @@ def _has_flag(args: Sequence[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
+def api_server_count(args: Sequence[str]) -> int | None:
+    """The value of vLLM's ``--api-server-count`` (alias ``-asc``) in ``args``, if given."""
+    for i, arg in enumerate(args):
+        for flag in ("--api-server-count", "-asc"):
+            if arg == flag and i + 1 < len(args):
+                value = args[i + 1]
+            elif arg.startswith(flag + "="):
+                value = arg.partition("=")[2]
+            else:
+                continue
+            try:
+                return int(value)
+            except ValueError:
+                return None  # vLLM reports the bad value itself
+    return None
+
+
 def plugins_env_value(current: str | None) -> str:
     """``VLLM_PLUGINS`` with ours added, keeping every plugin vLLM would load without it.
 
@@ -108,8 +127,18 @@ def build_command(
     max_pinned: int = 4,
     python: str = sys.executable,
 ) -> list[str]:
-    """The vLLM command line: LoRA on, bounds sized for hot swaps, ``extra_args`` win."""
+    """The vLLM command line: LoRA on, bounds sized for hot swaps, ``extra_args`` win.
+
+    Refuses ``--api-server-count`` > 1: the module run here serves from one process and
+    ignores the flag, and the plugin could not serve from several (see ``compat``).
+    """
     extra = list(extra_args)
+    count = api_server_count(extra)
+    if count is not None and count > 1:
+        raise ConfigError(
+            f"--api-server-count {count}: {multiple_api_servers_error(count)} "
+            f"({VLLM_MODULE} would ignore the flag and start one)"
+        )
     cmd = [python, "-m", VLLM_MODULE, "--model", model, "--port", str(port)]
     if host and not _has_flag(extra, "--host"):
         cmd += ["--host", host]

@@ -1,11 +1,13 @@
-"""The vLLM endpoint plugin: the only module of this package that imports vLLM.
+"""The vLLM endpoint plugin: the reconcile loop inside vLLM's API-server process.
 
 Enabled by ``VLLM_PLUGINS=agent_finetune`` (entry point group ``vllm.endpoint_plugins``)
 and configured by the ``AGENT_FINETUNE_*`` variables (see ``server_plugin.settings``).
 It runs the reconcile loop inside the API-server process and drives vLLM through
 ``state.openai_serving_models``: no ``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` needed, and the
-only route it adds (``GET /v1/adapters``) changes nothing. Every exception is logged and
-kept away from vLLM: a broken plugin leaves a server that serves the base model.
+only route it adds (``GET /v1/adapters``) changes nothing. Every vLLM internal it touches
+goes through ``server_plugin.compat`` (which says which, for which vLLM versions). Every
+exception is logged and kept away from vLLM: a broken plugin leaves a server that serves
+the base model.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from agent_finetune.errors import LoadError
+from agent_finetune.errors import LoadError, VllmCompatError
 from agent_finetune.registry import Registry
 from agent_finetune.registry.adapter import linear_shapes, load_base_config
+from server_plugin import compat
 from server_plugin.cache import AdapterCache, Limits, process_cache_dir
 from server_plugin.reconciler import Reconciler
 from server_plugin.settings import PLUGIN_NAME, Settings
@@ -36,28 +39,23 @@ _MODEL_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/respo
 
 
 class VllmTransport:
-    """Change vLLM's served names in-process through ``OpenAIServingModels``."""
+    """Change vLLM's served names in-process (``compat.ServingModels``)."""
 
-    def __init__(self, models: Any) -> None:
+    def __init__(self, models: compat.ServingModels) -> None:
         self.models = models
 
     async def load(self, served_name: str, path: str) -> None:
-        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-        from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
-
-        existing = self.models.lora_requests.get(served_name)
+        existing = self.models.get(served_name)
         if existing is not None:
-            if existing.lora_path == path:
+            if existing.path == path:
                 return
             raise LoadError(
-                f"{served_name} is already served from {existing.lora_path}; "
+                f"{served_name} is already served from {existing.path}; "
                 "versions are never reloaded in place"
             )
-        result = await self.models.load_lora_adapter(
-            LoadLoRAAdapterRequest(lora_name=served_name, lora_path=path)
-        )
-        if isinstance(result, ErrorResponse):
-            raise LoadError(f"vLLM refused to load {path}: {result.error.message}")
+        refused = await self.models.load(served_name, path)
+        if refused is not None:
+            raise LoadError(f"vLLM refused to load {path}: {refused}")
 
     async def repoint(self, name: str, target: str) -> None:
         if self.models.is_base_model(name):
@@ -65,33 +63,12 @@ class VllmTransport:
                 f"adapter name {name!r} is also a served base model name; rename the adapter "
                 "or start vLLM with another --served-model-name"
             )
-        loaded = self.models.lora_requests.get(target)
-        if loaded is None:
+        if not self.models.point(name, target):
             raise LoadError(f"cannot point {name} at {target}: {target} is not loaded")
-        # The versioned LoRARequest itself, not a copy named `name`: vLLM's worker keys
-        # active adapters by lora_name, so two LoRA ids under one name in a batch (old
-        # requests still running, new ones admitted) crash the engine. Requests admitted
-        # before this line keep the LoRARequest they were admitted with.
-        self.models.lora_requests[name] = loaded
 
     async def unload(self, served_name: str) -> None:
         # Unloading frees no engine memory in vLLM 0.32; the name simply stops resolving.
-        self.models.lora_requests.pop(served_name, None)
-
-
-async def list_models(request: Request) -> Response:
-    """vLLM's ``/v1/models``, listing each served name (a repointed name shares its
-    version's LoRARequest, whose ``lora_name`` is ``name@vNNNN``)."""
-    models = request.app.state.openai_serving_models
-    result = await models.show_available_models()
-    try:
-        names = list(models.lora_requests)  # same order, read before any other await
-        n_base = len(result.data) - len(names)
-        for card, name in zip(result.data[n_base:], names, strict=False):
-            card.id = name
-    except Exception:
-        logger.exception("agent_finetune: renaming /v1/models entries failed")
-    return JSONResponse(content=result.model_dump())
+        self.models.drop(served_name)
 
 
 def _limits(engine_client: Any, args: Namespace, settings: Settings) -> Limits:
@@ -194,15 +171,32 @@ class EndpointPlugin:
         self.reconciler: Reconciler | None = None
         self.watcher: RegistryWatcher | None = None
         self.error: str | None = None
+        self.internals: compat.Internals | None = None
+        self.models: compat.ServingModels | None = None
         self._task: asyncio.Task[None] | None = None
 
     def attach_router(self, app: Any) -> None:
         try:
-            app.add_api_route("/v1/adapters", self.adapters, methods=["GET"])
-            app.add_api_route("/v1/models", list_models, methods=["GET"])
+            self.internals = compat.detect()
+        except VllmCompatError as e:
+            self.error = str(e)
+            logger.error("agent_finetune: %s; plugin disabled", e)
+        try:
+            compat.replace_route(app, "/v1/adapters", self.adapters, ["GET"])
+            if self.internals is not None:  # else vLLM's own /v1/models keeps answering
+                compat.replace_route(app, "/v1/models", self.list_models, ["GET"])
             app.add_middleware(PinnedModelMiddleware, plugin=self)
         except Exception:
             logger.exception("agent_finetune: attaching routes failed; plugin disabled")
+
+    async def list_models(self, request: Request) -> Response:
+        """vLLM's ``/v1/models``, listing each adapter under its served name."""
+        models = self.models
+        if models is None and self.internals is not None:
+            models = compat.ServingModels.from_state(request.app.state, self.internals)
+        if models is None:
+            return _error(503, self.error or "agent_finetune plugin is starting", "Unavailable")
+        return JSONResponse(content=await models.model_list())
 
     async def adapters(self, request: Request) -> Response:
         """Per adapter name: desired and live version, state, last error, load times."""
@@ -235,9 +229,16 @@ class EndpointPlugin:
             self.error = "agent_finetune needs LoRA: start vLLM with --enable-lora"
             logger.error("agent_finetune: %s", self.error)
             return
+        count = compat.api_process_count(engine_client, args)
+        if count > 1:
+            self.error = compat.multiple_api_servers_error(count)
+            logger.error("agent_finetune: %s; plugin disabled", self.error)
+            return
         try:
             settings = Settings.from_env()
-        except ValueError as e:
+            self.internals = self.internals or compat.detect()
+            models = self.models = compat.ServingModels.from_state(state, self.internals)
+        except (ValueError, VllmCompatError) as e:
             self.error = str(e)
             logger.error("agent_finetune: %s; plugin disabled", e)
             return
@@ -246,7 +247,7 @@ class EndpointPlugin:
         reconciler = Reconciler(
             Registry(settings.registry),
             cache,
-            VllmTransport(state.openai_serving_models),
+            VllmTransport(models),
             resync_s=settings.resync_s,
             max_pinned=settings.max_pinned,
             cache_grace_s=settings.cache_grace_s,

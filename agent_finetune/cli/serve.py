@@ -111,8 +111,13 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
 
 def run_serve(args: argparse.Namespace) -> int:
     """``serve``: replace this process with vLLM (returns only on failure)."""
+    from server_plugin import compat
+
     _registry(args.registry)
     cmd, env = serve_command(args)
+    warning = compat.check_version(compat.installed_version())  # raises for < 0.26
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     if args.dry_run:
         shown = {k: env[k] for k in sorted(env) if k.startswith(("AGENT_FINETUNE_", "VLLM_"))}
         print(" ".join(f"{k}={shlex.quote(v)}" for k, v in shown.items()), shlex.join(cmd))
