@@ -10,11 +10,15 @@ unloads ``<name>``, waits until no request on ``<name>`` is running (vLLM's work
 adapters by name: two LoRA ids under one name in one batch crash its engine), then loads
 ``<name>`` again from the new version's path. Meanwhile ``<name>`` answers 404: clients
 should retry, or pin versions, or use the plugin, which has no such window.
+
+Refuses vLLM 0.26-0.30 with prefix caching on: those key cached prompts by LoRA name alone,
+so the reloaded name would answer from the old version's KV (``compat.stale_prefix_cache_error``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -31,6 +35,7 @@ from agent_finetune.errors import LoadError
 from agent_finetune.registry import Registry
 from agent_finetune.registry.adapter import load_base_config
 from server_plugin.cache import AdapterCache, Limits
+from server_plugin.compat import stale_prefix_cache_error
 from server_plugin.reconciler import Reconciler
 from server_plugin.settings import default_cache_root
 from server_plugin.watcher import RegistryWatcher
@@ -111,6 +116,27 @@ class HttpTransport:
             )
 
 
+_CACHE_INFO = re.compile(r"^vllm:cache_config_info\{(?P<labels>[^}]*)\}", re.M)
+
+
+async def server_facts(client: httpx.AsyncClient) -> tuple[str | None, bool | None]:
+    """The server's vLLM version (``GET /version``) and whether prefix caching is on
+    (``vllm:cache_config_info`` in ``/metrics``); None where the server does not say."""
+    version: str | None = None
+    prefix_caching: bool | None = None
+    r = await client.get("/version")
+    if r.status_code == 200:
+        with contextlib.suppress(ValueError, AttributeError):
+            found = r.json().get("version")
+            version = str(found) if found else None
+    r = await client.get("/metrics")
+    if r.status_code == 200 and (m := _CACHE_INFO.search(r.text)):
+        flag = dict(_LABEL.findall(m["labels"])).get("enable_prefix_caching")
+        if flag is not None:
+            prefix_caching = flag.lower() == "true"
+    return version, prefix_caching
+
+
 _LORA_INFO = re.compile(r"^vllm:lora_requests_info\{(?P<labels>[^}]*)\}\s+(?P<value>\S+)$", re.M)
 _LABEL = re.compile(r'(\w+)="([^"]*)"')
 
@@ -156,16 +182,26 @@ async def _base_model(transport: HttpTransport) -> str | None:
     return None
 
 
-async def sync(options: SyncOptions) -> int:
-    """Run the sidecar; with ``once`` reconcile one pass, print the status, exit 1 on failures."""
+async def sync(options: SyncOptions, http: httpx.AsyncBaseTransport | None = None) -> int:
+    """Run the sidecar; with ``once`` reconcile one pass, print the status, exit 1 on failures.
+
+    Exit 2 when the server cannot be reached or cannot swap safely. ``http`` replaces the
+    network (tests).
+    """
     headers = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
     base_url = options.server.rstrip("/").removesuffix("/v1")
-    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=60.0) as client:
+    async with httpx.AsyncClient(
+        base_url=base_url, headers=headers, timeout=60.0, transport=http
+    ) as client:
         transport = HttpTransport(client)
         try:
             base_model = options.base_model or await _base_model(transport)
+            stale = stale_prefix_cache_error(*await server_facts(client))
         except httpx.HTTPError as e:
             print(f"error: cannot reach {base_url}/v1/models: {e}", file=sys.stderr)
+            return 2
+        if stale is not None:
+            print(f"error: {base_url}: {stale}", file=sys.stderr)
             return 2
         base_config = load_base_config(base_model) if base_model else None
         limits = Limits(options.max_rank, base_model, base_config, options.strict_base)
