@@ -28,7 +28,8 @@ NICE=${NICE:-nice -n 10}
 UV=${UV-$(command -v uv || true)}
 # uv reads no pip.conf: pass on the local wheel folders pip is configured with.
 export UV_FIND_LINKS=${UV_FIND_LINKS:-${PIP_FIND_LINKS:-}}
-TESTS=${TESTS:-tests/server/test_compat.py tests/server/test_server.py}
+TESTS_FULL="tests/server/test_compat.py tests/server/test_server.py"
+TESTS=${TESTS:-$TESTS_FULL}
 OUT_JSON=$ROOT/bench/vllm_matrix.json
 install_only=0
 versions=()
@@ -105,13 +106,15 @@ for v in "${versions[@]}"; do
   PYTHONPATH=$ROOT HF_HUB_OFFLINE=1 timeout 1200 $NICE "$py" bench/hot_swap.py --swaps-only \
     --swaps "$SWAPS" --json "$swap_json" >"$VENVS/vllm-$v.swap.log" 2>&1
   swap_rc=$?
+  SET=$([ "$TESTS" = "$TESTS_FULL" ] && echo full || echo "$TESTS") \
   V="$v" GOT="$got" RC="$test_rc" S="$test_s" SRC="$swap_rc" J="$junit" SJ="$swap_json" "$PYTHON" - >"$res" <<'PY'
 import json, os, xml.etree.ElementTree as ET
 from pathlib import Path
 e = os.environ
 vllm, torch, transformers = e["GOT"].split()
 out = {"version": e["V"], "installed": True, "vllm": vllm, "torch": torch,
-       "transformers": transformers, "tests_rc": int(e["RC"]), "tests_s": int(e["S"])}
+       "transformers": transformers, "tests_rc": int(e["RC"]), "tests_s": int(e["S"]),
+       "test_set": e["SET"]}
 if Path(e["J"]).exists():
     suite = ET.parse(e["J"]).getroot()
     suite = suite if suite.tag == "testsuite" else suite[0]
@@ -163,7 +166,9 @@ for r in ordered:
     verdict = "pass" if r.get("tests_rc") == 0 else "FAIL: " + ", ".join(r.get("failures", []))
     swap = (f"{r['swap_p95_s'] * 1000:.0f} ms / {r['rollback_p95_s'] * 1000:.0f} ms"
             if "swap_p95_s" in r else r.get("swap_error", "-"))
-    md.append(f"| {r['version']} | {r['torch']} | {verdict} ({n - failed}/{n}) | {swap} |")
+    test_set = r.get("test_set", "full")
+    subset = "" if test_set == "full" else ", only " + " ".join(t.split("/")[-1] for t in test_set.split())
+    md.append(f"| {r['version']} | {r['torch']} | {verdict} ({n - failed}/{n}{subset}) | {swap} |")
 out.with_suffix(".md").write_text("\n".join(md) + "\n")
 print("\n".join(md))
 PY

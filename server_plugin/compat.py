@@ -208,20 +208,25 @@ def multiple_api_servers_error(count: int) -> str:
 
 
 def replace_route(app: Any, path: str, endpoint: Any, methods: Sequence[str]) -> None:
-    """Serve ``methods`` on ``path`` with ``endpoint``, replacing vLLM's route for them.
+    """Serve ``methods`` on ``path`` with ``endpoint``, in place of vLLM's route for them.
 
     vLLM 0.26-0.31 append plugin routes after the core ones (the core route would keep
-    answering); 0.32+ reorders them. Dropping the core route first works on both.
+    answering); 0.32+ moves them into the core route's place. Doing that here works on
+    both: the new route takes the place of the first route it replaces (ahead of mounts).
     """
     wanted = set(methods)
-    kept = []
+    kept: list[Any] = []
+    at: int | None = None
     for route in app.router.routes:
         same = getattr(route, "path", None) == path and set(getattr(route, "methods", ()) or ())
-        if same and same <= wanted:
-            continue  # a core route with only methods we replace
+        if same and same <= wanted:  # a route with only methods we replace
+            at = len(kept) if at is None else at
+            continue
         kept.append(route)
     app.router.routes[:] = kept
     app.add_api_route(path, endpoint, methods=list(methods))
+    if at is not None:
+        app.router.routes.insert(at, app.router.routes.pop())
 
 
 @dataclass(frozen=True)

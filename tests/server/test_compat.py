@@ -210,10 +210,13 @@ def test_replace_route_wins_over_the_core_route() -> None:
     app = FastAPI()
     app.add_api_route("/v1/models", lambda: {"who": "core"}, methods=["GET"])
     app.add_api_route("/v1/models", lambda: {"who": "core-post"}, methods=["POST"])
+    app.mount("/", lambda scope, receive, send: None)  # a catch-all after the core routes
     compat.replace_route(app, "/v1/models", lambda: {"who": "plugin"}, ["GET"])
+    compat.replace_route(app, "/v1/adapters", lambda: {"who": "new"}, ["GET"])
     client = TestClient(app)
     assert client.get("/v1/models").json() == {"who": "plugin"}
     assert client.post("/v1/models").json() == {"who": "core-post"}
+    assert [getattr(r, "path", "") for r in app.router.routes][-2:] == ["", "/v1/adapters"]
 
 
 class FakeServingModels:
@@ -318,3 +321,8 @@ def test_the_installed_vllm_has_every_internal_the_plugin_uses() -> None:
     from server_plugin.plugin import EndpointPlugin
 
     assert isinstance(EndpointPlugin(), Protocol)
+    from vllm.config import ParallelConfig
+
+    engine = types.SimpleNamespace(vllm_config=types.SimpleNamespace(parallel_config=None))
+    engine.vllm_config.parallel_config = ParallelConfig(_api_process_count=2)
+    assert compat.api_process_count(engine, Namespace(api_server_count=None)) == 2
