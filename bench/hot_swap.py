@@ -13,9 +13,6 @@ Measures, with the agent_finetune plugin serving a registry:
   medians).
 
     .venv/bin/python bench/hot_swap.py --swaps 50 --json bench/hot_swap.json
-
-``--swaps-only`` starts one server (no baseline) and measures idle swaps and rollbacks only
-(``bench/vllm_matrix.sh`` runs it under each vLLM version).
 """
 
 from __future__ import annotations
@@ -173,11 +170,6 @@ def parse_args() -> argparse.Namespace:
         "--control",
         action="store_true",
         help="A/A run: two servers without the plugin, latency only (this machine's noise)",
-    )
-    parser.add_argument(
-        "--swaps-only",
-        action="store_true",
-        help="one server; idle swaps and rollbacks only (no baseline, latency or load phase)",
     )
     parser.add_argument("--workdir", default=None, help="scratch folder (default: temp)")
     parser.add_argument("--json", default=str(ROOT / "bench" / "hot_swap.json"))

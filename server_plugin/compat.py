@@ -29,6 +29,14 @@ the plugin uses, by version:
   ``vllm.entrypoints.openai.engine.protocol`` (0.26-0.28).
 - **load_inplace**: a field of ``LoadLoRAAdapterRequest`` (0.26+). Detected, never set: a
   swap loads the new version under its own name, so requests in flight keep theirs.
+- **Prefix-cache key of a LoRA** (``vllm/v1/core/kv_cache_utils.py``,
+  ``_gen_lora_extra_hash_keys``): the LoRA name alone in 0.26-0.30 (vllm-project/vllm
+  #42125), name and path from 0.31. So on 0.26-0.30 with prefix caching on (the GPU
+  default), a name unloaded and loaded again from another path answers from the previous
+  adapter's cached prompt KV. The plugin never reuses a name for other weights (a public
+  name resolves to its version's own ``LoRARequest``); the HTTP sidecar does, and refuses
+  such servers (:func:`stale_prefix_cache_error`). Seen on GPU vLLM 0.26.0 (H200); CPU
+  builds use 128-token blocks, so short test prompts never fill a cached block there.
 - **API-server processes**: ``vllm_config.parallel_config._api_process_count`` (0.26+).
   With ``--api-server-count N > 1`` (``vllm serve``) each process runs its own plugin with
   its own LoRA id counter: N loads of everything, and one id may name different adapters
@@ -111,6 +119,28 @@ def check_version(version: str | None) -> str | None:
             "missing in GET /v1/adapters"
         )
     return None
+
+
+# The first line whose prefix-cache key of a LoRA includes its path (see the docstring).
+PREFIX_CACHE_KEYS_LORA_PATH = (0, 31)
+
+
+def stale_prefix_cache_error(version: str | None, prefix_caching: bool | None) -> str | None:
+    """Why repointing a name over vLLM's HTTP API (unload, then load from another path)
+    would answer from the previous adapter's cached KV on this server; None if it would not.
+
+    ``prefix_caching`` None (unknown) counts as on: it is vLLM's default.
+    """
+    if prefix_caching is False or version is None:
+        return None
+    if parse_version(version) >= PREFIX_CACHE_KEYS_LORA_PATH:
+        return None
+    return (
+        f"vLLM {version} keys its prefix cache by LoRA name alone (vllm-project/vllm#42125): "
+        "after a swap a name would answer from the previous version's cached prompt KV. "
+        "Start vLLM with --no-enable-prefix-caching, upgrade to vLLM >= 0.31, or serve "
+        "with the plugin (agent-finetune serve), which gives every version its own name"
+    )
 
 
 def _locate(candidates: Sequence[tuple[str, str]], what: str) -> Any:

@@ -22,11 +22,15 @@ retry, or pin versions, or use the plugin, which has no such window.
 The cache folder is ``<cache>/sidecar-<hash of the server URL>``, locked for the sidecar's
 lifetime (a second sidecar for the same server refuses to start) and kept at exit: the
 server may still re-read the copies it serves.
+
+Refuses vLLM 0.26-0.30 with prefix caching on: those key cached prompts by LoRA name alone,
+so the reloaded name would answer from the old version's KV (``compat.stale_prefix_cache_error``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -48,6 +52,7 @@ from agent_finetune.registry.adapter import load_base_config
 from agent_finetune.registry.names import ENV_REGISTRY, server_root
 from agent_finetune.registry.store import atomic_write_json
 from server_plugin.cache import AdapterCache, Limits, ProcessDir
+from server_plugin.compat import stale_prefix_cache_error
 from server_plugin.reconciler import Reconciler
 from server_plugin.settings import Settings, default_cache_root, reconciler_options
 from server_plugin.watcher import RegistryWatcher
@@ -213,6 +218,29 @@ class HttpTransport:
 _SAMPLE = re.compile(
     r"^(?P<metric>vllm:[a-z_]+)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)", re.MULTILINE
 )
+
+
+_CACHE_INFO = re.compile(r"^vllm:cache_config_info\{(?P<labels>[^}]*)\}", re.M)
+
+
+async def server_facts(client: httpx.AsyncClient) -> tuple[str | None, bool | None]:
+    """The server's vLLM version (``GET /version``) and whether prefix caching is on
+    (``vllm:cache_config_info`` in ``/metrics``); None where the server does not say."""
+    version: str | None = None
+    prefix_caching: bool | None = None
+    r = await client.get("/version")
+    if r.status_code == 200:
+        with contextlib.suppress(ValueError, AttributeError):
+            found = r.json().get("version")
+            version = str(found) if found else None
+    r = await client.get("/metrics")
+    if r.status_code == 200 and (m := _CACHE_INFO.search(r.text)):
+        flag = dict(_LABEL.findall(m["labels"])).get("enable_prefix_caching")
+        if flag is not None:
+            prefix_caching = flag.lower() == "true"
+    return version, prefix_caching
+
+
 _LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 
@@ -273,8 +301,12 @@ def _settings(options: SyncOptions) -> Settings:
     )
 
 
-async def sync(options: SyncOptions) -> int:
-    """Run the sidecar; with ``once`` reconcile one pass, print the status, exit 1 on failures."""
+async def sync(options: SyncOptions, http: httpx.AsyncBaseTransport | None = None) -> int:
+    """Run the sidecar; with ``once`` reconcile one pass, print the status, exit 1 on failures.
+
+    Exit 2 when the server cannot be reached or cannot swap safely. ``http`` replaces the
+    network (tests).
+    """
     try:
         settings = _settings(options)
     except ValueError as e:
@@ -282,13 +314,21 @@ async def sync(options: SyncOptions) -> int:
         return 2
     headers = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
     base_url = server_root(options.server)
-    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=60.0) as client:
+    async with httpx.AsyncClient(
+        base_url=base_url, headers=headers, timeout=60.0, transport=http
+    ) as client:
         transport = HttpTransport(client, drain_s=settings.drain_s)
         try:
-            await transport.probe()
-            base_model = options.base_model or await _base_model(transport)
+            # Read-only checks first: a server that cannot swap safely gets no request at all.
+            stale = stale_prefix_cache_error(*await server_facts(client))
+            if stale is None:
+                await transport.probe()
+                base_model = options.base_model or await _base_model(transport)
         except (LoadError, httpx.HTTPError) as e:
             print(f"error: {e}", file=sys.stderr)
+            return 2
+        if stale is not None:
+            print(f"error: {base_url}: {stale}", file=sys.stderr)
             return 2
         base_config = load_base_config(base_model) if base_model else None
         limits = Limits(options.max_rank, base_model, base_config, options.strict_base)

@@ -51,6 +51,7 @@ def write_adapter(
     extra_config: dict[str, Any] | None = None,
     extra_tensors: dict[str, tuple[int, ...]] | None = None,
     seed: int = 0,
+    dtype: Any = np.float32,
 ) -> Path:
     """Write a PEFT LoRA folder with random weights shaped for ``base_config``."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -66,6 +67,7 @@ def write_adapter(
             tensors[f"{prefix}.lora_B.weight"] = rng.standard_normal((out_f, r)).astype(np.float32)
     for name, shape in (extra_tensors or {}).items():
         tensors[name] = rng.standard_normal(shape).astype(np.float32)
+    tensors = {k: v.astype(dtype, copy=False) for k, v in tensors.items()}
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     config = {
         "peft_type": "LORA",

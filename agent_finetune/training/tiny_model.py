@@ -36,6 +36,19 @@ _BASE_CORPUS = [
 
 # Shapes of real models, for benchmarks with random weights (no hub here).
 KNOWN_SHAPES: dict[str, dict[str, Any]] = {
+    "qwen2.5-0.5b": {
+        "model_type": "qwen2",
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+    },
     "qwen2.5-1.5b": {
         "model_type": "qwen2",
         "hidden_size": 1536,
@@ -148,6 +161,54 @@ def build_tiny_model(
         "and the demo. Its answers are meaningless until a LoRA adapter is trained on it.\n",
         encoding="utf-8",
     )
+    return out
+
+
+def build_shaped_model(
+    out_dir: str | Path,
+    shape: str,
+    *,
+    weights: bool = True,
+    corpus_files: Iterable[str | Path] = (),
+    seed: int = 0,
+) -> Path:
+    """Write a model of a real shape (``KNOWN_SHAPES``) with random bf16 weights and the
+    locally trained tokenizer to ``out_dir``; vLLM serves it like the real model.
+
+    The vocabulary is the tokenizer's (1024), not the real one: a random model would
+    otherwise emit ids the tokenizer cannot decode. ``weights=False`` writes only the
+    config and tokenizer, for vLLM's ``--load-format dummy`` (random weights in place).
+    Weights are drawn on the GPU when there is one (seconds even for 7B shapes).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(_corpus_from_files(corpus_files))
+    fields = dict(KNOWN_SHAPES[shape])
+    model_type = fields.pop("model_type")
+    fields.update(
+        vocab_size=len(tokenizer),
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = AutoConfig.for_model(model_type, **fields)
+    config.dtype = torch.bfloat16
+    generation = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    if weights:
+        torch.manual_seed(seed)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model.generation_config = generation
+        model.save_pretrained(out, safe_serialization=True)
+    else:
+        config.save_pretrained(out)
+        generation.save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return out
 
 

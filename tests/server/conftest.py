@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from helpers import FAKE_BASE_CONFIG, edit_config, write_adapter
-from hotswap_live import GOOD_SEEDS, Live
+from hotswap_live import ENV_TEST_MODEL, GOOD_SEEDS, Live
 
 from agent_finetune.training.tiny_model import random_adapter
 
@@ -44,7 +45,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     from agent_finetune.training.tiny_model import build_tiny_model
 
     workdir = tmp_path_factory.mktemp("hotswap")
-    model = build_tiny_model(workdir / "tiny")
+    given = os.environ.get(ENV_TEST_MODEL)
+    model = Path(given).absolute() if given else build_tiny_model(workdir / "tiny")
     server = Live(model, workdir)
     server.start(wait=False)
     try:

@@ -1,7 +1,18 @@
-"""The session's live vLLM server for the end-to-end tests, and the constants they share."""
+"""The session's live vLLM server for the end-to-end tests, and the constants they share.
+
+Two variables point the same tests at other hardware (e.g. GPU vLLM on an H200, see
+BENCHMARKS.md "GPU serving"):
+
+- ``AGENT_FINETUNE_TEST_MODEL``: a local model folder to serve instead of the tiny one
+  (e.g. ``build_shaped_model(out, "qwen2.5-0.5b")``: a real shape, random weights);
+- ``AGENT_FINETUNE_TEST_VLLM_ARGS``: more vLLM arguments, appended last so they win
+  (e.g. ``--gpu-memory-utilization 0.5 --enforce-eager``).
+"""
 
 from __future__ import annotations
 
+import os
+import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +26,8 @@ RESYNC_S = 1.0
 PROMPT = "How do I reset my password?"
 MAX_TOKENS = 16
 GOOD_SEEDS = range(8)
+ENV_TEST_MODEL = "AGENT_FINETUNE_TEST_MODEL"
+ENV_TEST_VLLM_ARGS = "AGENT_FINETUNE_TEST_VLLM_ARGS"
 BAD_KINDS = (
     "rank",
     "modules_to_save",
@@ -60,7 +73,10 @@ class Live:
             self.registry.root,
             log_path=self.workdir / f"vllm-{self.starts}.log",
             settings=settings,
-            extra_args=["--max-model-len", "256", "--dtype", "bfloat16", "--api-key", API_KEY],
+            extra_args=[
+                *("--max-model-len", "256", "--dtype", "bfloat16", "--api-key", API_KEY),
+                *shlex.split(os.environ.get(ENV_TEST_VLLM_ARGS, "")),
+            ],
             max_cpu_loras=8,
             tool_call_parser="hermes",  # what agent frameworks' `tools` need
             wait=wait,
