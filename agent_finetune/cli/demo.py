@@ -323,6 +323,7 @@ def _canary_story(run: DemoRun, server: ServerHandle, candidate: str) -> float:
         reason="demo: a canary agents will rate badly",
     )
     print(f"canary start {NAME}@{candidate} --weight 50 (current: {live})")
+    _wait_for_canary(server, candidate)
     rows = json.loads(run.v1_data.read_text(encoding="utf-8"))[:12]
     t = time.perf_counter()
     first_bad: float | None = None
@@ -364,6 +365,18 @@ def _canary_story(run: DemoRun, server: ServerHandle, candidate: str) -> float:
         raise DemoError(f"expected 100% back on {live} after canary_abort; got {after}")
     run.story.steps.append(Step(f"canary {candidate} rolled back", abort_s, event["reason"]))
     return abort_s
+
+
+def _wait_for_canary(server: ServerHandle, candidate: str, timeout: float = 30.0) -> None:
+    """Until the server routes the canary: it reads the registry on a file event or its next
+    resync, and an answer given before that is not the canary's to rate."""
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        running = (server.get_json("/v1/adapters").get("canary") or {}).get("names") or {}
+        if (running.get(NAME) or {}).get("version") == candidate:
+            return
+        time.sleep(0.05)
+    raise DemoError(f"the server did not start routing the canary of {candidate} in {timeout:.0f}s")
 
 
 def _chat_raw(base_url: str, question: str, user: str) -> dict[str, Any]:

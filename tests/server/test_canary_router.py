@@ -248,6 +248,8 @@ def test_parse_feedback_accepts_the_documented_shape() -> None:
 
 
 class FakeReconciler:
+    lazy = False  # every name preloaded: the middleware loads pins only
+
     def __init__(self, fail: str | None = None) -> None:
         self.fail = fail
         self.pinned: list[str] = []

@@ -228,7 +228,7 @@ def test_middleware_loads_a_lazy_name_before_the_app_sees_the_request(tmp_path: 
         body = json.loads((await receive())["body"])
         seen.append((body["model"], body["model"] in transport.table))
 
-    plugin = type("Plugin", (), {"reconciler": rec, "max_parse_bytes": 1 << 20})()
+    plugin = type("Plugin", (), {"reconciler": rec, "max_parse_bytes": 1 << 20, "canary": None})()
     middleware = PinnedModelMiddleware(app, plugin)  # type: ignore[arg-type]
 
     async def request(model: str) -> None:
