@@ -136,7 +136,9 @@ def call_middleware(reconciler: Any, body: bytes, path: str = "/v1/chat/completi
         received.append(data)
 
     async def scenario() -> None:
-        plugin = type("P", (), {"reconciler": reconciler, "max_parse_bytes": 1 << 20, "canary": None})()
+        plugin = type(
+            "P", (), {"reconciler": reconciler, "max_parse_bytes": 1 << 20, "canary": None}
+        )()
         mw = PinnedModelMiddleware(app, plugin)
         chunks = [body[:5], body[5:]]
 
