@@ -133,13 +133,3 @@ def edit_config(folder: Path, **changes: Any) -> None:
     cfg = json.loads(path.read_text())
     cfg.update(changes)
     path.write_text(json.dumps(cfg, indent=2))
-
-
-# A made-up base model for the fast tests: no torch, no vLLM.
-FAKE_BASE_CONFIG = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "head_dim": 32,
-}
