@@ -7,7 +7,9 @@ NaN/Inf scan alone), so the CLI and the vLLM plugin import it fast. One concept 
 - ``adapter``: the PEFT folder format and what vLLM can serve;
 - ``names``: the ``name@vNNNN`` grammar and the registry environment variable;
 - ``index``: a rebuildable listing cache (``.index.json``) for ``list`` at thousands of names;
-- ``fsck``: finding and repairing crash leftovers and damage.
+- ``fsck``: finding and repairing crash leftovers and damage;
+- ``evals``: append-only evaluation records per version;
+- ``canary``: canary state beside ``current`` (version, weight, guards).
 """
 
 from agent_finetune.registry.names import (
