@@ -336,10 +336,13 @@ def _canary_story(run: DemoRun, server: ServerHandle, candidate: str) -> float:
         good = answer["choices"][0]["message"]["content"].strip() == row["response"]
         if not good and first_bad is None:
             first_bad = time.perf_counter()
-        _post_json(
-            server.url + f"/v1/adapters/{NAME}/feedback",
-            {"id": answer["id"], "score": 1 if good else -1, "model": model},
-        )
+        if not _rate(server, answer["id"], 1 if good else -1, model):
+            # 404: the server no longer runs this canary (its guard has just tripped); the
+            # registry says so a moment later.
+            for _ in range(100):
+                if read_canary(registry, NAME) is None:
+                    break
+                time.sleep(0.05)
         if read_canary(registry, NAME) is None:
             break
         time.sleep(0.02)
@@ -377,6 +380,22 @@ def _wait_for_canary(server: ServerHandle, candidate: str, timeout: float = 30.0
             return
         time.sleep(0.05)
     raise DemoError(f"the server did not start routing the canary of {candidate} in {timeout:.0f}s")
+
+
+def _rate(server: ServerHandle, response_id: str, score: int, model: str) -> bool:
+    """Post an agent's score for one answer; False when the server runs no canary for it."""
+    import urllib.error
+
+    try:
+        _post_json(
+            server.url + f"/v1/adapters/{NAME}/feedback",
+            {"id": response_id, "score": score, "model": model},
+        )
+    except urllib.error.HTTPError as e:
+        if e.code != 404:
+            raise
+        return False
+    return True
 
 
 def _chat_raw(base_url: str, question: str, user: str) -> dict[str, Any]:
