@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from agent_finetune.errors import RegistryError, ValidationError
+from agent_finetune.errors import RegistryError
 from agent_finetune.registry.names import check_version, utc_now
 from agent_finetune.registry.store import Registry, _fsync_dir, atomic_write_json
 
@@ -186,17 +186,7 @@ def start_canary(
     versions = registry.versions(name)
     if not versions:
         raise RegistryError(f"no adapter named {name!r} in {registry.root}")
-    if version not in versions:
-        raise RegistryError(
-            f"{name}@{version} not found; published versions: {', '.join(versions)}"
-        )
-    report = registry.verify(name, version)
-    if not report.ok:
-        raise ValidationError(
-            f"{name}@{version} failed validation; no canary started:\n  - "
-            + "\n  - ".join(report.problems),
-            report.problems,
-        )
+    registry.require_servable(name, version, refused="no canary is started")
     with _canary_lock(registry, name):
         existing = _read_lenient(registry, name)
         if existing is not None:

@@ -743,7 +743,7 @@ class Registry:
         check_version(version)
         self._require_name(name)
         with self.lock(name):
-            self._require_servable(name, version)
+            self.require_servable(name, version)
             if self.current(name) != version:
                 self._set_current(name, version, "promote", reason)
         return version
@@ -769,7 +769,7 @@ class Registry:
                         f"another version); use --to VERSION (published: "
                         f"{', '.join(self.versions(name))})"
                     )
-            self._require_servable(name, to)
+            self.require_servable(name, to)
             if to != cur:
                 self._set_current(name, to, "rollback", reason)
         return to
@@ -783,7 +783,10 @@ class Registry:
                 return before if isinstance(before, str) and before != cur else None
         return None
 
-    def _require_servable(self, name: str, version: str) -> None:
+    def require_servable(
+        self, name: str, version: str, *, refused: str = "will not be made current"
+    ) -> None:
+        """Raise unless ``version`` is published and verifies; ``refused`` ends the message."""
         if version not in self.versions(name):
             raise NotFoundError(
                 f"{name}@{version} not found; published versions: "
@@ -792,7 +795,7 @@ class Registry:
         report = self.verify(name, version)
         if not report.ok:
             raise ValidationError(
-                f"{name}@{version} failed validation and will not be made current:\n  - "
+                f"{name}@{version} failed validation and {refused}:\n  - "
                 + "\n  - ".join(report.problems),
                 report.problems,
             )
