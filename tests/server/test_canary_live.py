@@ -13,7 +13,7 @@ import urllib.request
 from typing import Any
 
 import pytest
-from hotswap_live import API_KEY, MAX_TOKENS, PROMPT, RESYNC_S, Live
+from hotswap_live import API_KEY, MAX_TOKENS, PROMPT, RESYNC_S, Live, vllm_args
 
 from agent_finetune.cli.app import EXIT_REFUSED, main
 from agent_finetune.registry.canary import read_canary
@@ -226,7 +226,7 @@ def test_two_replicas_share_one_canary(live: Live) -> None:
             "AGENT_FINETUNE_RESYNC_S": str(RESYNC_S),
             "AGENT_FINETUNE_CACHE_DIR": str(live.workdir / "cache-replica"),
         },
-        extra_args=["--max-model-len", "256", "--dtype", "bfloat16", "--api-key", API_KEY],
+        extra_args=vllm_args(),
         max_cpu_loras=8,
         wait=False,
     )

@@ -39,7 +39,7 @@ def served(live: Live) -> Live:
         live.registry.publish(NAME, live.good[5])
         live.registry.publish(NAME, live.good[6], make_current=False)
         live.registry.publish(NAME, live.good[7], make_current=False)
-    live.wait_live(NAME, "v0001")
+    live.wait_servable(NAME, "v0001")
     return live
 
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hotswap_live import API_KEY, RESYNC_S, Live
+from hotswap_live import API_KEY, RESYNC_S, Live, vllm_args
 
 from agent_finetune.cli import main
 from server_plugin.launch import ServerHandle, start_server
@@ -32,7 +32,7 @@ def lazy_replica(live: Live) -> Iterator[ServerHandle]:
             "AGENT_FINETUNE_CACHE_DIR": str(live.workdir / "replica-cache"),
             "AGENT_FINETUNE_PRELOAD": "none",
         },
-        extra_args=["--max-model-len", "256", "--dtype", "bfloat16", "--api-key", API_KEY],
+        extra_args=vllm_args(),
         wait=False,
     )
     try:

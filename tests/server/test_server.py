@@ -244,6 +244,17 @@ def test_restart_serves_every_current_version(live: Live) -> None:
         assert live.adapter(name)["live"] == version  # type: ignore[index]
 
 
+def sidecar_refused(live: Live) -> bool:
+    """Whether ``sync`` refuses this server (e.g. GPU vLLM 0.26 with prefix caching: a
+    swapped name would answer from the old version's KV; see ``compat``)."""
+
+    async def facts() -> tuple[str | None, bool | None]:
+        async with httpx.AsyncClient(base_url=live.handle.url) as client:
+            return await server_facts(client)
+
+    return stale_prefix_cache_error(*asyncio.run(facts())) is not None
+
+
 def test_sidecar_sync_drives_a_server_over_http(live: Live) -> None:
     if not live.runtime_updates:
         live.restart(runtime_updates=True)
@@ -259,11 +270,7 @@ def test_sidecar_sync_drives_a_server_over_http(live: Live) -> None:
         once=True,
     )
 
-    async def facts() -> tuple[str | None, bool | None]:
-        async with httpx.AsyncClient(base_url=live.handle.url) as client:
-            return await server_facts(client)
-
-    if stale_prefix_cache_error(*asyncio.run(facts())):  # e.g. GPU vLLM 0.26: see compat
+    if sidecar_refused(live):
         assert asyncio.run(sync(options)) == 2  # refused: it would answer from stale KV
         assert "side" not in {m.id for m in live.client().models.list().data}
         return
@@ -285,6 +292,8 @@ def test_sidecar_reloads_what_the_server_lost(live: Live) -> None:
     """Finding: the sidecar never noticed what the server lost (a restart serves nothing)."""
     if not live.runtime_updates:
         live.restart(runtime_updates=True)
+    if sidecar_refused(live):
+        pytest.skip("sync refuses this vLLM (test_sidecar_sync_drives_a_server_over_http)")
     from agent_finetune.registry import Registry
 
     side = Registry(live.workdir / "sidecar-live-registry")
