@@ -66,12 +66,18 @@ class Live:
         self.starts = 0
 
     # -- server -----------------------------------------------------------------------
-    def start(self, *, runtime_updates: bool = False, wait: bool = True) -> None:
-        settings = {
+    def settings(self, cache: str) -> dict[str, str]:
+        """What every test server of this session is started with; its own cache folder."""
+        return {
             "VLLM_CPU_KVCACHE_SPACE": "1",
             "HF_HUB_OFFLINE": "1",
             "AGENT_FINETUNE_RESYNC_S": str(RESYNC_S),
-            "AGENT_FINETUNE_CACHE_DIR": str(self.workdir / "cache"),
+            "AGENT_FINETUNE_CACHE_DIR": str(self.workdir / cache),
+        }
+
+    def start(self, *, runtime_updates: bool = False, wait: bool = True) -> None:
+        settings = {
+            **self.settings("cache"),
             "AGENT_FINETUNE_MAX_PINNED": "4",
             "AGENT_FINETUNE_RETRY_MAX_S": "1",
         }
@@ -88,6 +94,21 @@ class Live:
             max_cpu_loras=8,
             tool_call_parser="hermes",  # what agent frameworks' `tools` need
             wait=wait,
+        )
+
+    def start_replica(
+        self, tag: str, settings: dict[str, str] | None = None, **options: Any
+    ) -> ServerHandle:
+        """Another plugin server on this session's model and registry (not waited for);
+        ``options`` go to ``start_server`` (e.g. ``max_cpu_loras``)."""
+        return start_server(
+            str(self.model),
+            self.registry.root,
+            log_path=self.workdir / f"{tag}.log",
+            settings={**self.settings(f"{tag}-cache"), **(settings or {})},
+            extra_args=vllm_args(),
+            wait=False,
+            **options,
         )
 
     def restart(self, *, runtime_updates: bool = False) -> None:

@@ -13,7 +13,7 @@ import urllib.request
 from typing import Any
 
 import pytest
-from hotswap_live import API_KEY, MAX_TOKENS, PROMPT, RESYNC_S, Live, vllm_args
+from hotswap_live import API_KEY, MAX_TOKENS, PROMPT, RESYNC_S, Live
 
 from agent_finetune.cli.app import EXIT_REFUSED, main
 from agent_finetune.registry.canary import read_canary
@@ -211,25 +211,10 @@ def test_unservable_candidate_aborts_and_users_get_current(live: Live) -> None:
 def test_two_replicas_share_one_canary(live: Live) -> None:
     """A second server on the same registry: one replica's abort empties both; the replica
     with the evidence promotes, once."""
-    from server_plugin.launch import start_server
-
     name = "replicated"
     live.registry.publish(name, live.good[3])
     live.registry.publish(name, live.good[4], make_current=False)
-    other = start_server(
-        str(live.model),
-        live.registry.root,
-        log_path=live.workdir / "vllm-replica.log",
-        settings={
-            "VLLM_CPU_KVCACHE_SPACE": "1",
-            "HF_HUB_OFFLINE": "1",
-            "AGENT_FINETUNE_RESYNC_S": str(RESYNC_S),
-            "AGENT_FINETUNE_CACHE_DIR": str(live.workdir / "cache-replica"),
-        },
-        extra_args=vllm_args(),
-        max_cpu_loras=8,
-        wait=False,
-    )
+    other = live.start_replica("canary-replica", max_cpu_loras=8)
     try:
         other.wait_ready(900)
         from openai import OpenAI

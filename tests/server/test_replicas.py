@@ -9,10 +9,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hotswap_live import API_KEY, RESYNC_S, Live, vllm_args
+from hotswap_live import API_KEY, Live
 
 from agent_finetune.cli import main
-from server_plugin.launch import ServerHandle, start_server
+from server_plugin.launch import ServerHandle
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -21,20 +21,7 @@ NAME = "fleet"
 
 @pytest.fixture(scope="module")
 def lazy_replica(live: Live) -> Iterator[ServerHandle]:
-    server = start_server(
-        str(live.model),
-        live.registry.root,
-        log_path=live.workdir / "replica.log",
-        settings={
-            "VLLM_CPU_KVCACHE_SPACE": "1",
-            "HF_HUB_OFFLINE": "1",
-            "AGENT_FINETUNE_RESYNC_S": str(RESYNC_S),
-            "AGENT_FINETUNE_CACHE_DIR": str(live.workdir / "replica-cache"),
-            "AGENT_FINETUNE_PRELOAD": "none",
-        },
-        extra_args=vllm_args(),
-        wait=False,
-    )
+    server = live.start_replica("replica", {"AGENT_FINETUNE_PRELOAD": "none"})
     try:
         server.wait_ready(600)
         yield server
