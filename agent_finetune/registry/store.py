@@ -161,12 +161,7 @@ def atomic_write_json(path: Path, data: Any, *, sync_dir: bool = True) -> None:
     tmp = tmp_path(path)
     body = (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode()
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o644)
-        try:
-            _write_all(fd, body)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _create_synced(tmp, body)
         os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):
@@ -176,15 +171,20 @@ def atomic_write_json(path: Path, data: Any, *, sync_dir: bool = True) -> None:
         _fsync_dir(path.parent)
 
 
+def _create_synced(path: Path, body: bytes) -> None:
+    """Create ``path`` (it must not exist, nor be a link) with ``body``, fsync'd; OSError."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o644)
+    try:
+        _write_all(fd, body)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_new_file(path: Path, body: bytes) -> None:
     """Create ``path`` (it must not exist) with ``body``, fsync'd; for private staging folders."""
     with _io("write", path):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o644)
-        try:
-            _write_all(fd, body)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _create_synced(path, body)
 
 
 def file_checksums(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
