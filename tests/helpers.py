@@ -99,6 +99,16 @@ def fake_adapter(
     )
 
 
+def registry_with_versions(tmp_path: Path, name: str, count: int) -> Registry:
+    """A registry under ``tmp_path`` where ``name`` has ``count`` published versions
+    (distinct numpy adapters), v0001 current."""
+    registry = Registry(tmp_path / "registry")
+    for seed in range(count):
+        folder = write_adapter(tmp_path / f"a{seed}", seed=seed)
+        registry.publish(name, folder, make_current=seed == 0)
+    return registry
+
+
 def write_version(registry: Registry, name: str, source: Path, *, make_current: bool = True) -> str:
     """Publish ``source`` WITHOUT validation (as a buggy or foreign writer would)."""
     ndir = registry.name_dir(name)

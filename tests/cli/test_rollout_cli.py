@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import write_adapter
+from helpers import registry_with_versions
 
 from agent_finetune.cli import app
 from agent_finetune.cli.app import main
@@ -43,10 +43,7 @@ def test_exit_code_3_is_documented() -> None:
 
 @pytest.fixture
 def reg(tmp_path: Path) -> Registry:
-    r = Registry(tmp_path / "registry")
-    for seed in range(2):
-        r.publish("bot", write_adapter(tmp_path / f"a{seed}", seed=seed), make_current=seed == 0)
-    return r
+    return registry_with_versions(tmp_path, "bot", 2)
 
 
 def run(reg: Registry, *args: str) -> int:

@@ -7,7 +7,7 @@ import multiprocessing as mp
 from pathlib import Path
 
 import pytest
-from helpers import write_adapter
+from helpers import registry_with_versions
 
 from agent_finetune.errors import RegistryError
 from agent_finetune.registry import Registry
@@ -24,10 +24,7 @@ from agent_finetune.registry.evals import EVALS, append_eval, latest_eval, read_
 
 @pytest.fixture
 def reg(tmp_path: Path) -> Registry:
-    r = Registry(tmp_path / "registry")
-    for seed in range(3):
-        r.publish("bot", write_adapter(tmp_path / f"a{seed}", seed=seed), make_current=seed == 0)
-    return r
+    return registry_with_versions(tmp_path, "bot", 3)
 
 
 def test_start_status_abort_logged_in_history(reg: Registry) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import write_adapter
+from helpers import registry_with_versions
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,10 +30,7 @@ class Clock:
 
 @pytest.fixture
 def reg(tmp_path: Path) -> Registry:
-    r = Registry(tmp_path / "registry")
-    for seed in range(2):
-        r.publish("bot", write_adapter(tmp_path / f"a{seed}", seed=seed), make_current=seed == 0)
-    return r
+    return registry_with_versions(tmp_path, "bot", 2)
 
 
 def router_for(
