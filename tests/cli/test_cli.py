@@ -231,13 +231,6 @@ def test_set_unknown_key_is_reported_as_a_set_key(tmp_path: Path) -> None:
     assert "lr_scheduler_type" in help_text and "lora_dropout" in help_text
 
 
-def test_ask_accepts_server_urls_with_and_without_v1() -> None:
-    for url in ("http://127.0.0.1:9", "http://127.0.0.1:9/v1", "http://127.0.0.1:9/v1/"):
-        proc = cli("ask", "bot", "hi", "--server", url)
-        assert proc.returncode == 1 and "Traceback" not in proc.stderr
-        assert "cannot reach http://127.0.0.1:9/v1:" in proc.stderr, proc.stderr
-
-
 def test_server_url_forms() -> None:
     from agent_finetune.registry.names import openai_base_url, server_root
 
