@@ -35,6 +35,8 @@ import os
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
+from agent_finetune.errors import ConfigError
+
 log = logging.getLogger("agent_finetune")
 
 Setting = Literal["auto", "on", "off", "offload"]
@@ -150,7 +152,7 @@ def decide(
 ) -> Plan:
     """The pure decision: no device, no files. ``free_bytes`` None means unknown."""
     if setting not in SETTINGS:
-        raise ValueError(f"gradient_checkpointing must be one of {SETTINGS}, got {setting!r}")
+        raise ConfigError(f"gradient_checkpointing must be one of {SETTINGS}, got {setting!r}")
     offload_ok = backend == "unsloth"
     if setting == "on":
         return Plan(setting, True, False, "gradient_checkpointing: on")
