@@ -16,8 +16,9 @@ Every class also subclasses the built-in that callers already catch::
     │       └── AdapterFormatError(ValidationError)         malformed safetensors header
     ├── LoadError(AgentFinetuneError, RuntimeError)        the vLLM server refused a load/swap
     │   └── ServerUnavailableError(LoadError, ConnectionError)  5xx/timeout/down: retried
+    ├── ServerResponseError(AgentFinetuneError, RuntimeError)  a server answered, not as asked
     ├── VllmCompatError(AgentFinetuneError, RuntimeError)  this vLLM lacks what the plugin uses
-    ├── AskError(AgentFinetuneError, RuntimeError)         `ask`: server down or name unknown
+    ├── AskError(AgentFinetuneError, RuntimeError)         `ask`: the server lacks that name
     ├── EvalError(AgentFinetuneError, RuntimeError)        evaluation could not run
     ├── GateRefusedError(AgentFinetuneError, RuntimeError) the gate kept the live version (exit 3)
     └── DemoError(AgentFinetuneError, RuntimeError)        a demo step did not do what it should
@@ -91,9 +92,21 @@ class LoadError(AgentFinetuneError, RuntimeError):
 
 
 class ServerUnavailableError(LoadError, ConnectionError):
-    """The server could not answer a load, repoint or unload (5xx, timeout, connection
-    refused, engine restarting): a transient failure, retried with backoff. Being an
-    ``OSError``, it is caught wherever I/O errors are."""
+    """The server could not answer (5xx, timeout, connection refused, engine restarting): a
+    load, repoint or unload of the plugin or sidecar (a transient failure, retried with
+    backoff), or a request of the CLI's ``ServerClient`` (the message names the URL and says
+    how to start or point at a server). Being an ``OSError``, it is caught wherever I/O errors
+    are."""
+
+
+class ServerResponseError(AgentFinetuneError, RuntimeError):
+    """A server answered a ``ServerClient`` request, but not as asked: an HTTP 4xx (a refused
+    API key, an unknown route or model), or a body that is not the JSON the route promises
+    (no agent_finetune plugin on that server). ``status`` is the HTTP status, if any."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class VllmCompatError(AgentFinetuneError, RuntimeError):
@@ -102,7 +115,7 @@ class VllmCompatError(AgentFinetuneError, RuntimeError):
 
 
 class AskError(AgentFinetuneError, RuntimeError):
-    """The server is down, or does not serve the requested adapter."""
+    """The server does not serve the requested adapter (the message lists what it serves)."""
 
 
 class EvalError(AgentFinetuneError, RuntimeError):

@@ -25,12 +25,15 @@ def test_imports_run_one_way() -> None:
 
 
 def test_help_imports_nothing_heavy() -> None:
-    """`agent-finetune --help` must start fast: no torch, pydantic, prometheus_client or vLLM."""
+    """`agent-finetune --help` must start fast: no torch, pydantic, prometheus_client, vLLM or
+    HTTP client (the server client imports httpx when it is used)."""
     code = (
         "import sys\n"
         "from agent_finetune.cli import build_parser\n"
+        "import agent_finetune.registry\n"
         "build_parser().format_help()\n"
-        "heavy = ('torch', 'pydantic', 'prometheus_client', 'vllm', 'transformers', 'yaml')\n"
+        "heavy = ('torch', 'pydantic', 'prometheus_client', 'vllm', 'transformers', 'yaml',\n"
+        "         'peft', 'trl', 'httpx', 'openai')\n"
         "print(sorted(m for m in heavy if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent_finetune.errors import ConfigError
 from agent_finetune.registry.names import check_name, model_id, openai_base_url
+from agent_finetune.training.config import read_text_file
 
 
 class RoleConfig(BaseModel):
@@ -48,13 +49,12 @@ class AgentConfig(BaseModel):
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> AgentConfig:
         p = Path(path)
+        text = read_text_file(p, "agent config")
         try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8-sig")) or {}
+            raw = yaml.safe_load(text) or {}
             config = cls(**raw)
             for role in config.roles.values():
                 _ = role.model  # validates names and versions
             return config
-        except FileNotFoundError:
-            raise ConfigError(f"agent config {p} not found") from None
         except (yaml.YAMLError, ValidationError, ValueError, TypeError) as e:
             raise ConfigError(f"{p}: {e}") from None

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
 
-from agent_finetune.errors import AskError
-from agent_finetune.registry.names import model_id, openai_base_url
+from agent_finetune.errors import AskError, ServerResponseError
+from agent_finetune.registry.names import model_id
+from agent_finetune.server_client import ServerClient, add_server_options
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
+CHAT_ROUTE = "/v1/chat/completions"
 
 
 def ask(
@@ -30,60 +31,61 @@ def ask(
 
     Always the chat endpoint: it renders the prompt with the model's chat template, as
     training did (``/v1/completions`` would send the raw text). ``server`` may end in
-    ``/v1`` or not.
+    ``/v1`` or not; ``api_key`` None follows the API key rule (``server_client``).
     """
-    import openai
-
-    server = openai_base_url(server)
-    client = openai.OpenAI(base_url=server, api_key=api_key or "EMPTY", max_retries=0, timeout=120)
+    model = model_id(name, version)
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": prompt}
     ]
-    model = model_id(name, version)
-    try:
-        if not stream:
-            resp = client.chat.completions.create(
-                model=model, messages=messages, max_tokens=max_tokens, temperature=temperature
-            )
-            return resp.choices[0].message.content or ""
-        parts = []
-        for chunk in client.chat.completions.create(
-            model=model,
-            messages=messages,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            stream=True,
-        ):
-            delta = chunk.choices[0].delta.content if chunk.choices else None
-            if delta:
-                parts.append(delta)
-                if out is not None:
-                    out.write(delta)
-                    out.flush()
-        return "".join(parts)
-    except openai.APIConnectionError:
-        raise AskError(
-            f"cannot reach {server}: is the server running? Start one with "
-            "`agent-finetune serve --model M --registry DIR` or pass --server URL"
-        ) from None
-    except openai.NotFoundError:
-        served = _served_models(client)
-        raise AskError(
-            f"{server} does not serve {model!r}; it serves: {', '.join(served) or 'nothing'}"
-        ) from None
-    except openai.AuthenticationError:
-        raise AskError(
-            f"{server} refused the API key; pass --api-key or set OPENAI_API_KEY"
-        ) from None
-    except openai.APIStatusError as e:
-        raise AskError(f"{server} answered HTTP {e.status_code}: {e.message}") from None
+    body = {
+        "model": model,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+    }
+    with ServerClient(server, api_key=api_key, timeout=120) as client:
+        try:
+            if not stream:
+                answer = client.post_json(CHAT_ROUTE, body)
+                return _content(client, answer, "message")
+            parts = []
+            for chunk in client.stream_json(CHAT_ROUTE, body):
+                delta = _content(client, chunk, "delta")
+                if delta:
+                    parts.append(delta)
+                    if out is not None:
+                        out.write(delta)
+                        out.flush()
+            return "".join(parts)
+        except ServerResponseError as e:
+            if e.status != 404:
+                raise
+            served = _served_models(client)
+            raise AskError(
+                f"{client.root} does not serve {model!r}; it serves: "
+                f"{', '.join(served) or 'nothing'}"
+            ) from None
 
 
-def _served_models(client: Any) -> list[str]:
+def _content(client: ServerClient, answer: dict[str, Any], key: str) -> str:
+    """``choices[0][key].content`` of a chat answer (``key``: message, or a chunk's delta);
+    "" for a chunk without choices (a stream's usage chunk)."""
+    choices = answer.get("choices")
+    if not isinstance(choices, list):
+        raise ServerResponseError(
+            f"{client.url(CHAT_ROUTE)} answered without `choices`: not an OpenAI chat answer"
+        )
+    first = choices[0] if choices and isinstance(choices[0], dict) else {}
+    part = first.get(key)
+    return str(part.get("content") or "") if isinstance(part, dict) else ""
+
+
+def _served_models(client: ServerClient) -> list[str]:
     try:
-        return sorted(m.id for m in client.models.list().data)
-    except Exception:  # the listing is only a hint in an error message
+        listing = client.get_json("/v1/models").get("data") or []
+    except (ServerResponseError, OSError):  # the listing is only a hint in an error message
         return []
+    return sorted(str(m.get("id")) for m in listing if isinstance(m, dict))
 
 
 def add_ask_parser(subparsers: Any) -> None:
@@ -95,18 +97,8 @@ def add_ask_parser(subparsers: Any) -> None:
     )
     p.add_argument("name", help="adapter name (the OpenAI model)")
     p.add_argument("prompt")
-    p.add_argument(
-        "--server",
-        default=os.environ.get("AGENT_FINETUNE_SERVER", DEFAULT_SERVER),
-        help=f"server URL, with or without /v1 (default $AGENT_FINETUNE_SERVER or "
-        f"{DEFAULT_SERVER})",
-    )
+    add_server_options(p, purpose="the server to ask", fallback=DEFAULT_SERVER)
     p.add_argument("--version", help="pin a version, e.g. v0002 (sent as NAME@v0002)")
-    p.add_argument(
-        "--api-key",
-        default=os.environ.get("OPENAI_API_KEY"),
-        help="the server's --api-key (default $OPENAI_API_KEY)",
-    )
     p.add_argument("--system", help="system message")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import urllib.error
-import urllib.request
 from typing import Any
 
 from agent_finetune.cli.output import emit_json, print_table
@@ -19,6 +15,7 @@ from agent_finetune.registry.canary import (
     read_canary,
     start_canary,
 )
+from agent_finetune.server_client import ServerClient, add_server_options
 
 CANARY_HELP = """\
 Send a share of NAME's traffic to a candidate version on every server that watches the
@@ -94,15 +91,9 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def _server_status(server: str, api_key: str | None, name: str) -> dict[str, Any] | None:
-    url = server.rstrip("/").removesuffix("/v1") + "/v1/adapters"
-    req = urllib.request.Request(url)
-    if api_key:
-        req.add_header("Authorization", f"Bearer {api_key}")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            data = json.loads(r.read())
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise RegistryError(f"cannot read {url}: {e}") from None
+    """The canary counters of ``name`` in the server's ``GET /v1/adapters``, if it runs one."""
+    with ServerClient(server, api_key=api_key, timeout=10) as client:
+        data = client.adapters()
     found = ((data.get("canary") or {}).get("names") or {}).get(name)
     return dict(found) if isinstance(found, dict) else None
 
@@ -259,16 +250,7 @@ def add_canary_parser(sub: Any) -> None:
     q = add("status", "show NAME's canary (and a server's live counters with --server)")
     q.set_defaults(func=cmd_status)
     q.add_argument("name")
-    q.add_argument(
-        "--server",
-        default=os.environ.get("AGENT_FINETUNE_SERVER"),
-        help="OpenAI base URL of a server with the plugin (default $AGENT_FINETUNE_SERVER)",
-    )
-    q.add_argument(
-        "--api-key",
-        default=os.environ.get("OPENAI_API_KEY"),
-        help="the server's --api-key (default $OPENAI_API_KEY)",
-    )
+    add_server_options(q, purpose="a server to read live counters from (none: registry only)")
 
     q = add("promote", "make the canary's version current and end the canary")
     q.set_defaults(func=lambda a: _finish(a, "promote"))

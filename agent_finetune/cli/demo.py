@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 from agent_finetune.cli.ask import ask
 from agent_finetune.cli.output import print_table
-from agent_finetune.errors import DemoError
+from agent_finetune.errors import DemoError, ServerResponseError
 from agent_finetune.registry import Registry
+from agent_finetune.server_client import ServerClient
 
 if TYPE_CHECKING:
     from server_plugin.launch import ServerHandle
@@ -375,7 +376,8 @@ def _wait_for_canary(server: ServerHandle, candidate: str, timeout: float = 30.0
     resync, and an answer given before that is not the canary's to rate."""
     deadline = time.perf_counter() + timeout
     while time.perf_counter() < deadline:
-        running = (server.get_json("/v1/adapters").get("canary") or {}).get("names") or {}
+        with ServerClient(server.url, timeout=30) as client:
+            running = (client.adapters().get("canary") or {}).get("names") or {}
         if (running.get(NAME) or {}).get("version") == candidate:
             return
         time.sleep(0.05)
@@ -384,21 +386,17 @@ def _wait_for_canary(server: ServerHandle, candidate: str, timeout: float = 30.0
 
 def _rate(server: ServerHandle, response_id: str, score: int, model: str) -> bool:
     """Post an agent's score for one answer; False when the server runs no canary for it."""
-    import urllib.error
-
+    body = {"id": response_id, "score": score, "model": model}
     try:
-        _post_json(
-            server.url + f"/v1/adapters/{NAME}/feedback",
-            {"id": response_id, "score": score, "model": model},
-        )
-    except urllib.error.HTTPError as e:
-        if e.code != 404:
+        _post_json(server.url, f"/v1/adapters/{NAME}/feedback", body)
+    except ServerResponseError as e:
+        if e.status != 404:
             raise
         return False
     return True
 
 
-def _chat_raw(base_url: str, question: str, user: str) -> dict[str, Any]:
+def _chat_raw(server: str, question: str, user: str) -> dict[str, Any]:
     body = {
         "model": NAME,
         "messages": [{"role": "user", "content": question}],
@@ -406,18 +404,12 @@ def _chat_raw(base_url: str, question: str, user: str) -> dict[str, Any]:
         "temperature": 0,
         "user": user,
     }
-    return _post_json(base_url.rstrip("/") + "/chat/completions", body)
+    return _post_json(server, "/v1/chat/completions", body)
 
 
-def _post_json(url: str, body: dict[str, Any]) -> dict[str, Any]:
-    import urllib.request
-
-    req = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=120) as r:
-        data: dict[str, Any] = json.loads(r.read())
-    return data
+def _post_json(server: str, route: str, body: dict[str, Any]) -> dict[str, Any]:
+    with ServerClient(server, timeout=120) as client:
+        return client.post_json(route, body)
 
 
 def _print_summary(story: Story, answers: dict[str, str], swap_s: float, back_s: float) -> None:

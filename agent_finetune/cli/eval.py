@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import os
 from typing import TYPE_CHECKING, Any
 
 from agent_finetune.cli.output import emit_json, print_table
 from agent_finetune.errors import EvalError
 from agent_finetune.registry import ENV_REGISTRY, Registry, split_model
+from agent_finetune.server_client import add_server_options
 
 if TYPE_CHECKING:
     from agent_finetune.training.evaluate import EvalResult
     from agent_finetune.training.gate import GateResult
-
-ENV_SERVER = "AGENT_FINETUNE_SERVER"
 
 EVAL_HELP = """\
 Sends each row of a held-out dataset (the formats `train` reads) to NAME@vNNNN and to the
@@ -51,17 +49,7 @@ def add_eval_options(p: argparse.ArgumentParser, *, data_required: bool = True) 
         required=data_required,
         help="held-out dataset: .json, .jsonl or .csv, same shapes as training data",
     )
-    p.add_argument(
-        "--server",
-        default=os.environ.get(ENV_SERVER),
-        help=f"OpenAI base URL of a server with the plugin, e.g. http://127.0.0.1:8000/v1 "
-        f"(default ${ENV_SERVER}; none: evaluate offline with PEFT)",
-    )
-    p.add_argument(
-        "--api-key",
-        default=os.environ.get("OPENAI_API_KEY"),
-        help="the server's --api-key (default $OPENAI_API_KEY)",
-    )
+    add_server_options(p, purpose="evaluate through this server (none: offline with PEFT)")
     p.add_argument(
         "--metric",
         choices=["loglik", "f1", "exact"],
@@ -83,7 +71,7 @@ def print_results(
     results: dict[str, EvalResult], candidate: str, live: str | None, seed: int = 0
 ) -> None:
     """Per metric: candidate and live means, paired gain, CI and win rate."""
-    from agent_finetune.training.evaluate import METRICS, compare
+    from agent_finetune.training.evaluate import METRICS, compare_scores
 
     rows: list[tuple[Any, ...]] = []
     cand = results[candidate]
@@ -93,7 +81,7 @@ def print_results(
         if live is None or live not in results:
             rows.append((m, f"{cand.means()[m]:.4f}", "", "", "", ""))
             continue
-        c = compare(cand.scores[m], results[live].scores[m], metric=m, seed=seed)
+        c = compare_scores(cand.scores[m], results[live].scores[m], metric=m, seed=seed)
         rows.append(
             (
                 m,
@@ -125,7 +113,7 @@ def print_gate(result: GateResult) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from agent_finetune.training.data import load_dataset_file
-    from agent_finetune.training.evaluate import METRICS, compare
+    from agent_finetune.training.evaluate import METRICS, compare_scores
     from agent_finetune.training.gate import evaluate_versions
 
     reg = Registry.from_env(args.registry)
@@ -167,7 +155,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         }
         if live:
             out["comparison"] = {
-                m: compare(results[version].scores[m], results[live].scores[m], metric=m).as_dict()
+                m: compare_scores(
+                    results[version].scores[m], results[live].scores[m], metric=m
+                ).as_dict()
                 for m in METRICS
                 if m in results[version].scores
             }

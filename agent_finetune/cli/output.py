@@ -16,7 +16,7 @@ def print_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    # One write: 10,000 rows printed one by one cost seconds on a busy machine.
+    # One write: a print per row is slow at 10,000 names (BENCHMARKS.md, "Scale").
     sys.stdout.write("\n".join(lines) + "\n")
 
 

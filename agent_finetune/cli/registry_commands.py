@@ -22,6 +22,7 @@ from agent_finetune.registry.adapter import load_base_config
 from agent_finetune.registry.evals import latest_eval, read_evals
 from agent_finetune.registry.fsck import fsck
 from agent_finetune.registry.index import listing
+from agent_finetune.registry.names import check_name, split_model
 
 Handler = Callable[[argparse.Namespace], int]
 # The one statement of what rollback means (README says the same).
@@ -163,7 +164,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     reg = _registry(args)
-    name, _, version = args.name.partition("@")
+    pinned = split_model(args.name)
+    name, version = pinned if pinned else (check_name(args.name), None)
     version = version or reg.current(name) or (reg.versions(name) or [""])[-1]
     if not version:
         raise NotFoundError(f"no adapter named {name!r} in {reg.root}")

@@ -21,6 +21,7 @@ from typing import Any
 
 from agent_finetune.errors import ConfigError, RegistryError
 from agent_finetune.registry.names import ENV_REGISTRY
+from agent_finetune.server_client import API_KEY_HELP, resolve_api_key
 from server_plugin import settings as S
 
 
@@ -266,7 +267,7 @@ def add_sync_parser(subparsers: Any) -> None:
         "--server", required=True, help="server URL, with or without /v1: http://127.0.0.1:8000"
     )
     p.add_argument("--registry", help=f"registry folder (default: ${ENV_REGISTRY})")
-    p.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY"), help="server API key")
+    p.add_argument("--api-key", default=None, help=API_KEY_HELP)
     p.add_argument("--once", action="store_true", help="reconcile once, print status, exit")
     p.add_argument("--resync", type=float, default=2.0, help="seconds between resyncs (2)")
     p.add_argument("--polling", action="store_true", help="poll the registry (network FS)")
@@ -290,7 +291,7 @@ def run_sync(args: argparse.Namespace) -> int:
         server=args.server,
         registry=registry,
         cache_dir=Path(args.cache_dir).expanduser().absolute() if args.cache_dir else None,
-        api_key=args.api_key,
+        api_key=resolve_api_key(args.api_key),
         once=args.once,
         resync_s=args.resync,
         polling=args.polling,

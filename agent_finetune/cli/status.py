@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
-import os
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from agent_finetune.cli.output import emit_json, print_table
+from agent_finetune.errors import AgentFinetuneError
+from agent_finetune.registry.names import server_root
+from agent_finetune.server_client import ServerClient, add_server_options
 
 Fetch = Callable[[str], dict[str, Any]]
 
@@ -52,18 +51,12 @@ class Row:
         return self.lag_s > 0
 
 
-def http_fetch(api_key: str | None, timeout: float = 10.0) -> Fetch:
-    """GET ``<server>/v1/adapters`` as JSON, with the API key when given."""
+def fetch_adapters(api_key: str | None, timeout: float = 10.0) -> Fetch:
+    """``GET /v1/adapters`` of a server (``ServerClient``: URL and API key rules, errors)."""
 
     def fetch(server: str) -> dict[str, Any]:
-        req = urllib.request.Request(server.rstrip("/") + "/v1/adapters")
-        if api_key:
-            req.add_header("Authorization", f"Bearer {api_key}")
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            data = json.loads(r.read())
-        if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-            raise ValueError("not an agent_finetune /v1/adapters answer (plugin not loaded?)")
-        return data
+        with ServerClient(server, api_key=api_key, timeout=timeout) as client:
+            return client.adapters()
 
     return fetch
 
@@ -85,7 +78,7 @@ def _serves(entry: dict[str, Any]) -> str | None:
     return entry.get("desired") if entry.get("state") == "lazy" else None
 
 
-def compare(
+def compare_replicas(
     answers: dict[str, dict[str, Any] | str],
     first_seen: dict[tuple[str, str], float],
     now: float,
@@ -93,7 +86,8 @@ def compare(
 ) -> tuple[list[Row], list[str]]:
     """Rows (name, replica) with lags, and the problems: unreadable servers, lagging rows.
 
-    ``answers`` maps each server to its status, or to the error reading it. ``first_seen``
+    ``answers`` maps each server to its status, or to why it could not be read (the error
+    names the URL). ``first_seen``
     remembers when this command first saw a (name, version) that a replica does not serve,
     for servers that report no ``desired_since``.
     """
@@ -101,7 +95,7 @@ def compare(
     per_name: dict[str, dict[str, dict[str, Any]]] = {}
     for server, answer in answers.items():
         if isinstance(answer, str):
-            problems.append(f"{server}: cannot read /v1/adapters: {answer}")
+            problems.append(answer)
             continue
         if answer.get("sync_error"):
             problems.append(f"{server}: {answer['sync_error']}")
@@ -165,10 +159,10 @@ def watch(
         for server in servers:
             try:
                 answers[server] = fetch(server)
-            except (OSError, ValueError, urllib.error.URLError) as e:
-                answers[server] = str(getattr(e, "reason", None) or e)
+            except AgentFinetuneError as e:
+                answers[server] = str(e)
         now = time.time()
-        rows, problems = compare(answers, first_seen, now, names)
+        rows, problems = compare_replicas(answers, first_seen, now, names)
         behind = [r for r in rows if r.behind]
         if problems and not behind:
             return rows, problems, False
@@ -195,10 +189,10 @@ def _target(rows: list[Row], name: str) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    servers = [s.rstrip("/") for s in args.server]
+    servers = list(dict.fromkeys(server_root(s) for s in args.server))
     rows, problems, agree = watch(
         servers,
-        http_fetch(args.api_key),
+        fetch_adapters(args.api_key),
         max_lag_s=args.max_lag,
         sleep=time.sleep,
         names=args.name or (),
@@ -251,17 +245,7 @@ def add_status_parser(sub: Any) -> None:
             "a replica lags longer than that, or a server cannot be read."
         ),
     )
-    p.add_argument(
-        "--server",
-        action="append",
-        required=True,
-        help="server URL, e.g. http://10.0.0.5:8000 (repeat for each replica)",
-    )
-    p.add_argument(
-        "--api-key",
-        default=os.environ.get("VLLM_API_KEY"),
-        help="the servers' --api-key (default: $VLLM_API_KEY)",
-    )
+    add_server_options(p, purpose="a server to read", replicas=True)
     p.add_argument(
         "--max-lag",
         type=float,

@@ -4,21 +4,50 @@ from __future__ import annotations
 
 import argparse
 import difflib
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent_finetune.cli.output import emit_json
 from agent_finetune.errors import ConfigError, GateRefusedError
 from agent_finetune.registry.names import ENV_REGISTRY
 
+if TYPE_CHECKING:
+    from agent_finetune.training.config import FineTuningConfig
+    from agent_finetune.training.train import TrainResult
+
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from agent_finetune.training.config import FineTuningConfig, read_text_file
+
+    overrides = _overrides(args, list(FineTuningConfig.model_fields))
+    if args.config:
+        config = FineTuningConfig.from_yaml(args.config, **overrides)
+    else:
+        config = FineTuningConfig.from_dict(overrides, source="command line")
+    template = (
+        read_text_file(args.prompt_template, "--prompt-template") if args.prompt_template else None
+    )
+
+    from agent_finetune.training.train import train
+
+    result = train(
+        config, args.data, train_test_split=args.train_test_split, prompt_template=template
+    )
+    if not result.is_main:  # another rank of torchrun/accelerate: rank 0 reports
+        return 0
+    _report(args, config, result)
+    gate = result.gate
+    if gate is not None and not gate.promoted and gate.reason != "already current":
+        raise GateRefusedError(
+            f"{gate.name}@{gate.candidate} published, not promoted: {gate.reason}"
+        )
+    return 0
+
+
+def _overrides(args: argparse.Namespace, fields: list[str]) -> dict[str, Any]:
+    """Config values from ``--set KEY=VALUE`` (YAML values) and the flags that name a field."""
     import yaml
 
-    from agent_finetune.training.config import FineTuningConfig
-
     overrides: dict[str, Any] = {}
-    fields = list(FineTuningConfig.model_fields)
     for item in args.set or []:
         key, sep, value = item.partition("=")
         key = key.strip()
@@ -31,63 +60,49 @@ def cmd_train(args: argparse.Namespace) -> int:
                 + (f"; did you mean {hint[0]!r}?" if hint else "")
                 + " (every field: `agent-finetune train --help`)"
             )
-        overrides[key] = yaml.safe_load(value)
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or type(e).__name__
+            raise ConfigError(
+                f"--set {item!r}: {value!r} is not a YAML value ({problem}); quote text "
+                f"that has YAML syntax in it: --set '{key}=\"...\"'"
+            ) from None
     for key in ("model_name", "output_dir", "adapter_name", "registry_dir", "backend"):
         value = getattr(args, key)
         if value is not None:
             overrides[key] = value
-    if args.config:
-        config = FineTuningConfig.from_yaml(args.config, **overrides)
-    else:
-        config = FineTuningConfig.from_dict(overrides, source="command line")
-    template = (
-        Path(args.prompt_template).read_text(encoding="utf-8") if args.prompt_template else None
-    )
+    return overrides
 
-    from agent_finetune.training.train import train
 
-    result = train(
-        config, args.data, train_test_split=args.train_test_split, prompt_template=template
-    )
-    if not result.is_main:  # another rank of torchrun/accelerate: rank 0 reports
-        return 0
+def _report(args: argparse.Namespace, config: FineTuningConfig, result: TrainResult) -> None:
+    """The run's summary on stdout: JSON with --json, else a few lines and the gate's table."""
+    published = result.published
     summary = {
         "adapter_dir": str(result.adapter_dir),
         "backend": result.backend,
         "metrics": result.metrics,
-        "published": f"{result.published.name}@{result.published.version}"
-        if result.published
-        else None,
+        "published": f"{published.name}@{published.version}" if published else None,
         "gate": result.gate.as_dict() if result.gate else None,
     }
     if args.json:
         emit_json(summary)
-    else:
-        m = result.metrics
-        print(f"adapter: {result.adapter_dir}")
-        print(
-            f"backend: {result.backend}   train loss: {m['train_loss']:.4f}   "
-            f"{m['train_tokens_per_second']} tok/s   peak memory: {m['peak_memory_gib']} GiB"
-        )
-        if m.get("eval_loss") is not None:
-            print(f"eval loss: {m['eval_loss_before']:.4f} -> {m['eval_loss']:.4f}")
-        if summary["published"]:
-            current = (
-                result.published is not None
-                and result.gate is None
-                and (config.promotion.policy == "always")
-            )
-            print(f"published: {summary['published']}{' (current)' if current else ''}")
-        if result.gate is not None:
-            from agent_finetune.cli.eval import print_gate
+        return
+    m = result.metrics
+    print(f"adapter: {result.adapter_dir}")
+    print(
+        f"backend: {result.backend}   train loss: {m['train_loss']:.4f}   "
+        f"{m['train_tokens_per_second']} tok/s   peak memory: {m['peak_memory_gib']} GiB"
+    )
+    if m.get("eval_loss") is not None:
+        print(f"eval loss: {m['eval_loss_before']:.4f} -> {m['eval_loss']:.4f}")
+    if published is not None:
+        current = result.gate is None and config.promotion.policy == "always"
+        print(f"published: {summary['published']}{' (current)' if current else ''}")
+    if result.gate is not None:
+        from agent_finetune.cli.eval import print_gate
 
-            print_gate(result.gate)
-    gate = result.gate
-    if gate is not None and not gate.promoted and gate.reason != "already current":
-        raise GateRefusedError(
-            f"{gate.name}@{gate.candidate} published, not promoted: {gate.reason}"
-        )
-    return 0
+        print_gate(result.gate)
 
 
 def add_train_parser(sub: Any) -> None:

@@ -1,8 +1,8 @@
 """Gradient checkpointing policy: ``gradient_checkpointing: auto | on | off | offload``.
 
-Checkpointing trades memory for a second forward pass (about +30% step time on the 7B shape
-measured on the H200). ``auto`` turns it off when the run's estimated peak memory without it fits
-in the device's free memory with a margin, else on (Unsloth: its offloaded variant):
+Checkpointing trades memory for a second forward pass (its cost on the H200: BENCHMARKS.md,
+"GPU training (H200)"). ``auto`` turns it off when the run's estimated peak memory without it
+fits in the device's free memory with a margin, else on (Unsloth: its offloaded variant):
 
     peak_off = weights + LoRA state + layers * tokens * activation_bytes_per_token_layer
                + tokens * vocab * LOGIT_BYTES
@@ -15,13 +15,11 @@ unless noted), from the layer's shape:
   inputs of the attention and MLP LoRA branches (2h each), attention's q/k/v/out (4 x 2h: K/V
   are repeated to the query heads for the varlen kernel), the o_proj input (2h), and the MLP's
   gate, up, silu(gate) and product (4 x 2i): 38h + 8i bytes.
-- unsloth: fused norm, RoPE, SwiGLU and LoRA kernels keep less: 12h + 6i bytes, which bounds
-  the 29 GiB of activations measured for the 7B shape at 2 x 4096 tokens (135 KB per token and
-  layer, bench/GPU_NOTES.md) from above.
+- unsloth: fused norm, RoPE, SwiGLU and LoRA kernels keep less: 12h + 6i bytes, an upper
+  bound of what the 7B shape was measured to keep.
 
-The estimate errs high on purpose. Measured on the H200 (bench/gpu_results/*_round2.json), peak
-without checkpointing against the estimate: 7B unsloth 43.2-47.6 GiB vs 55.2; 7B hf 52.0 GiB
-with Liger's kernels and 63.3 without vs 83.2; 1.5B unsloth 16.2-18.1 vs 25.5, hf 20.3 vs 37.9.
+The estimate errs high on purpose: BENCHMARKS.md ("GPU training (H200), round 2") lists each
+measured peak without checkpointing beside its estimate.
 
 An out-of-memory error with checkpointing off (as ``auto`` chose it) retries the run once with
 checkpointing on; the retry is logged and recorded in metrics.json.
@@ -35,12 +33,14 @@ import os
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
+from agent_finetune.errors import ConfigError
+
 log = logging.getLogger("agent_finetune")
 
 Setting = Literal["auto", "on", "off", "offload"]
 SETTINGS: tuple[Setting, ...] = ("auto", "on", "off", "offload")
 GIB = 2**30
-MARGIN = 1.2  # on top of an estimate already 16-90% above the peaks measured on the H200
+MARGIN = 1.2  # on top of an estimate that already errs high (BENCHMARKS.md, round 2 peaks)
 RESERVE_BYTES = 3 * GIB  # CUDA context, allocator fragmentation, cuBLAS/cuDNN workspaces
 LOGIT_BYTES = 6  # bf16 logits + one fp32 row of a (chunked) cross-entropy, per token and vocab
 LORA_STATE_BYTES = 16  # fp32 weight + grad + two Adam moments per LoRA parameter
@@ -150,7 +150,7 @@ def decide(
 ) -> Plan:
     """The pure decision: no device, no files. ``free_bytes`` None means unknown."""
     if setting not in SETTINGS:
-        raise ValueError(f"gradient_checkpointing must be one of {SETTINGS}, got {setting!r}")
+        raise ConfigError(f"gradient_checkpointing must be one of {SETTINGS}, got {setting!r}")
     offload_ok = backend == "unsloth"
     if setting == "on":
         return Plan(setting, True, False, "gradient_checkpointing: on")

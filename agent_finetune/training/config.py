@@ -256,9 +256,7 @@ class FineTuningConfig(BaseModel):
         """Load a YAML file; ``overrides`` win over the file's values."""
         p = Path(path)
         try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8-sig")) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {p} not found") from None
+            raw = yaml.safe_load(read_text_file(p, "config file")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: invalid YAML: {e}") from e
         if not isinstance(raw, dict):
@@ -280,6 +278,22 @@ class FineTuningConfig(BaseModel):
             yaml.safe_dump(self.model_dump(), sort_keys=False, allow_unicode=True), encoding="utf-8"
         )
         return p
+
+
+def read_text_file(path: str | os.PathLike[str], what: str) -> str:
+    """The text of a user's UTF-8 file (a leading BOM dropped), or a ConfigError that names
+    ``what`` (``"config file"``), the path and the fix."""
+    p = Path(path)
+    try:
+        return p.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {p} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {p} is a folder; pass a file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {p}: not UTF-8 (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {p}: cannot read it: {e.strerror or e}") from None
 
 
 def format_validation_error(error: ValidationError, source: str) -> str:

@@ -16,7 +16,7 @@ endpoint renders it):
   ``/v1/completions`` with ``prompt_logprobs``.
 - ``evaluate_offline``: PEFT on the base model, for CI and machines without vLLM.
 
-``compare`` pairs the rows of two versions: mean difference, win rate and a bootstrap
+``compare_scores`` pairs the rows of two versions: mean difference, win rate and a bootstrap
 confidence interval. ``gate`` decides a promotion from it and records everything.
 """
 
@@ -33,7 +33,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from agent_finetune.errors import EvalError
+from agent_finetune.errors import EvalError, ModelSourceError, ServerResponseError
+from agent_finetune.server_client import ServerClient
 from agent_finetune.training.data import Example
 
 Metric = Literal["loglik", "f1", "exact"]
@@ -155,7 +156,7 @@ def bootstrap_ci(
     return lo, hi
 
 
-def compare(
+def compare_scores(
     candidate: Sequence[float],
     live: Sequence[float],
     *,
@@ -193,7 +194,11 @@ def is_better(comparison: Comparison, min_delta: float = 0.0) -> bool:
 
 
 class ServerEvaluator:
-    """Score a served model (``name``, ``name@vNNNN`` or the base model) through the server."""
+    """Score a served model (``name``, ``name@vNNNN`` or the base model) through the server.
+
+    ``server`` and ``api_key`` follow the rules of ``ServerClient`` (with or without ``/v1``;
+    the key from ``--api-key``, $VLLM_API_KEY or $OPENAI_API_KEY).
+    """
 
     def __init__(
         self,
@@ -205,52 +210,42 @@ class ServerEvaluator:
         timeout: float = 120.0,
         transport: Any = None,
     ) -> None:
-        import httpx
-
-        self.base_url = server.rstrip("/")
-        root = self.base_url.removesuffix("/v1")
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.Client(
-            base_url=root, headers=headers, timeout=timeout, transport=transport
-        )
+        self._client = ServerClient(server, api_key=api_key, timeout=timeout, transport=transport)
         self.max_tokens = max_tokens
         self.temperature = temperature
 
     def close(self) -> None:
         self._client.close()
 
-    def _post(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
-        import httpx
-
+    def _post(self, route: str, body: dict[str, Any], field: Callable[[Any], Any]) -> Any:
+        """POST to the server; ``field`` picks what is needed from the answer, and an answer
+        without it is an error that names the route."""
+        data = self._client.post_json(route, body)
         try:
-            r = self._client.post(route, json=body)
-        except httpx.HTTPError as e:
-            raise EvalError(
-                f"cannot reach {self.base_url}{route}: {e}; is the server running?"
+            return field(data)
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise ServerResponseError(
+                f"{self._client.url(route)} answered without the expected fields: {str(data)[:300]}"
             ) from None
-        if r.status_code != 200:
-            raise EvalError(f"{self.base_url}{route} answered HTTP {r.status_code}: {r.text[:300]}")
-        data: dict[str, Any] = r.json()
-        return data
 
     def answer(self, model: str, ex: Example) -> str:
-        data = self._post(
-            "/v1/chat/completions",
-            {
-                "model": model,
-                "messages": ex.prompt_messages,
-                "max_tokens": self.max_tokens,
-                "temperature": self.temperature,
-            },
+        body = {
+            "model": model,
+            "messages": ex.prompt_messages,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+        }
+        return str(
+            self._post(
+                "/v1/chat/completions", body, lambda d: d["choices"][0]["message"]["content"]
+            )
+            or ""
         )
-        return str(data["choices"][0]["message"]["content"] or "")
 
     def _tokenize(self, model: str, messages: list[dict[str, str]], gen: bool) -> list[int]:
-        data = self._post(
-            "/tokenize",
-            {"model": model, "messages": messages, "add_generation_prompt": gen},
-        )
-        return [int(t) for t in data["tokens"]]
+        body = {"model": model, "messages": messages, "add_generation_prompt": gen}
+        tokens: list[int] = self._post("/tokenize", body, lambda d: [int(t) for t in d["tokens"]])
+        return tokens
 
     def loglik(self, model: str, ex: Example) -> float:
         """Mean log-probability of the reference answer's tokens (chat template, served)."""
@@ -268,7 +263,8 @@ class ServerEvaluator:
                     "temperature": 0,
                     "prompt_logprobs": 0,
                 },
-            )["choices"][0]["prompt_logprobs"],
+                lambda d: list(d["choices"][0]["prompt_logprobs"]),
+            ),
             where=ex.where,
         )
 
@@ -300,11 +296,14 @@ def mean_answer_logprob(
     logprobs = prompt_logprobs(list(full))
     values = []
     for pos in range(len(prompt), len(full)):
-        entry = logprobs[pos] or {}
-        token = entry.get(str(full[pos]), entry.get(full[pos]))  # JSON keys are strings
-        if token is None:
+        entry = (logprobs[pos] if pos < len(logprobs) else None) or {}
+        token = (
+            entry.get(str(full[pos]), entry.get(full[pos])) if isinstance(entry, dict) else None
+        )  # JSON keys are strings
+        value = token.get("logprob") if isinstance(token, dict) else token
+        if not isinstance(value, int | float):
             raise EvalError(f"{where}: the server returned no logprob for answer token {pos}")
-        values.append(float(token["logprob"] if isinstance(token, dict) else token))
+        values.append(float(value))
     return statistics.fmean(values)
 
 
@@ -328,8 +327,16 @@ def evaluate_offline(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from agent_finetune.training.backend import check_model_source
     from agent_finetune.training.prompts import render_chat
 
+    try:
+        check_model_source(base_model)
+    except ModelSourceError as e:
+        raise ModelSourceError(
+            f"offline evaluation: {e}; or pass --base-model DIR, or evaluate through a "
+            "server with --server URL"
+        ) from None
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     model: Any = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
     labels = list(adapters)

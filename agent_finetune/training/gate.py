@@ -24,7 +24,7 @@ from agent_finetune.training.evaluate import (
     EvalResult,
     Metric,
     ServerEvaluator,
-    compare,
+    compare_scores,
     evaluate_offline,
     is_better,
 )
@@ -160,7 +160,7 @@ def gate(
         against=live,
         generate=metric != "loglik",
     )
-    comparison = compare(
+    comparison = compare_scores(
         results[candidate].scores[metric], results[live].scores[metric], metric=metric, seed=seed
     )
     promoted = is_better(comparison, min_delta)

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from agent_finetune.errors import ConfigError
 from agent_finetune.registry.adapter import ADAPTER_CONFIG, read_adapter_config
 from agent_finetune.training.backend import resolve_backend
 from agent_finetune.training.config import FineTuningConfig
@@ -36,11 +37,7 @@ def load_model_and_tokenizer(config: FineTuningConfig) -> tuple[Any, Any]:
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        base = (
-            read_adapter_config(path)["base_model_name_or_path"]
-            if is_adapter
-            else config.model_name
-        )
+        base = _adapter_base(path) if is_adapter else config.model_name
         dtype = "bfloat16" if config.bf16 else "float16" if config.fp16 else "auto"
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
         tok_source = config.model_name if (path / "tokenizer_config.json").is_file() else base
@@ -54,6 +51,17 @@ def load_model_and_tokenizer(config: FineTuningConfig) -> tuple[Any, Any]:
     if is_adapter and fmt_file.is_file():
         model.agent_finetune_format = json.loads(fmt_file.read_text(encoding="utf-8"))
     return model, tokenizer
+
+
+def _adapter_base(folder: Path) -> str:
+    """The base model an adapter folder names (``base_model_name_or_path``)."""
+    base = read_adapter_config(folder).get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise ConfigError(
+            f"{folder / ADAPTER_CONFIG}: no base_model_name_or_path; set it to the base model's "
+            "name or folder, or load the base model and the adapter with PEFT yourself"
+        )
+    return base
 
 
 _warned: set[str] = set()

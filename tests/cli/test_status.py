@@ -14,7 +14,7 @@ import pytest
 from helpers import FAKE_BASE_CONFIG, fake_adapter
 
 from agent_finetune.cli import main
-from agent_finetune.cli.status import http_fetch, watch
+from agent_finetune.cli.status import fetch_adapters, watch
 from agent_finetune.registry import Registry
 from server_plugin.cache import AdapterCache, Limits
 from server_plugin.launch import free_port
@@ -141,7 +141,7 @@ def test_a_disagreement_that_resolves_within_max_lag_is_fine(fleet: Any) -> None
         slow.sync()
 
     rows, problems, agree = watch(
-        [fast.url, slow.url], http_fetch(None), max_lag_s=3600, sleep=converge
+        [fast.url, slow.url], fetch_adapters(None), max_lag_s=3600, sleep=converge
     )
     assert agree and not problems and len(polls) == 1
     assert {r.serves for r in rows} == {"v0002"}
@@ -154,4 +154,18 @@ def test_an_unreachable_server_exits_1(fleet: Any, capsys: pytest.CaptureFixture
     down = f"http://127.0.0.1:{free_port()}"
     code, out = status(capsys, "--server", replica.url, "--server", down)
     assert code == 1
-    assert f"problem: {down}: cannot read /v1/adapters" in out
+    assert f"problem: cannot reach {down}/v1/adapters: " in out
+    assert "agent-finetune serve" in out
+
+
+def test_servers_given_with_v1_are_read_at_v1_adapters(
+    fleet: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`status --server http://h:8000/v1` asked /v1/v1/adapters (issue 20)."""
+    registry, replicas, tmp = fleet
+    registry.publish("a", fake_adapter(tmp / "a1", seed=1))
+    for r in replicas:
+        r.sync()
+    code, out = status(capsys, "--server", replicas[0].url + "/v1", "--server", replicas[1].url)
+    assert code == 0, out
+    assert f"{replicas[0].url} " in out and "/v1 " not in out  # shown as the server's root

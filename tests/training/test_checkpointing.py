@@ -88,6 +88,8 @@ def test_config_accepts_the_old_booleans_and_names_a_bad_value() -> None:
     assert FineTuningConfig().gradient_checkpointing == "auto"
     with pytest.raises(ConfigError, match="gradient_checkpointing"):
         FineTuningConfig.from_dict({"gradient_checkpointing": "sometimes"})
+    with pytest.raises(ConfigError, match="'sometimes'"):  # a caller that skipped the config
+        ck.decide("sometimes", None, tokens=8, backend="hf", free_bytes=None)  # type: ignore[arg-type]
 
 
 def test_only_an_auto_off_decision_retries_and_only_once() -> None:

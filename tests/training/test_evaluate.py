@@ -1,18 +1,32 @@
-"""The evaluation statistics: metrics, paired comparison, bootstrap interval, the gate rule."""
+"""Evaluation: metrics, paired comparison, bootstrap interval, the gate rule, and the two ways
+to score a version (through a server, offline with PEFT)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import statistics
+from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent_finetune.errors import EvalError
+from agent_finetune.errors import (
+    AgentFinetuneError,
+    EvalError,
+    ModelSourceError,
+    ServerResponseError,
+)
+from agent_finetune.training.data import Example
 from agent_finetune.training.evaluate import (
+    ServerEvaluator,
     answer_tokens,
     bootstrap_ci,
-    compare,
+    compare_scores,
+    evaluate_offline,
     exact_match,
     is_better,
     mean_answer_logprob,
@@ -67,25 +81,25 @@ def test_bootstrap_ci_of_constant_deltas_is_a_point() -> None:
 @given(st.lists(st.tuples(floats, floats), min_size=1, max_size=30))
 def test_compare_counts_and_means(pairs: list[tuple[float, float]]) -> None:
     cand, live = [p[0] for p in pairs], [p[1] for p in pairs]
-    c = compare(cand, live, resamples=200)
+    c = compare_scores(cand, live, resamples=200)
     assert c.wins + c.ties + c.losses == c.rows == len(pairs)
     assert c.wins == sum(a > b for a, b in pairs)
     assert c.delta == pytest.approx(statistics.fmean(cand) - statistics.fmean(live), abs=1e-9)
     assert 0.0 <= c.win_rate <= 1.0
     # Swapping sides mirrors everything.
-    m = compare(live, cand, resamples=200)
+    m = compare_scores(live, cand, resamples=200)
     assert (m.wins, m.losses) == (c.losses, c.wins)
 
 
 def test_gate_rule_needs_the_whole_interval_above_min_delta() -> None:
-    better = compare([1.0, 1.2, 0.9, 1.1] * 5, [0.0] * 20)
+    better = compare_scores([1.0, 1.2, 0.9, 1.1] * 5, [0.0] * 20)
     assert is_better(better) and is_better(better, 0.5) and not is_better(better, 1.0)
-    same = compare([0.3] * 20, [0.3] * 20)
+    same = compare_scores([0.3] * 20, [0.3] * 20)
     assert same.win_rate == 0.5 and not is_better(same)  # not better is not promoted
-    noisy = compare([1, -1] * 10, [0] * 20)
+    noisy = compare_scores([1, -1] * 10, [0] * 20)
     assert noisy.ci_low < 0 < noisy.ci_high and not is_better(noisy)
     with pytest.raises(EvalError):
-        compare([1.0], [1.0, 2.0])
+        compare_scores([1.0], [1.0, 2.0])
 
 
 def test_mean_answer_logprob_reads_the_answer_positions() -> None:
@@ -97,3 +111,95 @@ def test_mean_answer_logprob_reads_the_answer_positions() -> None:
         mean_answer_logprob([1, 9], full, lambda ids: per_pos)
     with pytest.raises(EvalError, match="no logprob"):
         mean_answer_logprob(prompt, full, lambda ids: [*per_pos[:4], {"5": {"logprob": 0}}])
+
+
+EXAMPLE = Example(
+    [{"role": "user", "content": "hours?"}, {"role": "assistant", "content": "9 to 5"}],
+    where="heldout.json:1",
+)
+
+
+def served(answers: dict[str, Any]) -> httpx.MockTransport:
+    """A server whose answer to each route is ``answers[route]`` (a callable gets the body)."""
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        answer = answers[request.url.path]
+        body = json.loads(request.content)
+        return httpx.Response(200, json=answer(body) if callable(answer) else answer)
+
+    return httpx.MockTransport(handle)
+
+
+GOOD = {
+    "/v1/chat/completions": {"choices": [{"message": {"content": "9 to 5"}}]},
+    "/tokenize": lambda b: {"tokens": [1, 2] if b["add_generation_prompt"] else [1, 2, 7, 8]},
+    "/v1/completions": lambda b: {
+        "choices": [{"prompt_logprobs": [None, None, {"7": -0.5}, {"8": {"logprob": -1.5}}]}]
+    },
+}
+
+
+def test_server_evaluator_scores_every_metric_through_the_server() -> None:
+    evaluator = ServerEvaluator("http://h:8000/v1", api_key="k", transport=served(GOOD))
+    result = evaluator.evaluate("bot@v0002", [EXAMPLE])
+    assert result.means() == {"loglik": -1.0, "f1": 1.0, "exact": 1.0}
+    assert result.answers == ["9 to 5"]
+
+
+@pytest.mark.parametrize(
+    ("route", "answer"),
+    [
+        ("/v1/chat/completions", {"choices": []}),
+        ("/v1/chat/completions", {"object": "error"}),
+        ("/tokenize", {"tokens": "1 2"}),
+        ("/tokenize", {"count": 2}),
+        ("/v1/completions", {"choices": [{"text": ""}]}),
+    ],
+)
+def test_an_answer_without_the_expected_fields_names_the_route(
+    route: str, answer: dict[str, Any]
+) -> None:
+    evaluator = ServerEvaluator("http://h:8000", transport=served({**GOOD, route: answer}))
+    with pytest.raises(ServerResponseError, match=f"http://h:8000{route} answered without"):
+        evaluator.evaluate("bot", [EXAMPLE])
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(route=st.sampled_from(sorted(GOOD)), answer=st.dictionaries(st.sampled_from(
+    ["choices", "tokens", "message", "prompt_logprobs"]), json_values, max_size=2))  # fmt: skip
+def test_any_server_answer_is_a_score_or_an_agent_finetune_error(
+    route: str, answer: dict[str, Any]
+) -> None:
+    evaluator = ServerEvaluator("http://h:8000", transport=served({**GOOD, route: answer}))
+    with contextlib.suppress(AgentFinetuneError):  # any other exception fails the test
+        evaluator.evaluate("bot", [EXAMPLE])
+
+
+def test_offline_evaluation_of_a_missing_base_model_says_how_to_fix_it(tmp_path: Path) -> None:
+    with pytest.raises(ModelSourceError, match=r"--base-model DIR.*--server URL"):
+        evaluate_offline(str(tmp_path / "gone"), {}, [EXAMPLE])
+
+
+def test_the_evaluator_follows_the_api_key_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`train`'s gate passes no key: the evaluator takes it from the environment (it sent
+    none before, so a gate through a server started with --api-key failed)."""
+    seen: list[str | None] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("Authorization"))
+        return httpx.Response(200, json=GOOD["/v1/chat/completions"])
+
+    monkeypatch.setenv("VLLM_API_KEY", "k1")
+    ServerEvaluator("http://h:8000", transport=httpx.MockTransport(handle)).answer("bot", EXAMPLE)
+    assert seen == ["Bearer k1"]

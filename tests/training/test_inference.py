@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from helpers import write_adapter
 
+from agent_finetune.errors import ConfigError
 from agent_finetune.training import inference
-from agent_finetune.training.inference import format_prompt, generate_text
+from agent_finetune.training.config import FineTuningConfig
+from agent_finetune.training.inference import (
+    format_prompt,
+    generate_text,
+    load_model_and_tokenizer,
+)
 
 TEMPLATE = "### 领域: {domain}\n### 指令:\n{instruction}\n### 回答:\n{response}"
 
@@ -71,3 +79,9 @@ def test_generate_text_takes_fields_as_keywords_and_template_vars() -> None:
     assert generate_text(model, tok, "q", max_new_tokens=1, temperature=0, domain="医疗") == "7"
     generate_text(model, tok, "q", temperature=0, template_vars={"domain": "法律"})
     assert "领域: 医疗" in tok.seen[0] and "领域: 法律" in tok.seen[1]
+
+
+def test_an_adapter_folder_without_its_base_model_is_a_config_error(tmp_path: Path) -> None:
+    folder = write_adapter(tmp_path / "a", extra_config={"base_model_name_or_path": None})
+    with pytest.raises(ConfigError, match="no base_model_name_or_path"):
+        load_model_and_tokenizer(FineTuningConfig(model_name=str(folder)))
