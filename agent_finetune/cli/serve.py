@@ -61,7 +61,8 @@ def add_setting_flags(p: argparse.ArgumentParser, names: tuple[str, ...]) -> Non
         spec = S.spec_of(name)
         default = getattr(defaults, name)
         shown = spec.shown or (("1" if default else "0") if isinstance(default, bool) else default)
-        text = f"{spec.help} Default: {shown}; env {spec.env}".replace("`", "").replace("%", "%%")
+        meaning = spec.help.removeprefix("`1`: ").removeprefix("`0`: ")  # the flag's value
+        text = f"{meaning} Default: {shown}; env {spec.env}".replace("`", "").replace("%", "%%")
         assert spec.flag is not None, name
         if isinstance(default, bool):  # the flag turns the default around
             p.add_argument(spec.flag, dest=name, action="store_const", const=not default, help=text)
