@@ -30,10 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from safetensors.numpy import save_file
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from registry_ops import _tiny_adapter
 from scale import clone_names, name_of
 
 from agent_finetune.registry import Registry
@@ -42,27 +40,6 @@ from agent_finetune.registry.names import PIN_SEPARATOR, is_name, model_id, spli
 from server_plugin.answers import missing_model_message
 from server_plugin.catalog import Catalog
 from server_plugin.listing import annotate_cards
-
-
-def adapter(folder: Path) -> Path:
-    """A tiny PEFT LoRA folder (one layer, q/v, r=4) that publish accepts."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    tensors = {}
-    for m in ("q_proj", "v_proj"):
-        prefix = f"base_model.model.model.layers.0.self_attn.{m}"
-        tensors[f"{prefix}.lora_A.weight"] = rng.standard_normal((4, 64)).astype(np.float32)
-        tensors[f"{prefix}.lora_B.weight"] = rng.standard_normal((64, 4)).astype(np.float32)
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
-    config = {
-        "peft_type": "LORA",
-        "r": 4,
-        "lora_alpha": 8,
-        "target_modules": ["q_proj", "v_proj"],
-        "base_model_name_or_path": "tiny",
-    }
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    return folder
 
 
 # -- the code before, kept here as the baseline ----------------------------------------
@@ -102,7 +79,7 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
 def run(n_names: int, repeats: int, work: Path) -> list[dict[str, Any]]:
     registry = Registry(work / "registry")
     if not registry.names():
-        registry.publish(name_of(0), adapter(work / "adapter"))
+        registry.publish(name_of(0), _tiny_adapter(work / "adapter"))
     clone_names(registry, name_of(0), 1, n_names)
     old = time.time() - 60  # the catalog trusts folder stamps past the racy window
     for name in registry.names():
