@@ -18,6 +18,8 @@ Every class also subclasses the built-in that callers already catch::
     │   └── ServerUnavailableError(LoadError, ConnectionError)  5xx/timeout/down: retried
     ├── ServerResponseError(AgentFinetuneError, RuntimeError)  a server answered, not as asked
     ├── VllmCompatError(AgentFinetuneError, RuntimeError)  this vLLM lacks what the plugin uses
+    ├── ServerStartError(AgentFinetuneError, RuntimeError) vLLM exited or hung before it was ready
+    ├── CacheInUseError(AgentFinetuneError, OSError)    another process owns the cache folder
     ├── AskError(AgentFinetuneError, RuntimeError)         `ask`: the server lacks that name
     ├── EvalError(AgentFinetuneError, RuntimeError)        evaluation could not run
     ├── GateRefusedError(AgentFinetuneError, RuntimeError) the gate kept the live version (exit 3)
@@ -112,6 +114,16 @@ class ServerResponseError(AgentFinetuneError, RuntimeError):
 class VllmCompatError(AgentFinetuneError, RuntimeError):
     """The installed vLLM lacks an internal the plugin uses, or runs in a mode it cannot
     serve (``server_plugin.compat``)."""
+
+
+class ServerStartError(AgentFinetuneError, RuntimeError):
+    """A vLLM server started here exited, or did not answer, before it was ready; the
+    message carries the tail of its log."""
+
+
+class CacheInUseError(AgentFinetuneError, OSError):
+    """The server-side cache folder asked for is locked by another running process (a
+    second sidecar for the same server)."""
 
 
 class AskError(AgentFinetuneError, RuntimeError):

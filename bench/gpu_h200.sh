@@ -69,11 +69,11 @@ tests)
       --basetemp "/tmp/pt-$name" >"$out/pytest_$name.txt" 2>&1
   }
   set +e
-  run a tests/server/test_server.py tests/server/test_compat.py tests/server/test_clients.py \
-    tests/server/test_sidecar_prefix_cache.py &
+  run a tests/server/test_scenario_live_server.py tests/server/test_compat.py \
+    tests/server/test_scenario_clients.py tests/server/test_sidecar.py &
   a=$!
-  run b tests/server/test_faults_live.py tests/server/test_canary_live.py \
-    tests/server/test_replicas.py &
+  run b tests/server/test_scenario_faults_live.py tests/server/test_canary_live.py \
+    tests/server/test_scenario_replicas.py &
   b=$!
   wait $a
   code_a=$?

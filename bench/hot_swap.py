@@ -144,8 +144,12 @@ def middleware_overhead_us(n: int = 20000) -> float:
     async def send(message: Any) -> None:
         return None
 
-    reconciler = type("Reconciler", (), {"lazy": False})()  # every name preloaded
-    plugin = type("Plugin", (), {"reconciler": reconciler, "max_parse_bytes": 1 << 20})()
+    reconciler = type(  # every name preloaded: only pinned bodies would be parsed
+        "Reconciler", (), {"lazy": False, "release": lambda self, held: held.clear()}
+    )()
+    plugin = type(
+        "Plugin", (), {"reconciler": reconciler, "max_parse_bytes": 1 << 20, "canary": None}
+    )()
     wrapped = PinnedModelMiddleware(app, plugin)
 
     async def timed(call: Any) -> float:

@@ -20,21 +20,27 @@ import time
 from pathlib import Path
 from typing import Any
 
+from server_plugin.failures import Refusal
 from server_plugin.plugin import PinnedModelMiddleware
-from server_plugin.reconciler import PinRefusal
 
 CHUNK = 64 * 1024
 SMALL = json.dumps({"model": "x@v0001", "messages": [{"role": "user", "content": "hi"}]})
 
 
 class _Reconciler:
-    async def ensure_pinned(self, model: str) -> PinRefusal | None:
+    lazy = False
+
+    async def ensure(self, model: str, held: list[str] | None = None) -> Refusal | None:
         return None
+
+    def release(self, held: list[str]) -> None:
+        held.clear()
 
 
 class _Plugin:
     reconciler = _Reconciler()
     max_parse_bytes = 1 << 20
+    canary = None
 
 
 class LegacyMiddleware:
@@ -59,7 +65,7 @@ class LegacyMiddleware:
             except (ValueError, AttributeError):
                 model = None
             if isinstance(model, str) and "@" in model:
-                await self.plugin.reconciler.ensure_pinned(model)
+                await self.plugin.reconciler.ensure(model)
 
         async def replay() -> Any:
             return messages.pop(0) if messages else await receive()

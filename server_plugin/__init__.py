@@ -11,8 +11,9 @@ Settings come from ``AGENT_FINETUNE_*`` environment variables, documented in
 ``server_plugin.settings``.
 
 Imports run one way: this package imports ``agent_finetune.registry`` and
-``agent_finetune.errors`` only. Only ``server_plugin.plugin`` imports vLLM, and importing this
-package imports nothing: the names below load on first use.
+``agent_finetune.errors`` only. Only ``server_plugin.compat`` imports vLLM internals (the
+plugin reaches them through it), and importing this package imports nothing: the names below
+load on first use.
 """
 
 from __future__ import annotations
@@ -22,15 +23,17 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from server_plugin.launch import ServerHandle, start_server
-    from server_plugin.reconciler import AdapterStatus, Reconciler, Transport
+    from server_plugin.reconciler import Reconciler
+    from server_plugin.served import Transport
     from server_plugin.settings import Settings
+    from server_plugin.status import AdapterStatus
 
 __all__ = ["AdapterStatus", "Reconciler", "ServerHandle", "Settings", "Transport", "start_server"]
 
 _LAZY = {
-    "AdapterStatus": "server_plugin.reconciler",
+    "AdapterStatus": "server_plugin.status",
     "Reconciler": "server_plugin.reconciler",
-    "Transport": "server_plugin.reconciler",
+    "Transport": "server_plugin.served",
     "ServerHandle": "server_plugin.launch",
     "start_server": "server_plugin.launch",
     "Settings": "server_plugin.settings",

@@ -18,8 +18,8 @@ from collections.abc import Awaitable, Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from agent_finetune.registry import Registry
 from agent_finetune.registry.names import PIN_SEPARATOR, is_name, split_model
+from server_plugin.catalog import Catalog
 
 HEADER = "x-adapter-version"
 # The answer's top-level "model" comes before any generated text in vLLM's JSON and SSE.
@@ -30,19 +30,20 @@ _MISSING_RE = re.compile(r"The model `([^`]+)` does not exist")
 Describe = Callable[[str], Awaitable[str | None]]
 
 
-def missing_model_message(registry: Registry, model: str) -> str | None:
-    """A 404 text naming what exists instead of ``model``, or None to keep vLLM's."""
+def missing_model_message(catalog: Catalog, model: str) -> str | None:
+    """A 404 text naming what exists instead of ``model``, or None to keep vLLM's. From
+    the catalog: an unknown model (client input) never costs a registry scan."""
     parsed = split_model(model)
     name = parsed[0] if parsed else model.partition(PIN_SEPARATOR)[0]
-    if is_name(name) and registry.versions(name):
-        versions = registry.versions(name)
-        current = registry.current(name)
+    versions = catalog.versions(name) if is_name(name) else []
+    if versions:
+        current = catalog.current(name)
         return (
             f"The model `{model}` does not exist. Adapter {name!r} has versions "
             f"{', '.join(versions)} (current: {current or 'none'}); send model={name!r} for "
             f"the current version or model='{name}@vNNNN' to pin one."
         )
-    names = registry.names()
+    names = catalog.names()
     shown = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
     return (
         f"The model `{model}` does not exist. Adapters in the registry: {shown or 'none'} "

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from agent_finetune.errors import RegistryError, ValidationError
+from agent_finetune.errors import CacheInUseError, RegistryError, ValidationError
 from agent_finetune.registry import MANIFEST, Registry, verify_checksums
 from agent_finetune.registry.adapter import validate_adapter
 
@@ -83,7 +83,7 @@ class ProcessDir:
     Without ``name``: a fresh ``proc-*`` folder, removed with its copies by ``close`` (the
     plugin: its engine ends with it). With ``name``: that folder, reused across runs and
     kept by ``close`` (the sidecar: the server may still re-read its copies); a second
-    process asking for the same name gets an ``OSError`` saying so.
+    process asking for the same name gets a ``CacheInUseError`` saying so.
     """
 
     def __init__(self, root: Path, name: str | None = None) -> None:
@@ -95,7 +95,7 @@ class ProcessDir:
             self.path.mkdir(exist_ok=True)
             lock = _try_lock(self.path / _OWNER)
             if lock is None:
-                raise OSError(
+                raise CacheInUseError(
                     errno.EBUSY,
                     f"cache folder {self.path} is owned by another running process "
                     "(a second sidecar for the same server?); stop it or pass another "
@@ -170,6 +170,50 @@ def _hint(problem: str) -> str:
     if "does not match the served model" in problem:
         return problem + " (same model under another name? set AGENT_FINETUNE_STRICT_BASE=0)"
     return problem
+
+
+def _copy_verified(
+    src: Path, dest: Path, raw: bytes, manifest: dict[str, Any], limits: Limits
+) -> None:
+    """Copy ``src``'s files into a temporary folder, verify and validate them there,
+    then rename it to ``dest`` (never a half-made copy at ``dest``)."""
+    files, label = manifest["files"], f"{src.parent.parent.name}@{src.name}"
+    tmp = dest.parent / f".tmp-{src.name}-{uuid.uuid4().hex}"
+    tmp.mkdir(parents=True)
+    try:
+        for fname in files:
+            if Path(fname).name != fname or fname == MANIFEST:
+                raise ValidationError(
+                    f"{src / MANIFEST}: file name {fname!r} is not a plain adapter file",
+                    [f"manifest file name {fname!r} is not a plain adapter file"],
+                )
+            try:
+                shutil.copyfile(src / fname, tmp / fname)
+            except FileNotFoundError:
+                if not (src / MANIFEST).is_file():
+                    raise FileNotFoundError(
+                        errno.ENOENT, f"{label} vanished while copying", str(src)
+                    ) from None
+                continue  # reported by verify_checksums as "missing"
+        (tmp / MANIFEST).write_bytes(raw)  # the bytes the key was computed from
+        problems = verify_checksums(tmp, manifest)
+        report = validate_adapter(
+            tmp,
+            max_rank=limits.max_rank,
+            base_model=limits.base_model,
+            base_config=limits.base_config,
+            check_base_name=limits.check_base_name,
+        )
+        problems += [_hint(p.replace(str(tmp), str(src))) for p in report.problems]
+        if problems:
+            raise ValidationError(
+                f"{label} ({src}) cannot be served:\n  - " + "\n  - ".join(problems),
+                problems,
+            )
+        os.rename(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _tree_bytes(path: Path) -> int:
@@ -249,43 +293,7 @@ class AdapterCache:
                 int(m.get("size", 0)) for m in files.values() if isinstance(m, dict)
             )
             self.make_room(need)
-        tmp = self.root / name / f".tmp-{version}-{uuid.uuid4().hex}"
-        tmp.mkdir(parents=True)
-        try:
-            for fname in files:
-                if Path(fname).name != fname or fname == MANIFEST:
-                    raise ValidationError(
-                        f"{src / MANIFEST}: file name {fname!r} is not a plain adapter file",
-                        [f"manifest file name {fname!r} is not a plain adapter file"],
-                    )
-                try:
-                    shutil.copyfile(src / fname, tmp / fname)
-                except FileNotFoundError:
-                    if not (src / MANIFEST).is_file():
-                        raise FileNotFoundError(
-                            errno.ENOENT, f"{name}@{version} vanished while copying", str(src)
-                        ) from None
-                    continue  # reported by verify_checksums as "missing"
-            (tmp / MANIFEST).write_bytes(raw)  # the bytes the key was computed from
-            problems = verify_checksums(tmp, manifest)
-            limits = self.limits
-            report = validate_adapter(
-                tmp,
-                max_rank=limits.max_rank,
-                base_model=limits.base_model,
-                base_config=limits.base_config,
-                check_base_name=limits.check_base_name,
-            )
-            problems += [_hint(p.replace(str(tmp), str(src))) for p in report.problems]
-            if problems:
-                raise ValidationError(
-                    f"{name}@{version} ({src}) cannot be served:\n  - " + "\n  - ".join(problems),
-                    problems,
-                )
-            os.rename(tmp, dest)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        _copy_verified(src, dest, raw, manifest, self.limits)
         self._sizes[dest] = _tree_bytes(dest)
         return dest, key
 

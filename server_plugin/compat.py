@@ -48,6 +48,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -238,8 +239,20 @@ class Served:
     lora_id: int
 
 
+RETIRED_BOUND = 16_384
+"""Served names whose ``LoRARequest`` ``ServingModels`` remembers after dropping them."""
+
+
 class ServingModels:
-    """The server's ``OpenAIServingModels``, through the few members the plugin uses."""
+    """The server's ``OpenAIServingModels``, through the few members the plugin uses.
+
+    A served name dropped and loaded again from the same path gets its old
+    ``LoRARequest`` back, LoRA id included. vLLM's worker collects a batch's adapters in a
+    set of ``LoRARequest`` (equal by ``lora_name``: ``vllm/lora/request.py``) and maps rows
+    by id (``vllm/v1/worker/gpu_input_batch.py`` ``make_lora_inputs``): a new id under the
+    name while requests admitted with the old one still run could leave one of the two
+    ids out of the batch's active adapters.
+    """
 
     def __init__(self, models: Any, internals: Internals) -> None:
         missing = [a for a in SERVING_MODELS_API if not hasattr(models, a)]
@@ -251,6 +264,7 @@ class ServingModels:
             )
         self.models = models
         self.internals = internals
+        self._retired: OrderedDict[str, Any] = OrderedDict()  # name -> its last LoRARequest
 
     @classmethod
     def from_state(cls, state: Any, internals: Internals) -> ServingModels:
@@ -281,7 +295,12 @@ class ServingModels:
         return None if refused is None else refused[1]
 
     async def load_detail(self, name: str, path: str) -> tuple[int, str] | None:
-        """Load ``path`` under ``name``; vLLM's refusal (HTTP code, message), or None."""
+        """Load ``path`` under ``name``; vLLM's refusal (HTTP code, message), or None.
+        A name dropped earlier with the same path comes back with its own LoRA id."""
+        retired = self._retired.pop(name, None)
+        if retired is not None and str(retired.lora_path) == path:
+            self.models.lora_requests[name] = retired
+            return None
         request = self.internals.load_request(lora_name=name, lora_path=path)
         result = await self.models.load_lora_adapter(request)
         if isinstance(result, self.internals.error_response):
@@ -305,7 +324,12 @@ class ServingModels:
 
     def drop(self, name: str) -> None:
         """Stop resolving ``name`` (frees no engine memory: vLLM's LRU does that)."""
-        self.models.lora_requests.pop(name, None)
+        request = self.models.lora_requests.pop(name, None)
+        if request is not None and str(request.lora_name) == name:  # its own, not an alias
+            self._retired[name] = request
+            self._retired.move_to_end(name)
+            while len(self._retired) > RETIRED_BOUND:
+                self._retired.popitem(last=False)
 
     def is_base_model(self, name: str) -> bool:
         return bool(self.models.is_base_model(name))

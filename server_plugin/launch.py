@@ -31,18 +31,25 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from agent_finetune.errors import ConfigError
+from agent_finetune.errors import ConfigError, ServerStartError
 from agent_finetune.registry import Registry
 from agent_finetune.registry.adapter import read_adapter_config
 from agent_finetune.registry.names import ENV_REGISTRY
 from server_plugin.compat import multiple_api_servers_error
-from server_plugin.preload import PreloadPolicy, default_max_cpu_loras
-from server_plugin.settings import ENV_PRELOAD, PLUGIN_NAME
+from server_plugin.preload import PreloadPolicy
+from server_plugin.settings import (
+    ENV_VLLM_PLUGINS,
+    LAZY_MAX_CPU_LORAS,
+    MAX_LORA_RANK,
+    MAX_LORAS,
+    PLUGIN_NAME,
+    SERVE_PORT,
+    Settings,
+)
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 # vLLM accepts only these --max-lora-rank values.
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
-DEFAULT_MAX_LORAS = 4
 _PLUGIN_GROUPS = (
     "vllm.general_plugins",
     "vllm.platform_plugins",
@@ -74,8 +81,8 @@ def registry_max_rank(registry: str | os.PathLike[str] | None) -> int:
 
 
 def default_max_lora_rank(registry: str | os.PathLike[str] | None) -> int:
-    """16, or the smallest rank vLLM accepts that fits every current version."""
-    need = max(16, registry_max_rank(registry))
+    """``MAX_LORA_RANK``, or the smallest rank vLLM accepts that fits every current version."""
+    need = max(MAX_LORA_RANK, registry_max_rank(registry))
     return next((r for r in LORA_RANKS if r >= need), LORA_RANKS[-1])
 
 
@@ -115,22 +122,38 @@ def plugins_env_value(current: str | None) -> str:
     return ",".join(names)
 
 
+def default_max_cpu_loras(policy: PreloadPolicy, n_names: int, max_pinned: int, floor: int) -> int:
+    """``--max-cpu-loras`` when the user gives none: every name under ``all``, else a
+    bounded number, so engine memory does not grow with the registry."""
+    everything = n_names + max_pinned
+    if policy.mode == "all":
+        return max(floor, everything)
+    bound = LAZY_MAX_CPU_LORAS
+    if policy.mode == "recent":
+        bound = max(bound, policy.count + max_pinned + floor)
+    elif policy.mode == "names":
+        bound = max(bound, len(policy.names) + max_pinned + floor)
+    return max(floor, min(everything, bound))
+
+
 def build_command(
     model: str,
     registry: str | os.PathLike[str] | None,
     *,
-    port: int = 8000,
+    port: int = SERVE_PORT,
     host: str | None = None,
     extra_args: Sequence[str] = (),
     max_lora_rank: int | None = None,
     max_loras: int | None = None,
     max_cpu_loras: int | None = None,
-    max_pinned: int = 4,
+    serving: Settings | None = None,
     tool_call_parser: str | None = None,
-    preload: str | None = None,
     python: str = sys.executable,
 ) -> list[str]:
     """The vLLM command line: LoRA on, bounds sized for hot swaps, ``extra_args`` win.
+
+    ``serving``: the plugin's settings (``--max-cpu-loras`` is sized by their
+    ``max_pinned`` and ``preload``); the defaults when None.
 
     ``tool_call_parser`` turns on tool calling (``--enable-auto-tool-choice
     --tool-call-parser NAME``): without it vLLM answers 400 to any request with ``tools``.
@@ -159,7 +182,7 @@ def build_command(
         cmd.append("--enable-lora")
     if not _has_flag(extra, "--max-lora-rank"):
         cmd += ["--max-lora-rank", str(max_lora_rank or default_max_lora_rank(registry))]
-    loras = max_loras or DEFAULT_MAX_LORAS
+    loras = max_loras or MAX_LORAS
     if not _has_flag(extra, "--max-loras"):
         cmd += ["--max-loras", str(loras)]
     if not _has_flag(extra, "--max-cpu-loras"):
@@ -167,10 +190,11 @@ def build_command(
         # the engine's CPU cache instead of being re-read from disk; bounded unless every
         # name is preloaded (AGENT_FINETUNE_PRELOAD=all), so memory does not grow with the
         # registry.
+        serving = serving or Settings()
         n_names = len(Registry(registry).names()) if registry and Path(registry).is_dir() else 0
-        policy = PreloadPolicy.parse(preload)
+        policy = PreloadPolicy.parse(serving.preload)
         cpu_loras = max_cpu_loras or default_max_cpu_loras(
-            policy, n_names, max_pinned, max(loras, 8)
+            policy, n_names, serving.max_pinned, max(loras, 8)
         )
         cmd += ["--max-cpu-loras", str(cpu_loras)]
     return cmd + extra
@@ -186,7 +210,7 @@ def build_env(
     """The environment for vLLM: plugin allowlisted and pointed at the registry."""
     env = dict(os.environ if base_env is None else base_env)
     if plugin:
-        env["VLLM_PLUGINS"] = plugins_env_value(env.get("VLLM_PLUGINS"))
+        env[ENV_VLLM_PLUGINS] = plugins_env_value(env.get(ENV_VLLM_PLUGINS))
         if registry is not None:
             env[ENV_REGISTRY] = str(Path(registry).expanduser().absolute())
     env.update(settings or {})
@@ -234,11 +258,12 @@ class ServerHandle:
             return json.loads(r.read())
 
     def wait_ready(self, timeout: float = 600.0) -> ServerHandle:
-        """Block until ``/v1/models`` answers; raise RuntimeError with the log if it dies."""
+        """Block until ``/v1/models`` answers; ServerStartError with the log if it dies or
+        does not answer within ``timeout``."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive:
-                raise RuntimeError(
+                raise ServerStartError(
                     f"vLLM exited with code {self.process.returncode} before it was ready; "
                     f"log {self.log_path}:\n{self.log_tail()}"
                 )
@@ -248,7 +273,7 @@ class ServerHandle:
             except (OSError, urllib.error.URLError, ValueError):
                 time.sleep(0.5)
         self.stop()
-        raise TimeoutError(
+        raise ServerStartError(
             f"vLLM was not ready within {timeout:.0f}s; log {self.log_path}:\n{self.log_tail()}"
         )
 
@@ -303,12 +328,17 @@ def start_server(
     (default: discarded).
     """
     port = port or free_port()
-    if "preload" not in command_options and settings and ENV_PRELOAD in settings:
-        command_options["preload"] = settings[ENV_PRELOAD]
-    cmd = build_command(
-        model, registry, port=port, host=host, extra_args=extra_args, **command_options
-    )
     full_env = build_env(registry, plugin=plugin, base_env=env, settings=settings)
+    serving = Settings.from_env(full_env) if plugin else None
+    cmd = build_command(
+        model,
+        registry,
+        port=port,
+        host=host,
+        extra_args=extra_args,
+        serving=serving,
+        **command_options,
+    )
     log: IO[bytes] | int
     if log_path is not None:
         log_file = Path(log_path)

@@ -7,7 +7,9 @@
 - every published version that can be pinned is listed, ``"loaded": false`` until its
   first request loads it.
 
-No vLLM import here: the plugin passes vLLM's cards as dicts and its name -> served-name map.
+No vLLM import here: the plugin passes vLLM's cards as dicts and its name -> served-name map;
+the registry's versions come from the reconcile loop's catalog (``server_plugin.catalog``),
+not from a scan per request.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from agent_finetune.registry import Registry
 from agent_finetune.registry.names import model_id
+from server_plugin.catalog import Catalog
 
 OWNER = "agent_finetune"
 
@@ -24,7 +26,7 @@ OWNER = "agent_finetune"
 def annotate_cards(
     cards: list[dict[str, Any]],
     served_as: dict[str, str],
-    registry: Registry | None,
+    catalog: Catalog | None,
     base_id: str | None,
 ) -> list[dict[str, Any]]:
     """vLLM's cards plus the name/version links, then the registry's unloaded versions.
@@ -47,12 +49,12 @@ def annotate_cards(
                 card["aliases"] = sorted(aliases.get(cid, []))
                 card["loaded"] = True
         out.append(card)
-    if registry is None:
+    if catalog is None:
         return out
     listed = {c.get("id") for c in out}
     now = int(time.time())
-    for name in registry.names():
-        for version in registry.versions(name):
+    for name in catalog.names():
+        for version in catalog.versions(name):
             vid = model_id(name, version)
             if vid not in listed:
                 out.append(

@@ -27,17 +27,23 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from agent_finetune.errors import LoadError, ServerUnavailableError, VllmCompatError
+from agent_finetune.errors import (
+    ConfigError,
+    LoadError,
+    ServerUnavailableError,
+    VllmCompatError,
+)
 from agent_finetune.registry import Registry
 from agent_finetune.registry.adapter import linear_shapes, load_base_config
 from server_plugin import compat
 from server_plugin.answers import AnswerHeaders, missing_model_message
 from server_plugin.cache import AdapterCache, Limits, ProcessDir
 from server_plugin.canary import CanaryRouter, parse_feedback
+from server_plugin.failures import Refusal
 from server_plugin.listing import annotate_cards
-from server_plugin.preload import USAGE_FILE, PreloadPolicy, Usage
-from server_plugin.reconciler import PinRefusal, Reconciler
-from server_plugin.settings import PLUGIN_NAME, Settings, reconciler_options
+from server_plugin.preload import USAGE_FILE, Usage
+from server_plugin.reconciler import Reconciler
+from server_plugin.settings import PLUGIN_NAME, Settings
 from server_plugin.watcher import RegistryWatcher
 
 logger = logging.getLogger(__name__)
@@ -209,10 +215,12 @@ class PinnedModelMiddleware:
         started = time.perf_counter()
         messages, body = await read_capped(receive, cap)
         canary, route, finish = self.plugin.canary, None, None
+        held: list[str] = []  # what this request asked for stays loaded until it ends
         if canary is not None and canary.active and body is not None:
             routed, route = canary.route_body(body, scope["headers"])
             if route is not None and route.candidate:
-                refusal = await self._ensure_pinned(reconciler, f"{route.name}@{route.version}")
+                candidate_model = f"{route.name}@{route.version}"
+                refusal = await self._ensure_pinned(reconciler, candidate_model, held)
                 if refusal is None:
                     body, messages, scope = (
                         routed,
@@ -231,8 +239,9 @@ class PinnedModelMiddleware:
             else None
         )
         if model is not None:
-            refusal = await self._ensure_pinned(reconciler, model)
+            refusal = await self._ensure_pinned(reconciler, model, held)
             if refusal is not None:
+                reconciler.release(held)
                 err_type = "BadRequestError" if refusal.status < 500 else "ServiceUnavailableError"
                 await _error(refusal.status, refusal.message, err_type)(scope, receive, send)
                 return
@@ -246,15 +255,14 @@ class PinnedModelMiddleware:
         try:
             await self.app(scope, replay, send)
         finally:
+            reconciler.release(held)
             if finish is not None:
                 finish()
 
     @staticmethod
-    async def _ensure_pinned(reconciler: Reconciler, model: str) -> PinRefusal | None:
+    async def _ensure_pinned(reconciler: Reconciler, model: str, held: list[str]) -> Refusal | None:
         try:
-            if "@" not in model:
-                return await reconciler.ensure_name(model)
-            return await reconciler.ensure_pinned(model)
+            return await reconciler.ensure(model, held)
         except Exception:
             logger.exception("agent_finetune: loading pinned %s failed", model)
             return None
@@ -329,11 +337,11 @@ class EndpointPlugin:
                     if n not in served
                 )
             served_as = {name: s.name for name, s in models.table().items()}
-            registry = reconciler.registry if reconciler is not None else None
+            catalog = reconciler.catalog if reconciler is not None else None
             paths = getattr(models.models, "base_model_paths", None)
             base_id = paths[0].name if paths else None
             body["data"] = await asyncio.to_thread(
-                annotate_cards, cards, served_as, registry, base_id
+                annotate_cards, cards, served_as, catalog, base_id
             )
         except Exception:
             logger.exception("agent_finetune: annotating /v1/models failed")
@@ -357,7 +365,7 @@ class EndpointPlugin:
         """What to say instead of vLLM's bare 404 for ``model``."""
         if self.reconciler is None:
             return None
-        return await asyncio.to_thread(missing_model_message, self.reconciler.registry, model)
+        return await asyncio.to_thread(missing_model_message, self.reconciler.catalog, model)
 
     async def adapters(self, request: Request) -> Response:
         """Per adapter name: desired and live version, state, last error, load times."""
@@ -425,29 +433,14 @@ class EndpointPlugin:
             return
         try:
             settings = Settings.from_env()
+            root = settings.registry_root()
             self.internals = self.internals or compat.detect()
             models = self.models = compat.ServingModels.from_state(state, self.internals)
-        except (ValueError, VllmCompatError) as e:
+        except (ConfigError, VllmCompatError) as e:
             self.error = str(e)
             logger.error("agent_finetune: %s; plugin disabled", e)
             return
-        limits = _limits(engine_client, args, settings)
-        usage = Usage(settings.cache_dir / USAGE_FILE)
-        atexit.register(usage.save, True)
-        folder = ProcessDir(settings.cache_dir)
-        atexit.register(folder.close)
-        cache = AdapterCache(
-            folder.path, limits, max_bytes=settings.cache_max_bytes, grace_s=settings.cache_grace_s
-        )
-        reconciler = Reconciler(
-            Registry(settings.registry),
-            cache,
-            VllmTransport(models),
-            **reconciler_options(settings),
-            preload=PreloadPolicy.parse(settings.preload),
-            engine_bound=_engine_bound(engine_client),
-            usage=usage,
-        )
+        reconciler = _reconciler(engine_client, args, settings, models)
         self.max_parse_bytes = settings.max_parse_bytes
         canary = CanaryRouter(reconciler.registry)
 
@@ -456,7 +449,7 @@ class EndpointPlugin:
             canary.wake()
 
         self.watcher = RegistryWatcher(
-            settings.registry,
+            root,
             wake,
             polling=settings.polling,
             poll_interval_s=min(1.0, settings.resync_s),
@@ -478,15 +471,41 @@ class EndpointPlugin:
         self._canary_task.add_done_callback(_log_task_end)
         logger.info(
             "agent_finetune: serving registry %s (cache %s, max rank %s, resync %.2fs, %s)",
-            settings.registry,
-            cache.root,
-            limits.max_rank,
+            root,
+            reconciler.cache.root,
+            reconciler.cache.limits.max_rank,
             settings.resync_s,
             "polling" if settings.polling else "inotify",
         )
         logger.info(
             "agent_finetune: start-up took %.2fs; preload %s", self.startup_s, reconciler.policy
         )
+
+
+def _reconciler(
+    engine_client: Any, args: Namespace, settings: Settings, models: compat.ServingModels
+) -> Reconciler:
+    """The reconcile loop on this server: its own cache folder (removed at exit), the
+    usage record beside it, the engine's LoRA limits."""
+    cache_root = settings.cache_root()
+    usage = Usage(cache_root / USAGE_FILE)
+    atexit.register(usage.save, True)
+    folder = ProcessDir(cache_root)
+    atexit.register(folder.close)
+    cache = AdapterCache(
+        folder.path,
+        _limits(engine_client, args, settings),
+        max_bytes=settings.cache_max_bytes,
+        grace_s=settings.cache_grace_s,
+    )
+    return Reconciler(
+        Registry(settings.registry_root()),
+        cache,
+        VllmTransport(models),
+        settings,
+        engine_bound=_engine_bound(engine_client),
+        usage=usage,
+    )
 
 
 def _setup_logging() -> None:

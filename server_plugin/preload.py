@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from agent_finetune.errors import ConfigError
 from agent_finetune.registry.names import is_name
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ class PreloadPolicy:
 
     @classmethod
     def parse(cls, raw: str | None) -> PreloadPolicy:
-        """Parse the variable's value; ValueError naming the bad part and the choices."""
+        """Parse a policy; ConfigError naming the bad part and the choices (the caller
+        names the variable or flag it came from)."""
         value = (raw or "").strip()
         low = value.lower()
         if low in ("", "auto"):
@@ -70,17 +72,14 @@ class PreloadPolicy:
             except ValueError:
                 count = -1
             if count < 0:
-                raise ValueError(
-                    f"AGENT_FINETUNE_PRELOAD={raw!r}: expected recent:N with N >= 0, e.g. recent:64"
-                )
+                raise ConfigError(f"{raw!r}: expected recent:N with N >= 0, e.g. recent:64")
             return cls("recent", count=count)
         names = tuple(n.strip() for n in value.split(",") if n.strip())
         bad = [n for n in names if not is_name(n)]
         if bad or not names:
-            raise ValueError(
-                f"AGENT_FINETUNE_PRELOAD={raw!r}: {', '.join(map(repr, bad)) or 'empty'} "
-                "is not an adapter name; expected auto, all, none, recent:N or a "
-                "comma-separated list of names"
+            raise ConfigError(
+                f"{raw!r}: {', '.join(map(repr, bad)) or 'empty'} is not an adapter name; "
+                "expected auto, all, none, recent:N or a comma-separated list of names"
             )
         return cls("names", names=names)
 
@@ -115,25 +114,6 @@ class PreloadPolicy:
             key=lambda n: (-used_at.get(n, 0.0), -(moved_at[n] or 0.0), n),
         )
         return frozenset(ranked[: self.count])
-
-
-def default_max_cpu_loras(policy: PreloadPolicy, n_names: int, max_pinned: int, floor: int) -> int:
-    """``--max-cpu-loras`` when the user gives none: every name under ``all`` (today's
-    behaviour), else a bounded number, so engine memory does not grow with the registry."""
-    everything = n_names + max_pinned
-    if policy.mode == "all":
-        return max(floor, everything)
-    bound = LAZY_MAX_CPU_LORAS
-    if policy.mode == "recent":
-        bound = max(bound, policy.count + max_pinned + floor)
-    elif policy.mode == "names":
-        bound = max(bound, len(policy.names) + max_pinned + floor)
-    return max(floor, min(everything, bound))
-
-
-LAZY_MAX_CPU_LORAS = 64
-"""The default ``--max-cpu-loras`` bound once the names outgrow it (``auto`` then preloads
-the most recently used ones and loads the rest on demand)."""
 
 
 class Usage:

@@ -6,26 +6,20 @@ read from its ``Transport`` at the start of every pass (vLLM's LoRA table in-pro
 ``GET /v1/models`` for the sidecar), so a lost load or a restarted server heals itself.
 Each pass is level-triggered and idempotent; filesystem events only wake the loop early.
 
-A swap loads the version under its own name ``<name>@vNNNN`` from a verified cache copy,
-then repoints ``<name>`` at it in one step (never an in-place reload: requests already
-running finish on the version they started on). Replaced and pinned versions stay loaded
-in a bounded LRU, so a rollback to a recent version is only a repoint. Loads are keyed by
-content: a version number whose files changed loads as ``<name>@vNNNN+<key>`` and
-``<name>@vNNNN`` is repointed to it.
+The rooms it drives, top to bottom (import-linter holds the order):
 
-Failures have kinds. Permanent ones (validation, a 4xx refusal) are remembered per
-(name, version, manifest sha256) until ``current`` moves; transient ones (I/O, 5xx,
-timeouts: ``OSError``) are retried with capped exponential backoff and jitter. Every pass
-writes every name's status, so it is never staler than one pass.
+- ``demand``: loads requests ask for (lazy names, pinned ``name@vNNNN``) and the preload
+  policy;
+- ``served``: copies, routes, the standby LRU, content keys, the swap (load, then route);
+- ``catalog``: the registry's names and versions as this loop last saw them;
+- ``status`` and ``failures``: what ``/v1/adapters`` says per name, and the one memory of
+  failed loads (permanent until the content or ``current`` changes, transient with backoff).
 
 Absence is not deletion: a registry root without its marker file, empty or unreadable is
-"unavailable" (serve what is loaded, unload nothing); a name is unloaded only after it has
-been absent for ``unload_after`` passes, at most ``max_removals`` names per pass.
-
-Not every name need be loaded: under a lazy preload policy (``server_plugin.preload``) a
-name that is not preloaded waits in state ``lazy`` until its first request calls
-``ensure_name``, which loads it through the same path; loaded lazy names follow ``current``
-like the others, in an LRU of ``lazy_capacity`` names.
+"unavailable" (serve what is loaded, unload nothing); a name whose folders cannot be read
+is kept as it is; a name is unloaded only after it has been absent for ``unload_after``
+passes, at most ``max_removals`` names per pass. Every pass writes every name's status, so
+it is never staler than one pass.
 
 No vLLM import here: the plugin (in-process) and the sidecar (over HTTP) share this code
 and differ only in their transport.
@@ -35,137 +29,47 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import random
 import time
-from collections import OrderedDict, defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any, Literal, Protocol
+from dataclasses import dataclass, field
+from typing import Any
 
-from agent_finetune.errors import AgentFinetuneError, ValidationError
-from agent_finetune.registry import CURRENT, MANIFEST, Registry
+from agent_finetune.registry import CURRENT, Registry
 from agent_finetune.registry.index import Pointer, pointers
-from agent_finetune.registry.names import is_name, split_model, utc_now, version_number
+from agent_finetune.registry.names import utc_now, version_number
 from agent_finetune.registry.store import MARKER
 from server_plugin import metrics
-from server_plugin.cache import AdapterCache, manifest_key
+from server_plugin.cache import AdapterCache
+from server_plugin.catalog import Catalog
+from server_plugin.demand import Demand
+from server_plugin.failures import Failures, Refusal, describe
 from server_plugin.preload import PreloadPolicy, Usage
+from server_plugin.served import Served, Transport
+from server_plugin.settings import ENV_UNLOAD_AFTER, Settings
+from server_plugin.status import AdapterStatus, utc_at
 
 logger = logging.getLogger(__name__)
 
-State = Literal["pending", "loading", "live", "failed", "retrying", "lazy"]
-FailureKind = Literal["permanent", "transient"]
-
-
-class Transport(Protocol):
-    """How the reconciler reads and changes what a server serves."""
-
-    async def served(self) -> dict[str, str]:
-        """Every name the server serves now -> the adapter path it serves it from."""
-        ...
-
-    async def load(self, served_name: str, path: str) -> None:
-        """Load the adapter at ``path`` under ``served_name``; raise LoadError on refusal,
-        ServerUnavailableError (an OSError) when the server could not answer."""
-        ...
-
-    async def repoint(self, name: str, target: str) -> None:
-        """Make ``name`` serve exactly what the loaded ``target`` serves, in one step."""
-        ...
-
-    async def unload(self, served_name: str) -> None:
-        """Stop serving ``served_name`` (unknown names are ignored)."""
-        ...
-
-
-def failure_kind(exc: BaseException) -> FailureKind:
-    """Transient: I/O and server unavailability (``OSError``, timeouts). Permanent: the
-    adapter or the server's refusal of it (validation, 4xx). A bug counts as transient:
-    retrying it with backoff is cheap and it may be a race."""
-    if isinstance(exc, (OSError, TimeoutError, asyncio.TimeoutError)):
-        return "transient"
-    if isinstance(exc, AgentFinetuneError):
-        return "permanent"
-    return "transient"
-
-
-@dataclass
-class AdapterStatus:
-    """What ``GET /v1/adapters`` reports for one adapter name."""
-
-    name: str
-    desired: str | None = None
-    desired_since: str | None = None  # when `current` last moved (the pointer's mtime)
-    live: str | None = None
-    state: State = "pending"
-    error: str | None = None
-    error_version: str | None = None
-    error_kind: FailureKind | None = None
-    attempts: int = 0
-    next_retry: str | None = None
-    absent_passes: int = 0
-    sha256: str | None = None
-    loaded_at: str | None = None
-    load_seconds: float | None = None
-    swap_seconds: float | None = None
-    path: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class PinRefusal:
-    """Why a pinned ``name@vNNNN`` cannot be served: ``status`` 400 (permanent) or 503."""
-
-    message: str
-    status: int = 400
-
-
-@dataclass
-class _Failure:
-    kind: FailureKind
-    error: str
-    attempts: int = 1
-    next_try: float = 0.0  # monotonic
-
-
-@dataclass(frozen=True)
-class _Copy:
-    """One adapter loaded into the server under its own served name."""
-
-    name: str
-    version: str
-    key: str
-    path: Path
+PinRefusal = Refusal  # the name the request middleware knew it by
 
 
 @dataclass
 class _Desired:
     available: bool
     reason: str | None = None
-    names: dict[str, tuple[str | None, str | None, float | None]] = field(default_factory=dict)
+    # name -> its pointer and the manifest's content key (None for lazy or unreadable ones)
+    names: dict[str, tuple[Pointer, str | None]] = field(default_factory=dict)
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ValidationError) and exc.problems:
-        return "; ".join(exc.problems)
-    return f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc)
-
-
-def _utc_at(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds")
-
-
-def _utc_in(seconds: float) -> str:
-    return datetime.fromtimestamp(time.time() + seconds, timezone.utc).isoformat(
-        timespec="milliseconds"
-    )
+def _call(hook: Callable[[], object] | None, what: str) -> None:
+    if hook is not None:
+        try:
+            hook()
+        except Exception:
+            logger.exception("agent_finetune: %s hook failed", what)
 
 
 class Reconciler:
@@ -176,76 +80,44 @@ class Reconciler:
         registry: Registry,
         cache: AdapterCache,
         transport: Transport,
+        settings: Settings | None = None,
         *,
-        resync_s: float = 2.0,
-        max_pinned: int = 4,
-        retry_base_s: float = 0.5,
-        retry_max_s: float = 10.0,
-        unload_after: int = 3,
-        max_removals: int = 16,
-        pins: str = "any",
-        max_loads: int = 2,
-        rng: random.Random | None = None,
-        preload: PreloadPolicy | None = None,
         engine_bound: int | None = None,
         usage: Usage | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.registry = registry
         self.cache = cache
         self.transport = transport
-        self.resync_s = resync_s
-        self.max_pinned = max_pinned
-        self.retry_base_s = retry_base_s
-        self.retry_max_s = retry_max_s
-        self.unload_after = unload_after
-        self.max_removals = max_removals
-        self.pins = pins
-        self._rng = rng or random.Random()
+        self.settings = settings = settings or Settings()
+        self.failures = Failures(settings.retry_base_s, settings.retry_max_s, rng)
+        self.served = Served(
+            registry, cache, transport, self.failures, max_standby=settings.max_pinned
+        )
+        self.catalog = Catalog(registry)
         self._status: dict[str, AdapterStatus] = {}
-        self._loaded: dict[str, _Copy] = {}  # served name -> the copy it serves
-        self._content: dict[tuple[str, str, str], str] = {}  # (name, version, key) -> served
-        self._points: dict[str, str] = {}  # alias (name, or name@vN of a +key copy) -> served
-        self._lru: OrderedDict[str, None] = OrderedDict()  # loaded, no public name on it
-        self._failures: dict[tuple[str, str, str | None], _Failure] = {}
+        self.demand = Demand(
+            self.served,
+            self.failures,
+            self.catalog,
+            self._status,
+            settings,
+            engine_bound=engine_bound,
+            usage=usage,
+        )
         self._desired_seen: dict[str, tuple[str | None, str | None]] = {}
         self._absent: dict[str, int] = {}
-        self._rejected_pins: dict[tuple[str, str, str | None], str] = {}
-        self._unknown_pins: dict[str, float] = {}  # model -> monotonic expiry
-        self._pin_errors: dict[str, str] = {}
-        self._keys: dict[Path, tuple[tuple[int, int, int], str]] = {}  # manifest stat memo
-        self._version_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._name_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._load_slots = asyncio.Semaphore(max_loads)
-        self._load_slots_n = max_loads
+        self._pointers: dict[str, Pointer] = {}  # pointer scan memo
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._stopping = False
         self.last_sync: str | None = None
         self.sync_error: str | None = None
         self.registry_available: bool | None = None
-        self.server_error: str | None = None
         self.passes = 0
-        self._started = time.time()
-        # What the server serves: read once per pass, then kept current by our own changes.
-        self._actual: dict[str, str] | None = None
-        self._ever_served: set[Path] = set()  # paths the server held while it was unreachable
-        # Lazy loading (server_plugin.preload). `engine_bound`: adapters the engine keeps
-        # in memory (--max-cpu-loras); `auto` preloads every name while they fit in it.
-        self.preload = preload or PreloadPolicy("all")
-        self.engine_bound = engine_bound
-        self.usage = usage or Usage(None)
-        self.policy: PreloadPolicy | None = None  # `preload` resolved at the first pass
-        self._preloaded: frozenset[str] | None = None  # None: every name
-        self._active: OrderedDict[str, None] = OrderedDict()  # lazy names loaded on demand
-        self._lazy_loads: dict[str, asyncio.Future[PinRefusal | None]] = {}
-        self.lazy_capacity = 0
-        self.hits = 0  # requests for a lazy-policy name that was already served
-        self.misses = 0  # requests that waited for a load (their own or a shared one)
         self.last_pass_s: float | None = None
-        self._pointers: dict[str, Pointer] = {}  # pointer scan memo
-        cache.in_use = self._in_use
 
-    # -- loop ---------------------------------------------------------------------------
+    # -- the loop -----------------------------------------------------------------------
     async def run(
         self,
         before_pass: Callable[[], object] | None = None,
@@ -257,27 +129,18 @@ class Reconciler:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         while not self._stopping:
-            if before_pass is not None:
-                try:
-                    before_pass()
-                except Exception:
-                    logger.exception("agent_finetune: before_pass hook failed")
+            _call(before_pass, "before_pass")
             await self.reconcile_once()
-            if after_pass is not None:
-                try:
-                    after_pass()
-                except Exception:
-                    logger.exception("agent_finetune: after_pass hook failed")
+            _call(after_pass, "after_pass")
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self._next_wait())
             self._wake.clear()
 
     def _next_wait(self) -> float:
-        due = [f.next_try for f in self._failures.values() if f.kind == "transient"]
-        wait = self.resync_s
-        if due:
-            wait = min(wait, max(0.05, min(due) - time.monotonic()))
-        return wait
+        due = self.failures.next_due()
+        if due is None:
+            return self.settings.resync_s
+        return min(self.settings.resync_s, max(0.05, due - time.monotonic()))
 
     def wake(self) -> None:
         """Run a pass soon. Safe to call from any thread (watchdog's observer thread)."""
@@ -294,89 +157,33 @@ class Reconciler:
     async def reconcile_once(self) -> None:
         """One level-triggered pass. Never raises: every problem is logged and reported."""
         t0 = time.monotonic()
-        self._unknown_pins.clear()  # a pass is also how a new version becomes pinnable
         try:
             desired = await asyncio.to_thread(self._read_desired)
         except Exception as e:
-            desired = _Desired(False, f"cannot read registry {self.registry.root}: {_describe(e)}")
+            desired = _Desired(False, f"cannot read registry {self.registry.root}: {describe(e)}")
             logger.exception("agent_finetune: %s", desired.reason)
         self.registry_available = desired.available
         self.sync_error = desired.reason
         metrics.REGISTRY_AVAILABLE.set(1 if desired.available else 0)
-        self._actual = await self._read_actual()
-        if self._actual is not None:
-            self._forget_lost(self._actual)
-            if desired.available:
-                await self._reconcile_names(desired, self._actual)
-                await self._remove_absent(desired)
-                await self._drop_stale_pins()
-        self._report(self._actual)
+        actual = await self.served.read_actual()
+        if actual is not None and desired.available:
+            await self._reconcile_names(desired)
+            await self._remove_absent(desired)
+            await self.served.drop_stale()
+            await self.served.evict()
+        self._report()
         try:
             await asyncio.to_thread(self.cache.collect)
         except Exception:
             logger.exception("agent_finetune: cleaning the cache failed")
-        self.usage.save()
+        self.demand.usage.save()
         self.last_sync = utc_now()
         self.last_pass_s = round(time.monotonic() - t0, 6)
         self.passes += 1
 
-    async def _reconcile_names(self, desired: _Desired, actual: dict[str, str]) -> None:
-        for name, (version, key, moved_at) in sorted(desired.names.items()):
-            self._absent.pop(name, None)
-            try:
-                async with self._name_locks[name]:
-                    await self._reconcile_name(name, version, key, moved_at, actual)
-            except Exception as e:  # a bug, not a bad adapter: log it, keep the others going
-                logger.exception("agent_finetune: reconciling %r failed", name)
-                st = self._status.setdefault(name, AdapterStatus(name))
-                st.error, st.error_version, st.error_kind = _describe(e), version, "transient"
-
-    def _in_use(self) -> set[Path]:
-        """Copies the server may re-read: our loads and whatever it serves (or, while it
-        cannot be asked, whatever it served when last asked)."""
-        # Called from the cache's worker thread (a bounded copy making room) while loads on
-        # the event loop change these maps: list() copies each one without releasing the GIL.
-        paths = {c.path for c in list(self._loaded.values())}
-        paths |= {Path(p) for p in list((self._actual or {}).values())}
-        return paths | set(self._ever_served)
-
-    async def _read_actual(self) -> dict[str, str] | None:
-        try:
-            actual = await self.transport.served()
-        except Exception as e:
-            self.server_error = f"cannot read what the server serves: {_describe(e)}"
-            logger.warning("agent_finetune: %s", self.server_error)
-            if self._actual is not None:
-                self._ever_served = {Path(p) for p in self._actual.values()}
-            return None
-        self.server_error = None
-        self._ever_served = set()
-        return actual
-
-    def _forget_lost(self, actual: dict[str, str]) -> None:
-        """Loads the server no longer has (restarted, unloaded by hand) are forgotten, so
-        this pass loads them again."""
-        for served, copy in list(self._loaded.items()):
-            if actual.get(served) != str(copy.path):
-                logger.warning("agent_finetune: the server lost %s; loading it again", served)
-                self._drop_copy(served)
-        for alias, served in list(self._points.items()):
-            if served not in self._loaded:
-                del self._points[alias]
-
-    def _drop_copy(self, served: str) -> None:
-        copy = self._loaded.pop(served, None)
-        self._lru.pop(served, None)
-        if copy is None:
-            return
-        if self._content.get((copy.name, copy.version, copy.key)) == served:
-            del self._content[(copy.name, copy.version, copy.key)]
-        if copy.path not in {c.path for c in self._loaded.values()}:
-            self.cache.release(copy.path)
-
     # -- desired state --------------------------------------------------------------------
     def _read_desired(self) -> _Desired:
-        """name -> (current version, manifest key, pointer mtime), or "unavailable"."""
+        """Every name's pointer and content key, or "unavailable"."""
         root = self.registry.root
         try:
             entries = os.listdir(root)
@@ -397,274 +204,96 @@ class Reconciler:
         out = _Desired(True)
         # One pass over the root; a pointer is re-read only when its stat changed.
         found = pointers(self.registry, self._pointers)
-        if self.policy is None:
-            self._resolve_policy({n: p.moved_at for n, p in found.items()})
-        for name, (version, moved_at, _) in found.items():
+        self.catalog.update(found)
+        if self.demand.policy is None:
+            self.demand.resolve_policy({n: p.moved_at for n, p in found.items()})
+        for name, pointer in found.items():
             # A lazy name's manifest is read when its first request loads it, not per pass.
-            lazy = self._is_lazy(name)
-            key = self._key(name, version) if version is not None and not lazy else None
-            out.names[name] = (version, key, moved_at)
+            key = None
+            if pointer.version is not None and not self.demand.is_lazy(name):
+                key = self.served.key(name, pointer.version)
+            out.names[name] = (pointer, key)
         return out
 
-    def _key(self, name: str, version: str) -> str | None:
-        """The manifest's content key, re-read only when its stat changes; None if absent."""
-        try:
-            path = self.registry.version_dir(name, version) / MANIFEST
-            st = path.stat()
-            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-            memo = self._keys.get(path)
-            if memo is not None and memo[0] == stamp:
-                return memo[1]
-            key = manifest_key(path.read_bytes())
-        except (OSError, ValueError):
-            return None
-        self._keys[path] = (stamp, key)
-        return key
-
     # -- one name ---------------------------------------------------------------------------
-    async def _reconcile_name(
-        self,
-        name: str,
-        version: str | None,
-        key: str | None,
-        moved_at: float | None,
-        actual: dict[str, str],
-    ) -> None:
-        st = self._status.setdefault(name, AdapterStatus(name))
-        st.desired, st.absent_passes = version, 0
-        st.desired_since = _utc_at(moved_at) if moved_at is not None else None
+    async def _reconcile_names(self, desired: _Desired) -> None:
+        for name, (pointer, key) in sorted(desired.names.items()):
+            self._absent.pop(name, None)
+            st = self._status.setdefault(name, AdapterStatus(name))
+            try:
+                async with self.served.name_lock(name):
+                    await self._reconcile_name(st, pointer, key)
+            except Exception as e:  # a bug, not a bad adapter: log it, keep the others going
+                logger.exception("agent_finetune: reconciling %r failed", name)
+                st.note(describe(e), pointer.version, "transient")
+
+    async def _reconcile_name(self, st: AdapterStatus, pointer: Pointer, key: str | None) -> None:
+        name, version = st.name, pointer.version
+        st.absent_passes = 0
+        if pointer.error is not None:
+            # Unreadable now (EIO, ESTALE, EACCES): nothing is known, so nothing changes.
+            st.note(f"{pointer.error}; serving what is loaded", st.desired, "transient")
+            return
+        st.desired = version
+        st.desired_since = utc_at(pointer.moved_at) if pointer.moved_at is not None else None
         if self._desired_seen.get(name) != (version, key):
             # `current` moved (or its content changed): forget what failed before.
             self._desired_seen[name] = (version, key)
-            for k in [k for k in self._failures if k[0] == name]:
-                del self._failures[k]
+            self.failures.forget(name)
+        serving = self.served.serving(name)
         if version is None:
-            st.state = "live" if self._serving_version(name, actual) else "failed"
-            st.error = (
+            st.state = "live" if serving is not None else "failed"
+            st.note(
                 f"{self.registry.name_dir(name) / CURRENT}: missing or unreadable; "
-                "run `agent-finetune promote` or `rollback` to set it"
+                "run `agent-finetune promote` or `rollback` to set it",
+                None,
+                "permanent",
             )
-            st.error_version, st.error_kind = None, "permanent"
             return
-        fkey = (name, version, key)
-        serving = self._serving_version(name, actual)
         if key is None and serving is not None and serving.version == version:
             # The version's folder left the registry (or its manifest is unreadable): the
             # verified copy keeps serving; nothing to load.
-            st.state, st.attempts, st.next_retry = "live", 0, None
-            st.error = (
+            st.settle("live")
+            st.note(
                 f"{self.registry.version_dir(name, version)}: missing or unreadable in the "
-                "registry; serving the server's verified copy"
-            )
-            st.error_version, st.error_kind = version, "transient"
-            return
-        if self._is_lazy(name):
-            # Its failures are keyed by the content its load read (the pass reads none).
-            failure = next(
-                (f for k, f in self._failures.items() if k[0] == name and k[1] == version), None
-            )
-            if failure is not None:
-                self._show_failure(st, version, failure)
-            else:
-                st.state, st.attempts, st.next_retry = "lazy", 0, None
-                st.error = st.error_version = st.error_kind = None
-            return
-        if self._is_serving(name, version, key, actual):
-            self._failures.pop(fkey, None)
-            st.state, st.attempts, st.next_retry = "live", 0, None
-            st.error = st.error_version = st.error_kind = None  # older versions' too
-            return
-        failure = self._failures.get(fkey)
-        if failure is not None and (
-            failure.kind == "permanent" or time.monotonic() < failure.next_try
-        ):
-            self._show_failure(st, version, failure)
-            return
-        await self._swap(st, version, key, moved_at, failure)
-
-    def _is_serving(self, name: str, version: str, key: str | None, actual: dict[str, str]) -> bool:
-        if key is None:
-            return False
-        served = self._content.get((name, version, key))
-        if served is None or self._points.get(name) != served:
-            return False
-        return actual.get(name) == str(self._loaded[served].path)
-
-    def _serving_version(self, name: str, actual: dict[str, str]) -> _Copy | None:
-        """The copy the server really serves under ``name`` (None when none of ours)."""
-        path = actual.get(name)
-        if path is None:
-            return None
-        for copy in self._loaded.values():
-            if str(copy.path) == path and copy.name == name:
-                return copy
-        return None
-
-    def _show_failure(self, st: AdapterStatus, version: str, failure: _Failure) -> None:
-        st.state = "failed" if failure.kind == "permanent" else "retrying"
-        st.error, st.error_version, st.error_kind = failure.error, version, failure.kind
-        st.attempts = failure.attempts
-        st.next_retry = (
-            _utc_in(max(0.0, failure.next_try - time.monotonic()))
-            if failure.kind == "transient"
-            else None
-        )
-
-    def _record_failure(
-        self, fkey: tuple[str, str, str | None], exc: BaseException, previous: _Failure | None
-    ) -> _Failure:
-        kind = failure_kind(exc)
-        attempts = (previous.attempts + 1) if previous is not None else 1
-        failure = _Failure(kind, _describe(exc), attempts)
-        if kind == "transient":
-            delay = min(self.retry_max_s, self.retry_base_s * 2 ** (attempts - 1))
-            failure.next_try = time.monotonic() + delay * (0.5 + self._rng.random() / 2)
-        self._failures[fkey] = failure
-        metrics.FAILURES.labels(fkey[0], kind).inc()
-        return failure
-
-    # -- transport calls, mirrored into what we know the server serves ---------------------
-    async def _load(self, served: str, path: str) -> None:
-        await self.transport.load(served, path)
-        if self._actual is not None:
-            self._actual[served] = path
-
-    async def _repoint(self, alias: str, served: str) -> None:
-        await self.transport.repoint(alias, served)
-        if self._actual is not None:
-            self._actual[alias] = str(self._loaded[served].path)
-
-    async def _unload_name(self, name: str) -> None:
-        if self._actual is not None:
-            self._actual.pop(name, None)
-        await self.transport.unload(name)
-
-    # -- swaps ----------------------------------------------------------------------------
-    def _served_name_for(self, name: str, version: str, key: str) -> str:
-        vname = f"{name}@{version}"
-        taken = self._loaded.get(vname)
-        if (taken is None or taken.key == key) and vname not in self._points:
-            return vname
-        return f"{vname}+{key[:8]}"
-
-    async def _ensure_loaded(self, name: str, version: str, *, bounded: bool = False) -> _Copy:
-        """Load ``name@version``'s current content (once, however many callers wait)."""
-        vname = f"{name}@{version}"
-        async with self._version_locks[vname]:
-            path, key = await asyncio.to_thread(
-                self.cache.prepare, self.registry, name, version, bounded=bounded
-            )
-            served = self._content.get((name, version, key))
-            if served is not None and served in self._loaded:
-                return self._loaded[served]
-            t0 = time.monotonic()
-            served = self._served_name_for(name, version, key)
-            await self._load(served, str(path))
-            copy = _Copy(name, version, key, path)
-            self._loaded[served] = copy
-            self._content[(name, version, key)] = served
-            if served != vname:
-                # The version's content changed (a reused number): `name@vN` answers with
-                # the new content from now on; the old copy is no longer addressable.
-                displaced = vname in self._loaded  # the old content, under its own name
-                await self._repoint(vname, served)
-                self._points[vname] = served
-                if displaced:  # no longer addressable; a name still on it is swapped next
-                    self._drop_copy(vname)
-            metrics.LOADS.labels(name).inc()
-            metrics.LOAD_SECONDS.observe(time.monotonic() - t0)
-            logger.info("agent_finetune: loaded %s from %s", served, path)
-            return copy
-
-    async def _swap(
-        self,
-        st: AdapterStatus,
-        version: str,
-        key: str | None,
-        moved_at: float | None,
-        previous: _Failure | None,
-    ) -> None:
-        name, fkey = st.name, (st.name, version, key)
-        st.state = "loading"
-        t0 = time.monotonic()
-        try:
-            # A lazy name's copy counts against the cache's byte bound.
-            copy = await self._ensure_loaded(name, version, bounded=name in self._active)
-            load_s = time.monotonic() - t0
-            served = self._content[(name, version, copy.key)]
-            await self._repoint(name, served)
-        except Exception as e:
-            failure = self._record_failure(fkey, e, previous)
-            self._show_failure(st, version, failure)
-            log = logger.warning if failure.kind == "permanent" else logger.info
-            if not isinstance(e, (AgentFinetuneError, OSError)):
-                log = logger.exception
-            log(
-                "agent_finetune: %s@%s %s (%s, attempt %d), %s keeps serving %s: %s",
-                name,
+                "registry; serving the server's verified copy",
                 version,
-                "rejected" if failure.kind == "permanent" else "failed",
-                failure.kind,
-                failure.attempts,
-                name,
-                st.live,
-                failure.error,
+                "transient",
             )
-            await self._evict()
             return
-        self._failures.pop(fkey, None)
-        old = self._points.get(name)
-        self._points[name] = served
-        self._lru.pop(served, None)
-        if old is not None and old != served and old in self._loaded:
-            self._lru[old] = None
-        st.state, st.attempts, st.next_retry = "live", 0, None
-        st.error = st.error_version = st.error_kind = None
-        # Serving it from this moment: say so now, not at the end of the pass.
-        st.live, st.path, st.sha256 = version, str(copy.path), copy.key
-        st.loaded_at = utc_now()
-        st.load_seconds = round(load_s, 6)
-        # Pointer moves from before this process started are start-up loads, not swaps.
-        if moved_at is not None and moved_at >= self._started:
-            st.swap_seconds = round(time.time() - moved_at, 6)
-            metrics.SWAP_SECONDS.observe(max(0.0, st.swap_seconds))
-        else:
-            st.swap_seconds = None
-        metrics.SWAPS.labels(name).inc()
-        logger.info("agent_finetune: %s now serves %s (was %s)", name, served, old)
-        await self._evict()
-
-    async def _evict(self) -> None:
-        while len(self._lru) > self.max_pinned:
-            served, _ = self._lru.popitem(last=False)
-            await self._unload(served)
-        metrics.PINNED.set(len(self._lru))
-
-    async def _unload(self, served: str) -> None:
-        aliases = [a for a, s in self._points.items() if s == served]
-        for name in [*aliases, served]:
-            try:
-                await self._unload_name(name)
-            except Exception:
-                logger.exception("agent_finetune: unloading %s failed", name)
-            self._points.pop(name, None)
-        self._drop_copy(served)
+        if self.demand.is_lazy(name):
+            # Its failures are keyed by the content its load read (the pass reads none).
+            failure = self.failures.of_version(name, version)
+            if failure is not None:
+                st.show(failure, version)
+            else:
+                st.settle("lazy")
+            return
+        if self.served.is_serving(name, version, key):
+            self.failures.clear((name, version, key))
+            st.settle("live")  # clears older versions' errors too
+            return
+        failure = self.failures.blocking((name, version, key))
+        if failure is not None:
+            st.show(failure, version)
+            return
+        await self.served.swap(
+            st, version, key, pointer.moved_at, bounded=name in self.demand.active
+        )
 
     async def _remove_absent(self, desired: _Desired) -> None:
         """Unload names absent for ``unload_after`` passes, at most ``max_removals`` now."""
-        gone = sorted(n for n in set(self._status) | set(self._points) if "@" not in n)
-        gone = [n for n in gone if n not in desired.names]
-        removed = 0
-        for name in gone:
+        known = set(self._status) | {n for n in self.served.routes if "@" not in n}
+        removed, limit = 0, self.settings.unload_after
+        for name in sorted(known - desired.names.keys()):
             count = self._absent[name] = self._absent.get(name, 0) + 1
             st = self._status.get(name)
-            if st is not None:
-                st.absent_passes = count
-            if count < self.unload_after or removed >= self.max_removals:
+            if count < limit or removed >= self.settings.max_removals:
                 if st is not None:
+                    st.absent_passes = count
                     st.error = (
                         f"{name} is not in the registry ({count} pass(es)); unloaded after "
-                        f"{self.unload_after} (AGENT_FINETUNE_UNLOAD_AFTER)"
+                        f"{limit} ({ENV_UNLOAD_AFTER})"
                     )
                 continue
             removed += 1
@@ -675,258 +304,87 @@ class Reconciler:
 
     async def _remove(self, name: str) -> None:
         """The name's folder left the registry: stop serving it and its versions."""
-        async with self._name_locks[name]:
-            if self._points.pop(name, None) is not None:
-                try:
-                    await self._unload_name(name)
-                except Exception:
-                    logger.exception("agent_finetune: unloading %s failed", name)
-            for served in [s for s, c in self._loaded.items() if c.name == name]:
-                await self._unload(served)
+        async with self.served.name_lock(name):
+            await self.served.remove(name)
             self._status.pop(name, None)
             self._absent.pop(name, None)
             self._desired_seen.pop(name, None)
-            self._active.pop(name, None)
             self._pointers.pop(name, None)
-            for key in [k for k in self._failures if k[0] == name]:
-                del self._failures[key]
+            self.demand.forget(name)
+            self.failures.forget(name)
             metrics.LIVE_VERSION.labels(name).set(0)
-            metrics.PINNED.set(len(self._lru))
             logger.info("agent_finetune: %s left the registry; no longer served", name)
 
-    async def _drop_stale_pins(self) -> None:
-        """A pinned version whose registry content changed is unloaded; its next request
-        loads the new content (the live name is handled by its own swap)."""
-        for served in list(self._lru):
-            copy = self._loaded.get(served)
-            if copy is None:
-                continue
-            key = await asyncio.to_thread(self._key, copy.name, copy.version)
-            if key is not None and key != copy.key:
-                logger.info("agent_finetune: %s changed in the registry; unloading", served)
-                self._lru.pop(served, None)
-                await self._unload(served)
+    # -- requests ---------------------------------------------------------------------------
+    async def ensure(self, model: str, held: list[str] | None = None) -> Refusal | None:
+        """Serve ``model`` (a name or ``name@vNNNN``) before its request reaches the server;
+        None, or why not (``server_plugin.demand``). With ``held``, a request holds what
+        ``model`` resolves to until ``release(held)``: it stays loaded meanwhile."""
+        if held is None:
+            return await self.demand.ensure(model)
+        self.served.lease(model)
+        try:
+            refusal = await self.demand.ensure(model)
+        except BaseException:
+            self.served.release(model)
+            raise
+        if refusal is not None:
+            self.served.release(model)
+        else:
+            held.append(model)
+        return refusal
 
-    # -- lazy names -----------------------------------------------------------------------
-    def _resolve_policy(self, moved: dict[str, float | None]) -> None:
-        """Fix the preload policy at the first readable pass: ``auto`` becomes ``all`` or
-        ``recent:N`` by the engine's bound, and the preloaded names are chosen."""
-        n_names = len(moved)
-        bound = self.engine_bound if self.engine_bound is not None else n_names + self.max_pinned
-        room = max(0, bound - self.max_pinned)
-        self.policy = self.preload.resolve(n_names, room)
-        self._preloaded = self.policy.choose(moved, self.usage.used_at)
-        n_pre = n_names if self._preloaded is None else len(self._preloaded & moved.keys())
-        # Loaded lazy names share the engine's room with the preloaded ones; at least a
-        # few, so concurrent first requests never unload each other's name.
-        self.lazy_capacity = max(2 * self._load_slots_n, room - n_pre)
-        logger.info(
-            "agent_finetune: preload %s (%s): %d of %d names preloaded, up to %d lazy ones "
-            "loaded at once",
-            self.policy,
-            self.preload,
-            n_pre,
-            n_names,
-            self.lazy_capacity,
-        )
+    def release(self, held: list[str]) -> None:
+        """The request that ``ensure`` filled ``held`` for has ended."""
+        for model in held:
+            self.served.release(model)
+        held.clear()
 
-    def _is_lazy(self, name: str) -> bool:
-        """A name the policy does not preload and no request has loaded (or kept) yet."""
-        return (
-            self._preloaded is not None and name not in self._preloaded and name not in self._active
-        )
+    def is_loaded(self, model: str) -> bool:
+        return self.served.is_loaded(model)
 
     @property
     def lazy(self) -> bool:
-        """Whether some names may load on their first request (``ensure_name`` matters)."""
-        return self.policy is None or self._preloaded is not None
+        """Whether some names may load on their first request (``ensure`` matters)."""
+        return self.demand.lazy
+
+    @property
+    def policy(self) -> PreloadPolicy | None:
+        return self.demand.policy
 
     def lazy_names(self) -> list[str]:
         """Registry names with a current version that are not loaded now."""
         return sorted(
-            n for n, st in self._status.items() if st.desired is not None and self._is_lazy(n)
+            n for n, st in self._status.items() if st.desired is not None and self.demand.is_lazy(n)
         )
 
-    async def ensure_name(self, name: str) -> PinRefusal | None:
-        """Serve adapter ``name`` before its request reaches vLLM: load it when it is lazy.
-
-        Returns None when it is served (or not a registry name: vLLM answers 404), else why
-        not (400 for a version the server refuses, 503 for a transient failure). Concurrent
-        first requests for one name share one load.
-        """
-        if name in self._points:
-            self.hits += 1
-            if name in self._active:
-                self._active.move_to_end(name)
-            self.usage.touch(name)
-            return None
-        task = self._lazy_loads.get(name)
-        if task is not None:  # its load is under way (the name is no longer lazy): share it
-            self.misses += 1
-            return await asyncio.shield(task)
-        if not is_name(name) or not self._is_lazy(name):
-            return None
-        st = self._status.get(name)
-        if st is None or st.desired is None:
-            return None  # published after the last pass, or no current: the next pass sees it
-        self.misses += 1
-        self.usage.touch(name)
-        if task is None:
-            task = asyncio.ensure_future(self._load_lazy(name))
-            self._lazy_loads[name] = task
-            task.add_done_callback(functools.partial(self._lazy_done, name))
-        return await asyncio.shield(task)
-
-    def _lazy_done(self, name: str, _task: object) -> None:
-        self._lazy_loads.pop(name, None)
-
-    @staticmethod
-    def _refusal(name: str, failure: _Failure) -> PinRefusal:
-        if failure.kind == "permanent":
-            return PinRefusal(f"{name} cannot be served: {failure.error}")
-        return PinRefusal(f"{name} cannot be served now: {failure.error} (retry later)", 503)
-
-    async def _load_lazy(self, name: str) -> PinRefusal | None:
-        async with self._load_slots, self._name_locks[name]:
-            st = self._status.get(name)
-            if name in self._points or not self._is_lazy(name) or st is None:
-                return None
-            version = st.desired
-            if version is None:
-                return None
-            key = await asyncio.to_thread(self._key, name, version)
-            fkey = (name, version, key)
-            failure = self._failures.get(fkey)
-            if failure is not None and (
-                failure.kind == "permanent" or time.monotonic() < failure.next_try
-            ):
-                return self._refusal(name, failure)
-            self._active[name] = None
-            await self._swap(st, version, key, None, failure)
-            if self._points.get(name) is None:
-                self._active.pop(name, None)
-                failure = self._failures.get(fkey)
-                return self._refusal(name, failure) if failure is not None else None
-        await self._evict_lazy()
-        return None
-
-    async def _evict_lazy(self) -> None:
-        """Unload the least recently used lazy names beyond ``lazy_capacity``."""
-        while len(self._active) > self.lazy_capacity:
-            victim = next((n for n in self._active if not self._name_locks[n].locked()), None)
-            if victim is None:
-                return  # every one is busy loading or swapping: the next load evicts
-            async with self._name_locks[victim]:
-                self._active.pop(victim, None)
-                served = self._points.get(victim)
-                if served is not None:
-                    await self._unload(served)
-                st = self._status.get(victim)
-                if st is not None and st.state == "live":
-                    st.state, st.live, st.path, st.sha256 = "lazy", None, None, None
-                logger.info("agent_finetune: unloaded lazy %s (least recently used)", victim)
-
-    # -- pinned requests ------------------------------------------------------------------
-    def is_loaded(self, served_name: str) -> bool:
-        return served_name in self._loaded or served_name in self._points
-
-    async def ensure_pinned(self, model: str) -> PinRefusal | None:
-        """Load ``name@vNNNN`` if it exists and is not loaded; return why not, or None.
-
-        None also when the version does not exist: the server then answers 404 itself.
-        Unknown versions are remembered for one resync interval, refused ones until their
-        content changes; at most ``max_loads`` loads run at once; nothing here waits on
-        the reconcile loop.
-        """
-        parsed = split_model(model)
-        if parsed is None:
-            return None
-        if self.is_loaded(model):
-            if model in self._lru:
-                self._lru.move_to_end(model)
-            return None
-        expiry = self._unknown_pins.get(model)
-        if expiry is not None and time.monotonic() < expiry:
-            return None
-        name, version = parsed
-        try:
-            key, allowed = await asyncio.to_thread(self._pin_facts, name, version)
-        except Exception:
-            logger.exception("agent_finetune: checking pinned %s failed", model)
-            return None
-        if key is None:
-            self._unknown_pins[model] = time.monotonic() + self.resync_s
-            return None
-        rejected = self._rejected_pins.get((name, version, key))
-        if rejected is not None:
-            return PinRefusal(rejected)
-        if not allowed:
-            return PinRefusal(
-                f"{model}: only versions that were ever current may be pinned on this server "
-                "(AGENT_FINETUNE_PINS=current); promote it first or set AGENT_FINETUNE_PINS=any"
-            )
-        if self.max_pinned == 0:
-            return PinRefusal(
-                f"{model}: pinned versions are disabled (AGENT_FINETUNE_MAX_PINNED=0)"
-            )
-        async with self._load_slots:
-            if self.is_loaded(model):
-                return None
-            try:
-                copy = await self._ensure_loaded(name, version, bounded=True)
-            except Exception as e:
-                msg = f"{model} cannot be served: {_describe(e)}"
-                self._pin_errors[model] = msg
-                kind = failure_kind(e)
-                metrics.FAILURES.labels(name, kind).inc()
-                if kind == "permanent":
-                    self._rejected_pins[(name, version, key)] = msg
-                    return PinRefusal(msg)
-                if not isinstance(e, OSError):
-                    logger.exception("agent_finetune: pinned load of %s failed", model)
-                return PinRefusal(msg + " (temporary; retry later)", 503)
-        self._pin_errors.pop(model, None)
-        served = self._content[(name, version, copy.key)]
-        if self._points.get(name) != served:
-            self._lru[served] = None
-        await self._evict()
-        return None
-
-    def _pin_facts(self, name: str, version: str) -> tuple[str | None, bool]:
-        """(manifest key or None when the version does not exist, whether pinning is allowed)."""
-        key = self._key(name, version)
-        if key is None or self.pins == "any":
-            return key, True
-        if self.registry.current(name) == version:
-            return key, True
-        # Pointer moves of the history (a "publish" entry records a version, not a move).
-        ever = {e.get("to") for e in self.registry.history(name) if e.get("action") != "publish"}
-        return key, version in ever
-
     # -- reporting ------------------------------------------------------------------------
-    def _report(self, actual: dict[str, str] | None) -> None:
+    def _report(self) -> None:
         """Write every name's live version from what the server really serves."""
+        actual = self.served.actual
         for name, st in self._status.items():
             if actual is None:
-                st.live, st.path, st.sha256 = None, None, None
+                st.unserved()
                 if st.state == "live":
                     st.state = "retrying"
-                st.error = self.server_error
+                st.error = self.served.server_error
                 metrics.LIVE_VERSION.labels(name).set(0)
                 continue
-            copy = self._serving_version(name, actual)
-            st.live = copy.version if copy is not None else None
-            st.path = str(copy.path) if copy is not None else None
-            st.sha256 = copy.key if copy is not None else None
+            copy = self.served.serving(name)
+            st.unserved()
+            if copy is not None:
+                st.live, st.path, st.sha256 = copy.version, str(copy.path), copy.key
             if st.state == "live" and (copy is None or copy.version != st.desired):
                 st.state = "pending"
             metrics.LIVE_VERSION.labels(name).set(
                 version_number(copy.version) if copy is not None else 0
             )
-        metrics.PINNED.set(len(self._lru))
+        metrics.PINNED.set(len(self.served.standby))
 
     def status(self) -> dict[str, Any]:
         """The state ``GET /v1/adapters`` returns."""
+        served, demand = self.served, self.demand
+        desired = {n: st.desired for n, st in self._status.items()}
         return {
             "object": "list",
             "registry": str(self.registry.root),
@@ -935,26 +393,32 @@ class Reconciler:
             "cache_bytes": self.cache.bytes,
             "last_sync": self.last_sync,
             "sync_error": self.sync_error,
-            "server_error": self.server_error,
+            "server_error": served.server_error,
             "data": [self._status[n].as_dict() for n in sorted(self._status)],
             "pinned": [
-                {"model": s, "path": str(self._loaded[s].path)}
-                for s in self._lru
-                if s in self._loaded
+                {"model": s, "path": str(served.copies[s].path)}
+                for s in served.standby
+                if s in served.copies
             ],
-            "pinned_errors": dict(self._pin_errors),
-            "max_pinned": self.max_pinned,
+            "pinned_errors": {
+                model: error
+                for model, error in self.failures.errors().items()
+                if desired.get(model.partition("@")[0]) != model.partition("@")[2]
+            },
+            "max_pinned": self.settings.max_pinned,
             "preload": {
-                "setting": str(self.preload),
-                "policy": str(self.policy) if self.policy is not None else None,
+                "setting": str(demand.preload),
+                "policy": str(demand.policy) if demand.policy is not None else None,
                 "preloaded": (
-                    None if self._preloaded is None else len(self._preloaded & self._status.keys())
+                    None
+                    if demand.preloaded is None
+                    else len(demand.preloaded & self._status.keys())
                 ),
-                "lazy_loaded": len(self._active),
-                "lazy_capacity": self.lazy_capacity if self._preloaded is not None else None,
-                "engine_bound": self.engine_bound,
-                "hits": self.hits,
-                "misses": self.misses,
+                "lazy_loaded": len(demand.active),
+                "lazy_capacity": demand.lazy_capacity if demand.preloaded is not None else None,
+                "engine_bound": demand.engine_bound,
+                "hits": demand.hits,
+                "misses": demand.misses,
             },
             "last_pass_seconds": self.last_pass_s,
             "pid": os.getpid(),

@@ -35,7 +35,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import re
 import signal
 import sys
@@ -46,15 +45,15 @@ from typing import Any
 
 import httpx
 
-from agent_finetune.errors import LoadError, ServerUnavailableError
+from agent_finetune.errors import ConfigError, LoadError, RegistryError, ServerUnavailableError
 from agent_finetune.registry import Registry
 from agent_finetune.registry.adapter import load_base_config
-from agent_finetune.registry.names import ENV_REGISTRY, server_root
+from agent_finetune.registry.names import server_root
 from agent_finetune.registry.store import atomic_write_json
 from server_plugin.cache import AdapterCache, Limits, ProcessDir
 from server_plugin.compat import stale_prefix_cache_error
 from server_plugin.reconciler import Reconciler
-from server_plugin.settings import Settings, default_cache_root, reconciler_options
+from server_plugin.settings import ENV_DRAIN, ENV_PRELOAD, MAX_LORA_RANK, Settings
 from server_plugin.watcher import RegistryWatcher
 
 logger = logging.getLogger(__name__)
@@ -81,9 +80,12 @@ def error_of(response: httpx.Response) -> tuple[str | None, str]:
 class HttpTransport:
     """Load, repoint and unload adapters through vLLM's runtime LoRA routes."""
 
-    def __init__(self, client: httpx.AsyncClient, *, drain_s: float = 30.0) -> None:
+    def __init__(self, client: httpx.AsyncClient, *, drain_s: float = Settings.drain_s) -> None:
         self.client = client
         self.drain_s = drain_s
+        # Names this sidecar unloaded: loading one again gives it a new LoRA id in vLLM, so
+        # its old requests must finish first (two ids of one name in a batch: see compat).
+        self._unloaded: set[str] = set()
 
     async def _request(self, method: str, route: str, **kw: Any) -> httpx.Response:
         try:
@@ -142,6 +144,8 @@ class HttpTransport:
         return r.status_code, kind, message
 
     async def load(self, served_name: str, path: str) -> None:
+        if served_name in self._unloaded:
+            await self.drain(served_name)
         code, kind, message = await self._post(
             "/v1/load_lora_adapter", {"lora_name": served_name, "lora_path": path}
         )
@@ -188,6 +192,7 @@ class HttpTransport:
         not idle. Gives up after ``drain_s`` seconds with a warning.
         """
         deadline = time.monotonic() + self.drain_s
+        self._unloaded.discard(name)
         while True:
             try:
                 r = await self.client.get("/metrics")
@@ -198,10 +203,10 @@ class HttpTransport:
                 return
             if time.monotonic() >= deadline:
                 logger.warning(
-                    "agent_finetune sync: %s still busy after %.0fs (AGENT_FINETUNE_DRAIN_S); "
-                    "loading anyway",
+                    "agent_finetune sync: %s still busy after %.0fs (%s); loading anyway",
                     name,
                     self.drain_s,
+                    ENV_DRAIN,
                 )
                 return
             await asyncio.sleep(0.05)
@@ -211,6 +216,7 @@ class HttpTransport:
             "/v1/unload_lora_adapter", {"lora_name": served_name}
         )
         if code == 200 or (code == 404 and kind == "NotFoundError"):
+            self._unloaded.add(served_name)
             return  # unknown names are ignored
         raise LoadError(f"server refused to unload {served_name}: HTTP {code} {kind}: {message}")
 
@@ -266,19 +272,14 @@ def adapter_busy(metrics_text: str, name: str) -> bool:
 
 @dataclass(frozen=True)
 class SyncOptions:
-    """Options of ``agent-finetune sync`` (see ``cli.serve.add_sync_parser``)."""
+    """Options of ``agent-finetune sync`` beyond the serving settings (see
+    ``cli.serve.add_sync_parser``)."""
 
     server: str
-    registry: Path
-    cache_dir: Path | None = None
     api_key: str | None = None
     once: bool = False
-    resync_s: float = 2.0
-    polling: bool = False
-    max_pinned: int = 4
-    max_rank: int | None = 16
+    max_rank: int | None = MAX_LORA_RANK
     base_model: str | None = None
-    strict_base: bool = True
 
 
 async def _base_model(transport: HttpTransport) -> str | None:
@@ -290,28 +291,31 @@ async def _base_model(transport: HttpTransport) -> str | None:
     return None
 
 
-def _settings(options: SyncOptions) -> Settings:
-    """The ``AGENT_FINETUNE_*`` tuning settings, with this command's options on top."""
-    env = {**os.environ, ENV_REGISTRY: str(options.registry)}
-    return dataclasses.replace(
-        Settings.from_env(env),
-        resync_s=options.resync_s,
-        polling=options.polling,
-        max_pinned=options.max_pinned,
-    )
+def _sidecar_settings(settings: Settings) -> Settings:
+    """The sidecar has no request path to load a lazy name on: it preloads every name."""
+    if settings.preload not in ("auto", "all"):
+        logger.warning(
+            "agent_finetune sync: %s=%s applies to the plugin only; the sidecar loads every name",
+            ENV_PRELOAD,
+            settings.preload,
+        )
+    return dataclasses.replace(settings, preload="all")
 
 
-async def sync(options: SyncOptions, http: httpx.AsyncBaseTransport | None = None) -> int:
+async def sync(
+    options: SyncOptions, settings: Settings, http: httpx.AsyncBaseTransport | None = None
+) -> int:
     """Run the sidecar; with ``once`` reconcile one pass, print the status, exit 1 on failures.
 
     Exit 2 when the server cannot be reached or cannot swap safely. ``http`` replaces the
     network (tests).
     """
     try:
-        settings = _settings(options)
-    except ValueError as e:
+        registry = settings.registry_root()
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    settings = _sidecar_settings(settings)
     headers = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
     base_url = server_root(options.server)
     async with httpx.AsyncClient(
@@ -331,48 +335,56 @@ async def sync(options: SyncOptions, http: httpx.AsyncBaseTransport | None = Non
             print(f"error: {base_url}: {stale}", file=sys.stderr)
             return 2
         base_config = load_base_config(base_model) if base_model else None
-        limits = Limits(options.max_rank, base_model, base_config, options.strict_base)
-        cache_root = options.cache_dir or default_cache_root().parent / "sidecar"
+        limits = Limits(options.max_rank, base_model, base_config, settings.strict_base)
         server_id = hashlib.sha256(base_url.encode()).hexdigest()[:12]
         try:
-            folder = ProcessDir(cache_root, name=f"sidecar-{server_id}")
+            folder = ProcessDir(settings.cache_root("sidecar"), name=f"sidecar-{server_id}")
         except OSError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        cache = AdapterCache(
-            folder.path, limits, max_bytes=settings.cache_max_bytes, grace_s=settings.cache_grace_s
-        )
-        cache.release_existing()  # copies of an earlier run: kept while the server serves them
-        reconciler = Reconciler(
-            Registry(options.registry), cache, transport, **reconciler_options(settings)
-        )
-        status_path = folder.path / STATUS_FILE
-
-        def write_status() -> None:
-            try:
-                atomic_write_json(status_path, reconciler.status())
-            except OSError:
-                logger.exception("agent_finetune sync: writing %s failed", status_path)
-
         try:
-            if options.once:
-                await reconciler.reconcile_once()
-                write_status()
-                status = reconciler.status()
-                print(json.dumps(status, indent=2))
-                failed = [a for a in status["data"] if a["state"] != "live"]
-                return 1 if failed or status["sync_error"] or status["server_error"] else 0
-            watcher = RegistryWatcher(options.registry, reconciler.wake, polling=options.polling)
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, reconciler.stop)
-            logger.info("agent_finetune sync: %s -> %s", options.registry, base_url)
-            logger.info("agent_finetune sync: status in %s", status_path)
-
-            try:
-                await reconciler.run(before_pass=watcher.start, after_pass=write_status)
-            finally:
-                watcher.stop()
-            return 0
+            return await _run(options, settings, registry, folder, limits, transport, base_url)
         finally:
             folder.close()
+
+
+async def _run(
+    options: SyncOptions,
+    settings: Settings,
+    registry: Path,
+    folder: ProcessDir,
+    limits: Limits,
+    transport: HttpTransport,
+    base_url: str,
+) -> int:
+    cache = AdapterCache(
+        folder.path, limits, max_bytes=settings.cache_max_bytes, grace_s=settings.cache_grace_s
+    )
+    cache.release_existing()  # copies of an earlier run: kept while the server serves them
+    reconciler = Reconciler(Registry(registry), cache, transport, settings)
+    status_path = folder.path / STATUS_FILE
+
+    def write_status() -> None:
+        try:
+            atomic_write_json(status_path, reconciler.status())
+        except (RegistryError, OSError) as e:  # RegistryError: what a failed write raises
+            logger.error("agent_finetune sync: cannot write the status: %s", e)
+
+    if options.once:
+        await reconciler.reconcile_once()
+        write_status()
+        status = reconciler.status()
+        print(json.dumps(status, indent=2))
+        failed = [a for a in status["data"] if a["state"] != "live"]
+        return 1 if failed or status["sync_error"] or status["server_error"] else 0
+    watcher = RegistryWatcher(registry, reconciler.wake, polling=settings.polling)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, reconciler.stop)
+    logger.info("agent_finetune sync: %s -> %s", registry, base_url)
+    logger.info("agent_finetune sync: status in %s", status_path)
+    try:
+        await reconciler.run(before_pass=watcher.start, after_pass=write_status)
+    finally:
+        watcher.stop()
+    return 0

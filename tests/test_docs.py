@@ -6,19 +6,29 @@ import re
 from pathlib import Path
 
 from agent_finetune.training.config import reference_markdown
+from server_plugin.settings import reference_markdown as serving_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 
+def readme_block(marker: str) -> str:
+    block = re.search(rf"<!-- {marker}:start -->\n(.*?)\n<!-- {marker}:end -->", README, re.S)
+    assert block, f"README.md lost its {marker} markers"
+    return block.group(1)
+
+
 def test_config_reference_matches_field_descriptions() -> None:
-    block = re.search(
-        r"<!-- config-reference:start -->\n(.*?)\n<!-- config-reference:end -->", README, re.S
-    )
-    assert block, "README.md lost its config-reference markers"
-    assert block.group(1) == reference_markdown(), (
+    assert readme_block("config-reference") == reference_markdown(), (
         "README.md's configuration reference is stale: regenerate it with "
         "`python -m agent_finetune.training.config` between the config-reference markers"
+    )
+
+
+def test_serving_settings_reference_matches_the_settings() -> None:
+    assert readme_block("serving-settings") == serving_reference(), (
+        "README.md's serving settings reference is stale: regenerate it with "
+        "`python -m server_plugin.settings` between the serving-settings markers"
     )
 
 

@@ -48,9 +48,32 @@ TOOL_PARSERS: tuple[tuple[str, str, str], ...] = (
     ("glm-4.5", "glm45", "GLM-4.5"),
     ("internlm", "internlm", "InternLM 2.5"),
 )
-# A CPU host with no VLLM_CPU_KVCACHE_SPACE: vLLM would reserve most free memory for KV
-# cache (17.8 GiB measured, start-up 61 s instead of 24 s). GiB.
-CPU_KV_CACHE_GIB = "4"
+# The serving settings each command has a flag for (the rest: AGENT_FINETUNE_* variables).
+SERVE_SETTINGS = ("resync_s", "polling", "cache_dir", "max_pinned", "strict_base", "preload")
+SYNC_SETTINGS = ("resync_s", "polling", "cache_dir", "max_pinned", "strict_base")
+_FLAG_TYPES: dict[str, Any] = {"resync_s": float, "max_pinned": int, "cache_dir": Path}
+
+
+def add_setting_flags(p: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+    """The flags of these serving settings, each defaulting to "not given" (None): a flag
+    the user did not give never overrides the variable they set."""
+    defaults = S.Settings()
+    for name in names:
+        spec = S.spec_of(name)
+        default = getattr(defaults, name)
+        shown = spec.shown or (("1" if default else "0") if isinstance(default, bool) else default)
+        meaning = spec.help.removeprefix("`1`: ").removeprefix("`0`: ")  # the flag's value
+        text = f"{meaning} Default: {shown}; env {spec.env}".replace("`", "").replace("%", "%%")
+        assert spec.flag is not None, name
+        if isinstance(default, bool):  # the flag turns the default around
+            p.add_argument(spec.flag, dest=name, action="store_const", const=not default, help=text)
+        else:
+            p.add_argument(spec.flag, dest=name, type=_FLAG_TYPES.get(name, str), help=text)
+
+
+def chosen_settings(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
+    """The serving settings the user gave flags for (field name -> value)."""
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
 def tool_parser_for(model: str) -> str:
@@ -99,47 +122,34 @@ def add_serve_parser(subparsers: Any) -> None:
         epilog="tool-call parsers by model family (--tool-call-parser auto picks one):\n"
         + "\n".join(f"  {parser:16} {family}" for _, parser, family in TOOL_PARSERS)
         + "\nFull list: vLLM's --tool-call-parser help. On a CPU host without "
-        f"VLLM_CPU_KVCACHE_SPACE, serve sets it to {CPU_KV_CACHE_GIB} (GiB of KV cache).",
+        f"{S.ENV_CPU_KV_CACHE}, serve sets it to {S.CPU_KV_CACHE_GIB} (GiB of KV cache). "
+        "Every serving setting and its variable: README.md, Serving settings.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", required=True, help="base model: Hugging Face name or folder")
     p.add_argument("--registry", help=f"registry folder (default: ${ENV_REGISTRY})")
     p.add_argument("--host", default=None, help="interface to listen on (vLLM's default: all)")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    p.add_argument(
+        "--port", type=int, default=S.SERVE_PORT, help=f"HTTP port (default: {S.SERVE_PORT})"
+    )
     p.add_argument(
         "--max-lora-rank",
         type=int,
         default=None,
-        help="largest adapter rank served (default: 16, or more if a current version needs it)",
+        help=f"largest adapter rank served (default: {S.MAX_LORA_RANK}, or more if a current "
+        "version needs it)",
     )
-    p.add_argument("--max-loras", type=int, default=None, help="adapters per batch (default: 4)")
+    p.add_argument(
+        "--max-loras", type=int, default=None, help=f"adapters per batch (default: {S.MAX_LORAS})"
+    )
     p.add_argument(
         "--max-cpu-loras",
         type=int,
         default=None,
-        help="adapters vLLM keeps in memory (default: names + --max-pinned, at most 64 "
-        "unless --preload all)",
+        help=f"adapters vLLM keeps in memory (default: names + --max-pinned, at most "
+        f"{S.LAZY_MAX_CPU_LORAS} unless --preload all)",
     )
-    p.add_argument(
-        "--preload",
-        default=None,
-        help="names loaded at start: auto (default: all while they fit --max-cpu-loras), "
-        "all, none, recent:N or a,b,c; the others load on their first request",
-    )
-    p.add_argument(
-        "--max-pinned",
-        type=int,
-        default=4,
-        help="name@vNNNN versions kept loaded besides the live ones (default: 4)",
-    )
-    p.add_argument("--resync", type=float, default=None, help="seconds between resyncs (2)")
-    p.add_argument("--polling", action="store_true", help="poll the registry (network FS)")
-    p.add_argument("--cache-dir", default=None, help="folder for verified adapter copies")
-    p.add_argument(
-        "--no-strict-base",
-        action="store_true",
-        help="serve adapters whose base_model_name_or_path names another model",
-    )
+    add_setting_flags(p, SERVE_SETTINGS)
     p.add_argument(
         "--tool-call-parser",
         default=None,
@@ -177,24 +187,10 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     if folder.is_dir() and not any(a.startswith("--served-model-name") for a in extra):
         # /v1/models shows the folder's name, not a filesystem path; the path still works.
         extra += ["--served-model-name", folder.absolute().name, args.model]
-    settings = {S.ENV_MAX_PINNED: str(args.max_pinned)}
-    if _on_cpu_build() and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-        settings["VLLM_CPU_KVCACHE_SPACE"] = CPU_KV_CACHE_GIB
-    if args.resync is not None:
-        settings[S.ENV_RESYNC] = str(args.resync)
-    if args.polling:
-        settings[S.ENV_POLLING] = "1"
-    if args.cache_dir:
-        settings[S.ENV_CACHE_DIR] = str(Path(args.cache_dir).expanduser().absolute())
-    if args.no_strict_base:
-        settings[S.ENV_STRICT_BASE] = "0"
-    if args.preload is not None:
-        from server_plugin.preload import PreloadPolicy
-
-        try:
-            settings[S.ENV_PRELOAD] = str(PreloadPolicy.parse(args.preload))
-        except ValueError as e:
-            raise ConfigError(str(e).replace(f"{S.ENV_PRELOAD}=", "--preload ")) from None
+    env = build_env(registry, settings=S.as_env(chosen_settings(args, SERVE_SETTINGS)))
+    serving = S.Settings.from_env(env)  # what the plugin will read: checked here, first
+    if _on_cpu_build() and not os.environ.get(S.ENV_CPU_KV_CACHE):
+        env[S.ENV_CPU_KV_CACHE] = S.CPU_KV_CACHE_GIB
     cmd = build_command(
         args.model,
         registry,
@@ -204,11 +200,10 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         max_lora_rank=args.max_lora_rank,
         max_loras=args.max_loras,
         max_cpu_loras=args.max_cpu_loras,
-        max_pinned=args.max_pinned,
+        serving=serving,
         tool_call_parser=parser,
-        preload=args.preload,
     )
-    return cmd, build_env(registry, settings=settings)
+    return cmd, env
 
 
 def _vllm_args(args: argparse.Namespace) -> list[str]:
@@ -231,10 +226,10 @@ def run_serve(args: argparse.Namespace) -> int:
     warning = compat.check_version(compat.installed_version())  # raises for < 0.26
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
-    if "VLLM_CPU_KVCACHE_SPACE" not in os.environ and "VLLM_CPU_KVCACHE_SPACE" in env:
+    kv = S.ENV_CPU_KV_CACHE
+    if kv not in os.environ and kv in env:
         print(
-            f"CPU host: VLLM_CPU_KVCACHE_SPACE={env['VLLM_CPU_KVCACHE_SPACE']} GiB of KV cache "
-            "(set the variable to change it)",
+            f"CPU host: {kv}={env[kv]} GiB of KV cache (set the variable to change it)",
             file=sys.stderr,
         )
     if args.dry_run:
@@ -269,38 +264,37 @@ def add_sync_parser(subparsers: Any) -> None:
     p.add_argument("--registry", help=f"registry folder (default: ${ENV_REGISTRY})")
     p.add_argument("--api-key", default=None, help=API_KEY_HELP)
     p.add_argument("--once", action="store_true", help="reconcile once, print status, exit")
-    p.add_argument("--resync", type=float, default=2.0, help="seconds between resyncs (2)")
-    p.add_argument("--polling", action="store_true", help="poll the registry (network FS)")
-    p.add_argument("--cache-dir", default=None, help="verified copies (server must read it)")
-    p.add_argument("--max-pinned", type=int, default=4, help="replaced versions kept loaded")
     p.add_argument(
-        "--max-lora-rank", type=int, default=16, help="the server's --max-lora-rank (16)"
+        "--max-lora-rank",
+        type=int,
+        default=S.MAX_LORA_RANK,
+        help=f"the server's --max-lora-rank (default: {S.MAX_LORA_RANK})",
     )
     p.add_argument("--base-model", default=None, help="served model (default: ask /v1/models)")
-    p.add_argument("--no-strict-base", action="store_true", help="skip the base name check")
+    add_setting_flags(p, SYNC_SETTINGS)
     p.set_defaults(func=run_sync)
+
+
+def sync_settings(args: argparse.Namespace) -> S.Settings:
+    """The sidecar's settings: the variables, with the flags the user gave on top."""
+    chosen = {"registry": _registry(args.registry), **chosen_settings(args, SYNC_SETTINGS)}
+    return S.Settings.from_env({**os.environ, **S.as_env(chosen)})
 
 
 def run_sync(args: argparse.Namespace) -> int:
     """``sync``: run the sidecar until interrupted (or one pass with ``--once``)."""
     from server_plugin.sidecar import SyncOptions, sync
 
-    registry = _registry(args.registry)
+    settings = sync_settings(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     options = SyncOptions(
         server=args.server,
-        registry=registry,
-        cache_dir=Path(args.cache_dir).expanduser().absolute() if args.cache_dir else None,
         api_key=resolve_api_key(args.api_key),
         once=args.once,
-        resync_s=args.resync,
-        polling=args.polling,
-        max_pinned=args.max_pinned,
         max_rank=args.max_lora_rank,
         base_model=args.base_model,
-        strict_base=not args.no_strict_base,
     )
     try:
-        return asyncio.run(sync(options))
+        return asyncio.run(sync(options, settings))
     except KeyboardInterrupt:
         return 130

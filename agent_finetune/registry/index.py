@@ -60,17 +60,24 @@ def _stamp(path: str) -> Stamp | None:
 
 
 class Pointer(NamedTuple):
-    """A name's ``current``: the version (None when unreadable), its mtime, its stat stamp."""
+    """A name as one scan saw it: ``current``'s version (None when missing or unreadable),
+    its mtime and stat stamp, the stamp of its ``versions/`` folder (inode, mtime; it changes
+    when a version is added or removed), and ``error`` when the name's folders could not be
+    read (EIO, ESTALE, EACCES): then nothing is known about it, not even that it is gone."""
 
     version: str | None
     moved_at: float | None
     stamp: tuple[int, int, int] | None
+    versions_stamp: tuple[int, int] | None = None
+    error: str | None = None
 
 
 def pointers(registry: Registry, memo: dict[str, Pointer] | None = None) -> dict[str, Pointer]:
     """Every published name (as ``Registry.names()``) -> its pointer, in one pass over the
     root. A pointer whose stat matches ``memo`` is not read again; ``memo`` is updated.
-    Raises OSError when the root cannot be listed."""
+    A name whose folders fail with an error other than "not found" is returned with
+    ``error`` set (a transient fault on one name is not its deletion). Raises OSError when
+    the root cannot be listed."""
     memo = {} if memo is None else memo
     root = str(registry.root)
     out: dict[str, Pointer] = {}
@@ -86,14 +93,19 @@ def pointers(registry: Registry, memo: dict[str, Pointer] | None = None) -> dict
                 continue  # a symlink out of the root: not a name
         base = f"{root}/{name}"
         try:
-            if not stat.S_ISDIR(os.stat(f"{base}/{VERSIONS}").st_mode):
-                continue
-        except OSError:
-            continue  # not published (or vanished)
+            vst = os.stat(f"{base}/{VERSIONS}")
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # not published (or gone)
+        except OSError as e:
+            out[name] = Pointer(None, None, None, error=f"{base}/{VERSIONS}: {e.strerror or e}")
+            continue  # memo kept: the name may read again next pass
+        if not stat.S_ISDIR(vst.st_mode):
+            continue
+        versions_stamp = (vst.st_ino, vst.st_mtime_ns)
         try:
             st = os.stat(f"{base}/{CURRENT}")
         except OSError:
-            out[name] = memo[name] = Pointer(None, None, None)
+            out[name] = memo[name] = Pointer(None, None, None, versions_stamp)
             continue
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         known = memo.get(name)
@@ -104,7 +116,7 @@ def pointers(registry: Registry, memo: dict[str, Pointer] | None = None) -> dict
             except OSError:
                 version = None
             known = Pointer(version, st.st_mtime, stamp)
-        out[name] = memo[name] = known
+        out[name] = memo[name] = known._replace(versions_stamp=versions_stamp)
     for gone in memo.keys() - out.keys():
         del memo[gone]
     return out

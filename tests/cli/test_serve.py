@@ -12,15 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import fake_adapter
 
 import server_plugin
 from agent_finetune.cli import main
-from agent_finetune.cli.serve import add_serve_parser, add_sync_parser, serve_command
+from agent_finetune.cli.serve import (
+    add_serve_parser,
+    add_sync_parser,
+    serve_command,
+    sync_settings,
+)
 from agent_finetune.errors import ConfigError
-from agent_finetune.registry import Registry
-from server_plugin.launch import build_command, default_max_lora_rank, plugins_env_value
-from server_plugin.settings import Settings
 
 
 def parser() -> argparse.ArgumentParser:
@@ -71,30 +72,48 @@ def test_serve_dry_run_and_missing_registry(
         assert "--registry" in capsys.readouterr().err
 
 
-def test_max_lora_rank_fits_the_registry(tmp_path: Path) -> None:
-    registry = Registry(tmp_path / "r")
-    assert default_max_lora_rank(registry.root) == 16
-    registry.publish("big", fake_adapter(tmp_path / "a", r=32))
-    assert default_max_lora_rank(registry.root) == 32
-    cmd = build_command("m", registry.root, extra_args=["--max-loras", "2"])
-    assert cmd.count("--max-loras") == 1
+def test_serve_passes_on_only_the_settings_the_user_gave(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding: `serve` always exported AGENT_FINETUNE_MAX_PINNED=4 over the user's value."""
+    monkeypatch.setenv("AGENT_FINETUNE_MAX_PINNED", "7")
+    monkeypatch.setenv("AGENT_FINETUNE_RESYNC_S", "5")
+    args = parser().parse_args(["serve", "--model", "m", "--registry", str(tmp_path)])
+    cmd, env = serve_command(args)
+    assert env["AGENT_FINETUNE_MAX_PINNED"] == "7" and env["AGENT_FINETUNE_RESYNC_S"] == "5"
+    assert "AGENT_FINETUNE_POLLING" not in env and "AGENT_FINETUNE_PRELOAD" not in env
+    assert cmd[cmd.index("--max-cpu-loras") + 1] == "8"  # sized with 0 names + 7 pinned
+    flags = ["--max-pinned", "2", "--resync", "0.5", "--polling", "--no-strict-base"]
+    args = parser().parse_args(["serve", "--model", "m", "--registry", str(tmp_path), *flags])
+    _, env = serve_command(args)
+    assert env["AGENT_FINETUNE_MAX_PINNED"] == "2" and env["AGENT_FINETUNE_RESYNC_S"] == "0.5"
+    assert env["AGENT_FINETUNE_POLLING"] == "1" and env["AGENT_FINETUNE_STRICT_BASE"] == "0"
 
 
-def test_plugins_env_keeps_other_plugins() -> None:
-    assert plugins_env_value("foo,bar") == "foo,bar,agent_finetune"
-    assert plugins_env_value("agent_finetune") == "agent_finetune"
-    assert "agent_finetune" in plugins_env_value(None).split(",")
+def test_serve_checks_the_plugins_settings_before_it_starts_vllm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("AGENT_FINETUNE_MAX_LOADS", "many")
+    assert main(["serve", "--model", "m", "--registry", str(tmp_path), "--dry-run"]) == 1
+    assert "AGENT_FINETUNE_MAX_LOADS='many'" in capsys.readouterr().err
+    monkeypatch.delenv("AGENT_FINETUNE_MAX_LOADS")
+    assert main(["serve", "--model", "m", "--registry", str(tmp_path), "--preload", "x,Y"]) == 1
+    assert "AGENT_FINETUNE_PRELOAD='x,Y' (or --preload)" in capsys.readouterr().err
 
 
-def test_settings_name_the_bad_variable(tmp_path: Path) -> None:
-    s = Settings.from_env({"AGENT_FINETUNE_REGISTRY": str(tmp_path), "AGENT_FINETUNE_POLLING": "1"})
-    assert s.polling and s.registry == tmp_path and s.resync_s == 2.0
-    with pytest.raises(ValueError, match="AGENT_FINETUNE_REGISTRY"):
-        Settings.from_env({})
-    with pytest.raises(ValueError, match="AGENT_FINETUNE_RESYNC_S='soon'"):
-        Settings.from_env({"AGENT_FINETUNE_REGISTRY": "r", "AGENT_FINETUNE_RESYNC_S": "soon"})
-    with pytest.raises(ValueError, match="AGENT_FINETUNE_STRICT_BASE"):
-        Settings.from_env({"AGENT_FINETUNE_REGISTRY": "r", "AGENT_FINETUNE_STRICT_BASE": "maybe"})
+def test_sync_keeps_the_users_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding: `sync` silently replaced AGENT_FINETUNE_RESYNC_S, _POLLING and _MAX_PINNED
+    with its flags' defaults."""
+    monkeypatch.setenv("AGENT_FINETUNE_RESYNC_S", "5")
+    monkeypatch.setenv("AGENT_FINETUNE_POLLING", "1")
+    monkeypatch.setenv("AGENT_FINETUNE_MAX_PINNED", "7")
+    monkeypatch.setenv("AGENT_FINETUNE_STRICT_BASE", "0")
+    argv = ["sync", "--server", "http://x", "--registry", str(tmp_path)]
+    s = sync_settings(parser().parse_args(argv))
+    assert (s.resync_s, s.polling, s.max_pinned, s.strict_base) == (5.0, True, 7, False)
+    assert s.registry == tmp_path
+    s = sync_settings(parser().parse_args([*argv, "--resync", "1", "--max-pinned", "0"]))
+    assert (s.resync_s, s.polling, s.max_pinned) == (1.0, True, 0)  # given flags win
 
 
 def test_public_surface_does_not_import_vllm() -> None:
@@ -115,11 +134,14 @@ class FakeReconciler:
         self.error = error
         self.seen: list[str] = []
 
-    async def ensure_pinned(self, model: str) -> Any:
-        from server_plugin.reconciler import PinRefusal
+    async def ensure(self, model: str, held: list[str]) -> Any:
+        from server_plugin.failures import Refusal
 
         self.seen.append(model)
-        return PinRefusal(self.error) if self.error else None
+        return Refusal(self.error) if self.error else None
+
+    def release(self, held: list[str]) -> None:
+        held.clear()
 
 
 def call_middleware(reconciler: Any, body: bytes, path: str = "/v1/chat/completions") -> Any:

@@ -1,16 +1,22 @@
 """Fakes of what the reconciler drives: vLLM's LoRA table in-process, and vLLM's runtime
-LoRA HTTP API (for the sidecar's ``HttpTransport``)."""
+LoRA HTTP API (for the sidecar's ``HttpTransport``); and a reconciler on them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import httpx
 from helpers import FAKE_BASE_CONFIG
 
 from agent_finetune.errors import LoadError
-from server_plugin.cache import Limits
+from agent_finetune.registry import Registry
+from server_plugin.cache import AdapterCache, Limits
+from server_plugin.preload import Usage
+from server_plugin.reconciler import Reconciler
+from server_plugin.settings import Settings
 
 LIMITS = Limits(max_rank=16, base_model="fake-base", base_config=FAKE_BASE_CONFIG)
 
@@ -122,3 +128,78 @@ class FakeVllmHttp:
             self.loras[name] = lora_path
             return httpx.Response(200, text=f"Success: LoRA adapter '{name}' added")
         return httpx.Response(404, json={"detail": "Not Found"})
+
+
+class BlockingTransport(FakeTransport):
+    """Loads wait for ``gate``; counts loads running at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.running = 0
+        self.peak = 0
+
+    async def load(self, served_name: str, path: str) -> None:
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            await self.gate.wait()
+            await super().load(served_name, path)
+        finally:
+            self.running -= 1
+
+
+class SlowTransport(FakeTransport):
+    """Loads take a moment (like vLLM's), and the most loads ever in flight is recorded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def load(self, served_name: str, path: str) -> None:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(0.02)
+            await super().load(served_name, path)
+        finally:
+            self.in_flight -= 1
+
+
+def make_reconciler(
+    tmp: Path,
+    transport: FakeTransport | None = None,
+    *,
+    grace_s: float = 0.0,
+    max_bytes: int | None = None,
+    engine_bound: int | None = None,
+    usage: Usage | None = None,
+    **settings: Any,
+) -> tuple[Registry, FakeTransport, Reconciler]:
+    """A registry under ``tmp``, a fake server and a reconciler on both (2 pinned, fast
+    retries, a cache with no grace period unless given)."""
+    registry = Registry(tmp / "registry")
+    registry.root.mkdir(parents=True, exist_ok=True)
+    transport = transport or FakeTransport()
+    cache = AdapterCache(tmp / "cache", LIMITS, max_bytes=max_bytes, grace_s=grace_s)
+    options = {"max_pinned": 2, "retry_base_s": 0.01, "retry_max_s": 0.02, **settings}
+    rec = Reconciler(
+        registry, cache, transport, Settings(**options), engine_bound=engine_bound, usage=usage
+    )
+    return registry, transport, rec
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def status_of(rec: Reconciler, name: str) -> dict[str, Any]:
+    return next(a for a in rec.status()["data"] if a["name"] == name)
+
+
+def serves(transport: FakeTransport, name: str, version: str) -> bool:
+    """Whether ``name`` resolves to what ``name@version`` serves."""
+    return name in transport.table and transport.table[name] == transport.table.get(
+        f"{name}@{version}"
+    )

@@ -1,4 +1,5 @@
-"""Cache folder ownership: flock-owned per-process folders, removed at exit."""
+"""The server's verified copies (``server_plugin.cache``): flock-owned per-process folders,
+removed at exit, and copies never deleted while claimed."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from fakes import make_reconciler
+from helpers import fake_adapter
 
+from agent_finetune.errors import CacheInUseError
 from server_plugin.cache import ProcessDir
 
 HOLD = """
@@ -62,7 +66,7 @@ def test_copies_are_removed_at_exit(tmp_path: Path) -> None:
 def test_two_sidecars_never_share_a_folder(tmp_path: Path) -> None:
     """Finding: two sidecars shared one folder and deleted each other's copies."""
     first = ProcessDir(tmp_path / "cache", name="sidecar-abc")
-    with pytest.raises(OSError, match="owned by another running process"):
+    with pytest.raises(CacheInUseError, match="owned by another running process"):
         ProcessDir(tmp_path / "cache", name="sidecar-abc")
     (first.path / "x").mkdir()
     first.close()  # kept at exit: the server may still re-read the copies
@@ -70,3 +74,21 @@ def test_two_sidecars_never_share_a_folder(tmp_path: Path) -> None:
     second = ProcessDir(tmp_path / "cache", name="sidecar-abc")
     assert (second.path / "x").is_dir()
     second.close()
+
+
+def test_a_copy_claimed_again_is_not_deleted_by_a_deletion_decided_before(
+    tmp_path: Path,
+) -> None:
+    """Run 1 of bench/scale.py: a lazy name reloaded while another load made room got its
+    copy deleted between ``prepare`` and vLLM's load (vLLM 404, remembered as a refusal)."""
+    registry, _, rec = make_reconciler(tmp_path)
+    registry.publish("n00", fake_adapter(tmp_path / "a", seed=1))
+    cache = rec.cache
+    path, _ = cache.prepare(registry, "n00", "v0001")
+    cache.release(path)
+    chosen = list(cache._released)  # make_room()/collect() in another thread picked it ...
+    again, _ = cache.prepare(registry, "n00", "v0001")  # ... while a load claimed it again
+    assert again == path
+    for p in chosen:
+        cache.delete_if_released(p)
+    assert path.is_dir()  # still there for vLLM to load

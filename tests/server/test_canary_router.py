@@ -251,9 +251,12 @@ class FakeReconciler:
         self.fail = fail
         self.pinned: list[str] = []
 
-    async def ensure_pinned(self, model: str) -> PinRefusal | None:
+    async def ensure(self, model: str, held: list[str]) -> PinRefusal | None:
         self.pinned.append(model)
         return PinRefusal(self.fail) if self.fail else None
+
+    def release(self, held: list[str]) -> None:
+        held.clear()
 
 
 class FakePlugin:

@@ -252,12 +252,19 @@ class FakeServingModels:
         return ModelList()
 
 
-def test_serving_models_loads_points_drops_and_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+def serving_models(
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[FakeServingModels, compat.ServingModels]:
     fake_vllm(monkeypatch, LAYOUT_032)
     fake = FakeServingModels()
     models = compat.ServingModels.from_state(
         types.SimpleNamespace(openai_serving_models=fake), compat.detect()
     )
+    return fake, models
+
+
+def test_serving_models_loads_points_drops_and_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake, models = serving_models(monkeypatch)
 
     async def scenario() -> None:
         assert await models.load("a@v0001", "/c/a/v0001") is None
@@ -273,6 +280,29 @@ def test_serving_models_loads_points_drops_and_lists(monkeypatch: pytest.MonkeyP
         assert [c["id"] for c in listed["data"]] == ["base", "a@v0001", "a"]
         models.drop("a")
         assert models.get("a") is None and models.is_base_model("base")
+
+    asyncio.run(scenario())
+
+
+def test_a_dropped_name_loaded_again_keeps_its_lora_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM's worker collects a batch's adapters in a set of LoRARequests, equal by name:
+    a version unloaded while its requests run and loaded again under a new LoRA id put two
+    ids of one name in a batch. The same name and path now get their old request back."""
+    fake, models = serving_models(monkeypatch)
+
+    async def scenario() -> None:
+        assert await models.load("a@v0001", "/c/a/v0001") is None
+        first = fake.lora_requests["a@v0001"]
+        assert models.point("a", "a@v0001")
+        models.drop("a")  # an alias: nothing to remember
+        models.drop("a@v0001")
+        assert models.get("a@v0001") is None
+        assert await models.load("a@v0001", "/c/a/v0001") is None
+        assert fake.lora_requests["a@v0001"] is first  # same id, no second load
+        assert fake.next_id == 1
+        models.drop("a@v0001")
+        assert await models.load("a@v0001", "/c/a/v0001-other") is None  # other content
+        assert models.get("a@v0001").lora_id != first.lora_int_id  # type: ignore[union-attr]
 
     asyncio.run(scenario())
 

@@ -7,8 +7,8 @@ import asyncio
 import json
 from typing import Any
 
+from server_plugin.failures import Refusal
 from server_plugin.plugin import PinnedModelMiddleware
-from server_plugin.reconciler import PinRefusal
 
 CHUNK = 64 * 1024
 
@@ -16,13 +16,22 @@ CHUNK = 64 * 1024
 class FakeReconciler:
     lazy = False  # every name preloaded: only pinned models are parsed
 
-    def __init__(self, refusal: PinRefusal | None = None) -> None:
+    def __init__(self, refusal: Refusal | None = None) -> None:
         self.pins: list[str] = []
         self.refusal = refusal
+        self.held: list[str] = []  # what requests in flight hold
 
-    async def ensure_pinned(self, model: str) -> PinRefusal | None:
+    async def ensure(self, model: str, held: list[str]) -> Refusal | None:
         self.pins.append(model)
+        if self.refusal is None:
+            held.append(model)
+            self.held.append(model)
         return self.refusal
+
+    def release(self, held: list[str]) -> None:
+        for model in held:
+            self.held.remove(model)
+        held.clear()
 
 
 class FakePlugin:
@@ -119,6 +128,7 @@ def test_small_pinned_body_is_read_once_and_replayed() -> None:
     body = big_body(300_000)  # several chunks, parsed in a thread
     status, _, _ = request(middleware, body)
     assert status == 200 and app.bodies == [body] and rec.pins == ["x@v0001"]
+    assert rec.held == []  # released when the request ended
     plain = json.dumps({"model": "x", "messages": []}).encode()
     request(middleware, plain)
     assert rec.pins == ["x@v0001"] and app.bodies[-1] == plain
@@ -126,8 +136,8 @@ def test_small_pinned_body_is_read_once_and_replayed() -> None:
 
 def test_refused_pins_answer_with_the_refusals_status() -> None:
     for refusal, err_type in [
-        (PinRefusal("x@v0001 cannot be served: rank"), "BadRequestError"),
-        (PinRefusal("cache full (temporary; retry later)", 503), "ServiceUnavailableError"),
+        (Refusal("x@v0001 cannot be served: rank"), "BadRequestError"),
+        (Refusal("cache full (temporary; retry later)", 503), "ServiceUnavailableError"),
     ]:
         app = EchoApp()
         middleware = PinnedModelMiddleware(app, FakePlugin(FakeReconciler(refusal)))  # type: ignore[arg-type]

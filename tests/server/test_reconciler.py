@@ -1,41 +1,29 @@
-"""Fast tests of the reconcile logic with a fake transport: no vLLM, no torch."""
+"""The reconcile loop (``server_plugin.reconciler``) with a fake transport: no vLLM, no torch.
+The loop under injected faults: test_scenario_faults.py."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import shutil
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes import LIMITS, FakeTransport
+from fakes import LIMITS, FakeTransport, make_reconciler, run, status_of
 from helpers import FAKE_BASE_CONFIG, edit_config, fake_adapter, set_current, write_version
 
-from agent_finetune.registry import Registry
-from agent_finetune.registry.names import split_model
+from agent_finetune.registry import Registry, index
 from server_plugin.cache import AdapterCache
 from server_plugin.reconciler import Reconciler
-from server_plugin.watcher import RegistryWatcher
+from server_plugin.settings import Settings
 
 
 @pytest.fixture
 def env(tmp_path: Path) -> tuple[Registry, FakeTransport, Reconciler, Path]:
-    registry = Registry(tmp_path / "registry")
-    registry.root.mkdir()
-    transport = FakeTransport()
-    cache = AdapterCache(tmp_path / "cache", LIMITS, grace_s=0)
-    rec = Reconciler(registry, cache, transport, max_pinned=2)
+    registry, transport, rec = make_reconciler(tmp_path)
     return registry, transport, rec, tmp_path
-
-
-def run(coro: Any) -> Any:
-    return asyncio.run(coro)
-
-
-def status_of(rec: Reconciler, name: str) -> dict[str, Any]:
-    return next(a for a in rec.status()["data"] if a["name"] == name)
 
 
 def test_publish_swap_rollback_and_pin(env: Any) -> None:
@@ -60,22 +48,6 @@ def test_publish_swap_rollback_and_pin(env: Any) -> None:
 
     run(rec.reconcile_once())  # idempotent: nothing to do
     assert transport.calls[-1] == ("repoint", "x", "x@v0001")
-
-
-def test_pinned_versions_are_bounded_lru(env: Any) -> None:
-    registry, transport, rec, tmp = env
-    for seed in range(5):
-        registry.publish("x", fake_adapter(tmp / f"a{seed}", seed=seed), make_current=seed == 4)
-    run(rec.reconcile_once())
-    assert run(rec.ensure_pinned("x@v0001")) is None
-    assert run(rec.ensure_pinned("x@v0002")) is None
-    assert run(rec.ensure_pinned("x@v0001")) is None  # touch: v0002 is now the oldest
-    assert run(rec.ensure_pinned("x@v0003")) is None
-    assert "x@v0002" not in transport.table
-    assert {"x@v0001", "x@v0003", "x@v0005", "x"} == set(transport.table)
-    assert run(rec.ensure_pinned("x@v0099")) is None  # unknown: the server answers 404
-    assert run(rec.ensure_pinned("not a model")) is None
-    assert "x@v0099" not in transport.table
 
 
 @pytest.mark.parametrize(
@@ -139,7 +111,7 @@ def test_registry_deletions_never_touch_live_weights(env: Any) -> None:
     assert (served / "adapter_model.safetensors").read_bytes() == before
 
     shutil.rmtree(registry.name_dir("y"))  # the whole name leaves the registry
-    for _ in range(rec.unload_after - 1):
+    for _ in range(rec.settings.unload_after - 1):
         run(rec.reconcile_once())
         assert "y" in transport.table  # absence is not deletion until it lasts
         assert status_of(rec, "y")["absent_passes"] >= 1
@@ -199,16 +171,10 @@ def test_failed_version_retried_when_its_manifest_changes(env: Any) -> None:
     assert status_of(rec, "x")["state"] == "live"
 
 
-def test_split_model() -> None:
-    assert split_model("x@v0002") == ("x", "v0002")
-    assert split_model("x") is None
-    assert split_model("x@latest") is None
-    assert split_model("X@v0001") is None
-
-
 def test_run_loop_wakes_and_stops(env: Any) -> None:
-    registry, transport, rec, tmp = env
-    rec.resync_s = 30.0  # only a wake-up can make the second pass happen in time
+    registry, transport, _, tmp = env
+    # Only a wake-up can make the second pass happen in time.
+    rec = Reconciler(registry, AdapterCache(tmp / "c2", LIMITS), transport, Settings(resync_s=30))
 
     async def scenario() -> None:
         task = asyncio.create_task(rec.run())
@@ -224,27 +190,6 @@ def test_run_loop_wakes_and_stops(env: Any) -> None:
     run(scenario())
 
 
-@pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
-def test_watcher_wakes_on_publish_but_not_on_reads(env: Any, polling: bool) -> None:
-    registry, _transport, _rec, tmp = env
-    woken = threading.Event()
-    watcher = RegistryWatcher(registry.root, woken.set, polling=polling, poll_interval_s=0.2)
-    assert watcher.start()
-    try:
-        registry.publish("x", fake_adapter(tmp / "a1", seed=1))
-        assert woken.wait(10)
-        time.sleep(1.0)  # let the publish's remaining events arrive
-        woken.clear()
-        for _ in range(3):
-            registry.current("x")
-            registry.manifest("x", "v0001")
-        assert not woken.wait(0.5)
-    finally:
-        watcher.stop()
-    missing = RegistryWatcher(tmp / "nope", woken.set)
-    assert not missing.start()
-
-
 def test_pointer_to_a_missing_version_keeps_the_live_one(env: Any) -> None:
     registry, transport, rec, tmp = env
     registry.publish("x", fake_adapter(tmp / "a1", seed=1))
@@ -255,3 +200,32 @@ def test_pointer_to_a_missing_version_keeps_the_live_one(env: Any) -> None:
     assert (st["state"], st["live"], st["desired"]) == ("failed", "v0001", "v0007")
     assert "x@v0007 not found" in st["error"]
     assert transport.table["x"] == transport.table["x@v0001"]
+
+
+def test_an_unreadable_name_is_kept_as_it_is(env: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding (issue 25): a transient EIO/ESTALE/EACCES on one name's `versions/` made the
+    pass skip the name, so after `unload_after` passes it was unloaded like a deleted one."""
+    registry, transport, rec, tmp = env
+    registry.publish("x", fake_adapter(tmp / "a1", seed=1))
+    registry.publish("y", fake_adapter(tmp / "a2", seed=2))
+    run(rec.reconcile_once())
+    served = dict(transport.table)
+    real, broken = os.stat, str(registry.name_dir("x") / "versions")
+
+    def flaky_stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if str(path) == broken:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(index.os, "stat", flaky_stat)
+    assert index.pointers(registry)["x"].error is not None  # unreadable, not absent
+    for _ in range(rec.settings.unload_after + 2):
+        run(rec.reconcile_once())
+    assert transport.table == served
+    st = status_of(rec, "x")
+    assert (st["state"], st["live"], st["absent_passes"]) == ("live", "v0001", 0)
+    assert "Input/output error" in st["error"] and st["error_kind"] == "transient"
+    monkeypatch.setattr(index.os, "stat", real)
+    registry.publish("x", fake_adapter(tmp / "a3", seed=3))
+    run(rec.reconcile_once())
+    assert status_of(rec, "x")["live"] == "v0002" and status_of(rec, "x")["error"] is None

