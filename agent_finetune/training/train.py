@@ -104,6 +104,7 @@ def train(
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     model, trainer, metrics = _fit(model, trainer, plan, reload, backend, train_tok, eval_tok)
+    metrics["precision"] = config.precision
     run_dir = Path(config.output_dir)
     result = TrainResult(run_dir / FINAL_DIR, run_dir, backend, metrics)
     if not trainer.is_world_process_zero():
