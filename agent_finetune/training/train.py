@@ -86,7 +86,8 @@ def train(
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars: the training bar is the one
     set_seed(config.seed)
-    plan = checkpointing.plan_for(config, backend)  # logs the decision
+    # logs the decision
+    plan = checkpointing.plan_for(config, backend, liger=backend == "hf" and liger_usable())
     model, tokenizer = load_for_training(config, backend, plan)
     train_tok, eval_tok = _tokenize(config, tokenizer, template, train_rows, eval_rows)
 
