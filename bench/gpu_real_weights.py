@@ -13,9 +13,7 @@
    ``precision: fp8``, same data, seed and schedule, ``--steps`` optimizer steps: the largest
    relative difference of the 10-step moving averages must stay under 2%.
 
-Time on the H200 (2026-12-04): the Unsloth worker about 70 s (30 s of it importing Unsloth,
-23 s its first, compiling step), each loss curve about 70 s (this small model trains at about
-3 steps/s there: the step is launch-bound), so the whole script needs about 5 minutes.
+How long it takes on the H200, and how to fit it in device calls: bench/GPU_NOTES.md, round 3.
 
 Data: real English text that every machine has, the docstrings of the Python standard
 library (read with ``ast``, nothing imported), as instruction/response rows.
