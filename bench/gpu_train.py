@@ -9,6 +9,9 @@ size and sequence length, for ``--warmup`` untimed and ``--steps`` timed optimiz
 - ``project_hf``: ``agent_finetune.training.train.train`` with ``backend: hf``
   (transformers+PEFT+TRL; varlen attention, Liger kernels when installed)
 - ``project_hf_noliger``: the same without Liger's kernels (the A/B behind choosing them)
+- ``project_hf_fp8``: ``backend: hf`` with ``precision: fp8`` (frozen base weights in FP8,
+  row-scaled); ``project_hf_fp8tensor``: the same with per-tensor scales (the A/B behind the
+  default)
 - ``raw_unsloth``: ``FastLanguageModel`` + ``get_peft_model`` and a hand-written AdamW loop,
   the reference ceiling
 - ``raw_peft``: the same hand-written loop on plain transformers+PEFT (CPU smoke test only)
@@ -17,16 +20,26 @@ Modes: ``pad`` (every row is exactly ``--seq-len`` tokens, so no padding at all)
 (rows of varied lengths packed padding-free into ``--batch`` bins of ``--seq-len`` tokens).
 Only real (non-pad) tokens count.
 
-Each variant runs in its own process: Unsloth patches transformers globally, so the hf backend
-must run where Unsloth was never imported. The base model has random weights (throughput and
-memory do not depend on weight values) and a locally trained tokenizer; it is built once under
-``--workdir`` and reused.
+Each variant runs in its own process (``--processes per-family``: one process for the Unsloth
+variants, one for the rest, saving Unsloth's ~35 s import per variant): Unsloth patches
+transformers globally, so the hf backend must run where Unsloth was never imported. The base
+model has random weights (throughput and memory do not depend on weight values) and a locally
+trained tokenizer; it is built once under ``--workdir`` and reused.
 
 MFU = (4 N tokens + attention) / time / 989 TFLOP/s, where N counts the weights of every linear
 layer a token passes through (attention and MLP projections, lm_head; not the embedding), 4N is
 forward plus the backward input gradients of frozen weights (LoRA's own FLOPs, under 1%, and
 the checkpointing recompute are not counted), and attention adds 12 * layers * n_heads *
 head_dim FLOPs per causal (query, key) pair within a document (QK^T and AV, forward + backward).
+FP8 runs count the same model FLOPs against the same bf16 peak (as NVIDIA's NeMo figures do), so
+their MFU is directly comparable.
+
+``--trace`` records, for every step, Python garbage-collection pauses, torch.compile activity
+(dynamo/inductor counters, recompiles in the worker log via ``TORCH_LOGS=recompiles``), the
+caching allocator's cudaMalloc/cudaFree counts, and samples the main thread's Python stack
+every 50 ms: a slow step (over 1.5x the median) comes out with what it was doing.
+``--fp8-probe`` times the shape's seven projections alone (forward + input gradient, bf16
+against FP8 with both scalings) and their error against fp32.
 
     python bench/gpu_train.py --shape qwen2.5-7b --batch 2 --seq-len 4096 --steps 10 \
         --out results.json
@@ -50,7 +63,16 @@ from pathlib import Path
 from typing import Any
 
 PEAK_TFLOPS = 989.0  # H100/H200 SXM dense bf16, datasheet
-VARIANTS = ("project_unsloth", "project_hf", "project_hf_noliger", "raw_unsloth", "raw_peft")
+VARIANTS = (
+    "project_unsloth",
+    "project_hf",
+    "project_hf_noliger",
+    "project_hf_fp8",
+    "project_hf_fp8tensor",
+    "raw_unsloth",
+    "raw_peft",
+)
+UNSLOTH_VARIANTS = ("project_unsloth", "raw_unsloth")
 MODES = ("pad", "pack")
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_R = 16
@@ -220,6 +242,128 @@ def _peak() -> dict[str, float | None]:
     }
 
 
+class StepTrace:
+    """Cheap evidence of what a slow step did, without a profiler in the timed steps.
+
+    GC pauses come from ``gc.callbacks``; torch.compile activity from dynamo's counters; the
+    caching allocator's device allocations from ``torch.cuda.memory_stats``; and a daemon
+    thread samples the main thread's Python stack every ``interval`` seconds. ``mark()`` at the
+    end of each step snapshots the counters; ``report()`` returns the intervals between step
+    ends that took over ``slow`` times the median, each with its evidence.
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        import threading
+
+        self.interval = interval
+        self.gc_pauses: list[tuple[float, int, float, int]] = []  # (end time, gen, s, collected)
+        self.samples: list[tuple[float, tuple[str, ...]]] = []
+        self.marks: list[tuple[float, dict[str, float]]] = []
+        self._gc_start = 0.0
+        self._main = threading.get_ident()
+        self._stop = threading.Event()
+        gc.callbacks.append(self._on_gc)
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        if phase == "start":
+            self._gc_start = now
+        else:
+            self.gc_pauses.append(
+                (
+                    now,
+                    int(info.get("generation", -1)),
+                    now - self._gc_start,
+                    info.get("collected", 0),
+                )
+            )
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            frame = sys._current_frames().get(self._main)
+            stack: list[str] = []
+            while frame is not None and len(stack) < 14:
+                code = frame.f_code
+                stack.append(f"{Path(code.co_filename).name}:{frame.f_lineno}:{code.co_name}")
+                frame = frame.f_back
+            self.samples.append((time.perf_counter(), tuple(stack)))
+
+    @staticmethod
+    def _counters() -> dict[str, float]:
+        out: dict[str, float] = {}
+        with contextlib.suppress(Exception):
+            from torch._dynamo.utils import counters
+
+            for group, counter in counters.items():
+                out[f"dynamo.{group}"] = float(sum(counter.values()))
+        with contextlib.suppress(Exception):
+            import torch
+
+            if torch.cuda.is_available():
+                stats = torch.cuda.memory_stats()
+                for key in ("num_device_alloc", "num_device_free", "num_alloc_retries"):
+                    out[f"cuda.{key}"] = float(stats.get(key, 0))
+                out["cuda.reserved_gib"] = stats.get("reserved_bytes.all.current", 0) / 2**30
+        return out
+
+    def mark(self, when: float) -> None:
+        self.marks.append((when, self._counters()))
+
+    def close(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._on_gc)
+
+    def report(self, slow: float = 1.5) -> dict[str, Any]:
+        from collections import Counter
+
+        self.close()
+        durations = [b[0] - a[0] for a, b in itertools.pairwise(self.marks)]
+        if not durations:
+            return {}
+        median = statistics.median(durations)
+        gc_total = sum(p[2] for p in self.gc_pauses)
+        out: dict[str, Any] = {
+            "sample_interval_s": self.interval,
+            "gc_pauses": len(self.gc_pauses),
+            "gc_seconds_total": round(gc_total, 3),
+            "gc_longest": sorted(
+                ({"gen": g, "s": round(d, 3), "collected": c} for _, g, d, c in self.gc_pauses),
+                key=lambda x: -x["s"],
+            )[:5],
+            "slow_intervals": [],
+        }
+        for i, d in enumerate(durations):
+            (t0, c0), (t1, c1) = self.marks[i], self.marks[i + 1]
+            if d <= slow * median:
+                continue
+            stacks = Counter(st[:8] for t, st in self.samples if t0 < t <= t1)
+            out["slow_intervals"].append(
+                {
+                    # the interval ending at step (i + 2), counting steps from 1
+                    "step": i + 2,
+                    "seconds": round(d, 3),
+                    "median_seconds": round(median, 3),
+                    "gc": [
+                        {"gen": g, "s": round(dd, 3)}
+                        for t, g, dd, _ in self.gc_pauses
+                        if t0 < t <= t1
+                    ],
+                    "counters_delta": {
+                        k: round(c1[k] - c0.get(k, 0.0), 3)
+                        for k in c1
+                        if abs(c1[k] - c0.get(k, 0.0)) > 1e-9
+                    },
+                    "stacks": [
+                        {"samples": n, "stack": list(st)} for st, n in stacks.most_common(4)
+                    ],
+                }
+            )
+        return out
+
+
 class Timing:
     """Wall time and real tokens of the ``steps`` steps after warm-up (each step synchronized).
 
@@ -228,10 +372,13 @@ class Timing:
     one extra step after the timed ones runs under torch.profiler.
     """
 
-    def __init__(self, warmup: int, steps: int, profile_dir: Path | None = None) -> None:
+    def __init__(
+        self, warmup: int, steps: int, profile_dir: Path | None = None, trace: bool = False
+    ) -> None:
         self.warmup = warmup
         self.steps = steps
         self.profile_dir = profile_dir
+        self.trace = StepTrace() if trace else None
         self.step_begins: list[float] = []
         self.step_ends: list[float] = []
         self.tokens_at_end: list[int] = []
@@ -258,6 +405,8 @@ class Timing:
         _sync()
         self.step_ends.append(time.perf_counter())
         self.tokens_at_end.append(int(tokens_seen))
+        if self.trace is not None:
+            self.trace.mark(self.step_ends[-1])
         if self._prof is not None:
             self._finish_profile()
 
@@ -327,6 +476,7 @@ class Timing:
             "between_steps_fraction": round(1 - sum(inside) / secs, 4),
             "all_step_seconds": [round(d, 4) for d in all_durs],
             **({"profile": self.profile} if self.profile else {}),
+            **({"trace": self.trace.report()} if self.trace is not None else {}),
         }
 
 
@@ -353,18 +503,26 @@ def make_callback(timing: Timing) -> Any:
 
 
 # -- variants -----------------------------------------------------------------------------------
-def run_project(backend: str, mode: str, root: Path, args: argparse.Namespace) -> dict[str, Any]:
+def run_project(variant: str, mode: str, root: Path, args: argparse.Namespace) -> dict[str, Any]:
     """One run of the project's own entry point, train(), timed by a TrainerCallback."""
     from agent_finetune.registry import Registry
     from agent_finetune.registry.adapter import load_base_config
+    from agent_finetune.training import fp8
     from agent_finetune.training.config import FineTuningConfig
     from agent_finetune.training.train import train
 
-    run_dir = root / "runs" / f"{backend}-{mode}-gc{args.grad_ckpt}"
+    backend = "unsloth" if variant == "project_unsloth" else "hf"
+    precision = "fp8" if variant.startswith("project_hf_fp8") else "default"
+    if variant == "project_hf_fp8tensor":
+        fp8.DEFAULT_SCALING = "tensor"  # the A/B only
+    if precision == "fp8" and not _cuda():
+        fp8.unsupported_reason = lambda: None  # CPU smoke test: torch's CPU _scaled_mm
+    run_dir = root / "runs" / f"{variant}-{mode}-gc{args.grad_ckpt}"
     registry = root / "registry"
     config = FineTuningConfig(
         model_name=str(root / "model"),
         backend=backend,  # type: ignore[arg-type]
+        precision=precision,  # type: ignore[arg-type]
         max_seq_length=args.seq_len,
         lora_r=LORA_R,
         lora_alpha=LORA_R,
@@ -381,10 +539,12 @@ def run_project(backend: str, mode: str, root: Path, args: argparse.Namespace) -
         output_dir=str(run_dir),
         save_steps=100_000,
         seed=SEED,
-        adapter_name=f"bench-{backend}-{mode}",
+        adapter_name=f"bench-{variant.replace('_', '-')}-{mode}",
         registry_dir=str(registry),
     )
-    timing = Timing(args.warmup, args.steps, _profile_dir(args, f"project_{backend}-{mode}"))
+    timing = Timing(
+        args.warmup, args.steps, _profile_dir(args, f"{variant}-{mode}"), trace=args.trace
+    )
     started = time.perf_counter()
     result = train(
         config, root / f"{mode}.jsonl", train_test_split=0.0, callbacks=[make_callback(timing)]
@@ -405,6 +565,7 @@ def run_project(backend: str, mode: str, root: Path, args: argparse.Namespace) -
             "gradient_checkpointing",
             "attention",
             "liger_kernel",
+            "precision",
         )
     }
     if result.published is not None:
@@ -508,8 +669,18 @@ def run_raw(impl: str, mode: str, root: Path, args: argparse.Namespace) -> dict[
     """A hand-written loop: forward with labels, backward, fused AdamW step. No Trainer."""
     import torch
 
+    from agent_finetune.training import checkpointing
+
     t0 = time.perf_counter()
     model_dir = str(root / "model")
+    # the project's checkpointing policy for this shape, so both loops recompute alike
+    plan = checkpointing.decide(
+        args.grad_ckpt,
+        checkpointing.ModelShape.from_config(shape_config(args.shape)),
+        tokens=args.batch * args.seq_len,
+        backend="unsloth" if impl == "unsloth" else "hf",
+        free_bytes=checkpointing.free_memory_bytes(),
+    )
     if impl == "unsloth":
         from unsloth import FastLanguageModel
 
@@ -526,7 +697,7 @@ def run_raw(impl: str, mode: str, root: Path, args: argparse.Namespace) -> dict[
             lora_alpha=LORA_R,
             lora_dropout=0.0,
             bias="none",
-            use_gradient_checkpointing=False if args.grad_ckpt == "off" else "unsloth",
+            use_gradient_checkpointing=plan.unsloth_mode,
             random_state=SEED,
         )
         FastLanguageModel.for_training(model)
@@ -539,7 +710,7 @@ def run_raw(impl: str, mode: str, root: Path, args: argparse.Namespace) -> dict[
         if _cuda():
             model = model.cuda()
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        if args.grad_ckpt != "off":
+        if plan.recompute:
             model.gradient_checkpointing_enable({"use_reentrant": False})
         model.enable_input_require_grads()
         model = get_peft_model(
@@ -563,7 +734,9 @@ def run_raw(impl: str, mode: str, root: Path, args: argparse.Namespace) -> dict[
     )
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=device.type == "cuda")
-    timing = Timing(args.warmup, args.steps, _profile_dir(args, f"raw_{impl}-{mode}"))
+    timing = Timing(
+        args.warmup, args.steps, _profile_dir(args, f"raw_{impl}-{mode}"), trace=args.trace
+    )
     _reset_peak()
     tokens = 0
     pairs_timed = 0
@@ -590,6 +763,7 @@ def run_raw(impl: str, mode: str, root: Path, args: argparse.Namespace) -> dict[
     if len(batches) == args.warmup + args.steps:
         peak = _peak()
     res = {**timing.result(), **peak, "load_seconds": round(load_s, 1)}
+    res["project_metrics"] = {"gradient_checkpointing": plan.as_metrics()}
     res["losses"] = [round(x, 4) for x in timing.losses]
     res["causal_pairs_timed"] = pairs_timed
     return res
@@ -628,34 +802,46 @@ def _profile_dir(args: argparse.Namespace, name: str) -> Path | None:
     return Path(args.result_dir, "profiles", name) if args.profile else None
 
 
+def parse_runs(spec: str) -> list[tuple[str, str]]:
+    """``variant:mode,variant:mode`` -> [(variant, mode), ...]."""
+    runs = []
+    for item in spec.split(","):
+        variant, _, mode = item.partition(":")
+        runs.append((variant, mode))
+    return runs
+
+
 def worker(args: argparse.Namespace) -> None:
-    """Run one variant for each requested mode in this process; write one JSON per mode."""
+    """Run each (variant, mode) of ``--runs`` in this process; write one JSON per run."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     root = Path(args.root)
+    runs = parse_runs(args.runs)
     t0 = time.perf_counter()
-    if args.worker in ("project_unsloth", "raw_unsloth"):
+    if any(v in UNSLOTH_VARIANTS for v, _ in runs):
         import unsloth  # noqa: F401  # before transformers, as the project's backend does
     import_s = time.perf_counter() - t0
-    for mode in args.modes.split(","):
+    for variant, mode in runs:
         res: dict[str, Any] = {
-            "variant": args.worker,
+            "variant": variant,
             "mode": mode,
             "import_seconds": round(import_s, 1),
             "versions": _versions(),
-            # left over from an earlier mode in this process; peaks include it
+            # left over from an earlier run in this process; peaks include it
             "mem_before_gib": _allocated_gib(),
+            "batch": args.batch,
         }
         started = time.perf_counter()
         try:
-            if args.worker == "project_hf_noliger":
+            if variant == "project_hf_noliger":
                 from agent_finetune.training import train as train_module
 
                 train_module.liger_usable = lambda: False  # the A/B baseline only
-                res.update(run_project("hf", mode, root, args))
-            elif args.worker.startswith("project_"):
-                res.update(run_project(args.worker.removeprefix("project_"), mode, root, args))
+                res.update(run_project("project_hf", mode, root, args))
+                train_module.liger_usable = _liger_usable
+            elif variant.startswith("project_"):
+                res.update(run_project(variant, mode, root, args))
             else:
-                res.update(run_raw(args.worker.removeprefix("raw_"), mode, root, args))
+                res.update(run_raw(variant.removeprefix("raw_"), mode, root, args))
         except Exception as e:  # recorded; the driver carries on with the other variants
             import traceback
 
@@ -667,7 +853,7 @@ def worker(args: argparse.Namespace) -> None:
         res["unsloth_imported"] = "unsloth" in sys.modules
         Path(args.result_dir, f"{res['variant']}-{mode}.json").write_text(json.dumps(res, indent=2))
         log(
-            f"{args.worker}/{mode}: "
+            f"{variant}/{mode}: "
             + json.dumps({k: res.get(k) for k in ("tokens_per_second", "peak_alloc_gib", "error")})
         )
         gc.collect()
@@ -675,6 +861,106 @@ def worker(args: argparse.Namespace) -> None:
             import torch
 
             torch.cuda.empty_cache()
+
+
+def _liger_usable() -> bool:
+    from agent_finetune.training.backend import liger_usable
+
+    return liger_usable()
+
+
+# -- FP8 probe -------------------------------------------------------------------------------
+def _projections(cfg: dict[str, Any]) -> list[tuple[str, int, int]]:
+    """(name, in_features, out_features) of one decoder layer's seven projections."""
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    head_dim = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
+    return [
+        ("q_proj", h, q),
+        ("k_proj", h, kv),
+        ("v_proj", h, kv),
+        ("o_proj", q, h),
+        ("gate_proj", h, inter),
+        ("up_proj", h, inter),
+        ("down_proj", inter, h),
+    ]
+
+
+def fp8_probe(args: argparse.Namespace) -> None:
+    """The shape's seven projections alone, forward + input gradient of ``batch x seq_len``
+    tokens: a frozen bf16 nn.Linear against FP8Linear (row and tensor scaling). Times are the
+    median of 5 repeats after 3 (CUDA events); errors are relative norms against fp32."""
+    import torch
+
+    from agent_finetune.training import fp8
+
+    cfg = shape_config(args.shape)
+    device = "cuda" if _cuda() else "cpu"
+    tokens = args.batch * args.seq_len
+    gen = torch.Generator(device=device).manual_seed(SEED)
+    out: dict[str, Any] = {"tokens": tokens, "device": device, "projections": {}}
+    totals: dict[str, float] = {}
+
+    def timed(fn: Any) -> float:
+        times = []
+        for i in range(8):
+            if device == "cuda":
+                start, end = (
+                    torch.cuda.Event(enable_timing=True),
+                    torch.cuda.Event(enable_timing=True),
+                )
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                ms = start.elapsed_time(end)
+            else:
+                t = time.perf_counter()
+                fn()
+                ms = (time.perf_counter() - t) * 1e3
+            if i >= 3:
+                times.append(ms)
+        return statistics.median(times)
+
+    for name, fan_in, fan_out in _projections(cfg):
+        w = torch.randn(fan_out, fan_in, device=device, generator=gen, dtype=torch.float32) * 0.02
+        x = torch.randn(tokens, fan_in, device=device, generator=gen, dtype=torch.float32)
+        g = torch.randn(tokens, fan_out, device=device, generator=gen, dtype=torch.float32)
+        ref_out, ref_grad = x @ w.t(), g @ w
+        lin = torch.nn.Linear(fan_in, fan_out, bias=False, device=device, dtype=torch.bfloat16)
+        lin.weight.data.copy_(w)
+        lin.requires_grad_(False)
+        layers: dict[str, Any] = {"bf16": lin}
+        for scaling in fp8.SCALINGS:
+            layers[f"fp8_{scaling}"] = fp8.FP8Linear.from_linear(lin, scaling)  # type: ignore[arg-type]
+        row: dict[str, Any] = {"in": fan_in, "out": fan_out}
+        for key, layer in layers.items():
+            xb = x.to(torch.bfloat16).requires_grad_()
+            gb = g.to(torch.bfloat16)
+
+            def step(layer: Any = layer, xb: Any = xb, gb: Any = gb) -> None:
+                layer(xb).backward(gb)
+                xb.grad = None
+
+            y = layer(xb)
+            y.backward(gb)
+            assert xb.grad is not None
+            out_err = float((y.detach().float() - ref_out).norm() / ref_out.norm())
+            grad_err = float((xb.grad.float() - ref_grad).norm() / ref_grad.norm())
+            row[key] = {
+                "ms": round(timed(step), 4),
+                "out_rel_err": round(out_err, 5),
+                "grad_rel_err": round(grad_err, 5),
+            }
+            totals[key] = totals.get(key, 0.0) + row[key]["ms"]
+        out["projections"][name] = row
+        del w, x, g, ref_out, ref_grad, layers, lin
+    flops = 4 * tokens * sum(i * o for _, i, o in _projections(cfg))
+    out["layer_ms"] = {k: round(v, 3) for k, v in totals.items()}
+    out["layer_tflops"] = {k: round(flops / (v / 1e3) / 1e12, 1) for k, v in totals.items()}
+    out["speedup_vs_bf16"] = {k: round(totals["bf16"] / v, 3) for k, v in totals.items()}
+    Path(args.result_dir, "fp8_probe.json").write_text(json.dumps(out, indent=2))
+    log("fp8 probe: " + json.dumps({k: out[k] for k in ("layer_ms", "speedup_vs_bf16")}))
 
 
 # -- logits check ---------------------------------------------------------------------------------
@@ -745,13 +1031,17 @@ def flops_for(res: dict[str, Any], cfg: dict[str, Any], pairs_per_token: float) 
     return 4 * linear_params(cfg) * tokens + attention_flops_per_pair(cfg) * pairs
 
 
-def _spawn(argv: list[str], log_path: Path, timeout: float) -> int:
+def _spawn(
+    argv: list[str], log_path: Path, timeout: float, env: dict[str, str] | None = None
+) -> int:
     """Run a worker, echo and save its output, kill it after ``timeout`` seconds."""
     import threading
 
     log(f"$ {' '.join(argv)}")
     with log_path.open("w") as logf:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
 
         def pump() -> None:
             assert proc.stdout is not None
@@ -795,6 +1085,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="one process per (variant, mode) instead of one per variant",
     )
     p.add_argument(
+        "--processes",
+        default="per-variant",
+        choices=["per-variant", "per-family"],
+        help="per-family: the Unsloth variants share one process, the others another",
+    )
+    p.add_argument(
+        "--trace",
+        action="store_true",
+        help="record GC pauses, compile activity, cudaMallocs and stack samples of slow steps",
+    )
+    p.add_argument(
+        "--fp8-probe",
+        action="store_true",
+        help="time the shape's projections alone, bf16 vs FP8 (forward + input gradient)",
+    )
+    p.add_argument(
         "--logits-check",
         action="store_true",
         help="compare Unsloth and plain-PEFT logits of the project_unsloth adapter",
@@ -810,6 +1116,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--worker-timeout-s", type=float, default=300.0)
     p.add_argument(
+        "--deadline-s",
+        type=float,
+        default=float("inf"),
+        help="stop the running worker this many seconds after the start, then report",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="run one extra step after the timed ones under torch.profiler",
@@ -818,7 +1130,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--grad-ckpt",
         default="auto",
         choices=["auto", "on", "off", "offload"],
-        help="gradient_checkpointing for every variant (raw loops: off, else Unsloth's/HF's on)",
+        help="gradient_checkpointing for every variant (the raw loops follow the same policy)",
     )
     p.add_argument(
         "--no-grad-ckpt",
@@ -830,7 +1142,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bf16-cpu", action="store_true", help="bf16 on CPU too (smoke tests)")
     p.add_argument("--quiet", action="store_true", help="do not echo worker output")
     # internal
-    p.add_argument("--worker", choices=[*VARIANTS, "prepare", "logits_unsloth", "logits_peft"])
+    p.add_argument(
+        "--worker", choices=["runs", "prepare", "fp8_probe", "logits_unsloth", "logits_peft"]
+    )
+    p.add_argument("--runs", help="variant:mode,... for --worker runs")
     p.add_argument("--root")
     p.add_argument("--result-dir")
     p.add_argument("--adapter")
@@ -866,7 +1181,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker in ("logits_unsloth", "logits_peft"):
         logits_check(args)
         return 0
-    if args.worker:
+    if args.worker == "fp8_probe":
+        fp8_probe(args)
+        return 0
+    if args.worker == "runs":
         worker(args)
         return 0
     return drive(args, argv)
@@ -894,29 +1212,46 @@ def _worker_argv(args: argparse.Namespace, result_dir: Path) -> list[str]:
         args.grad_ckpt,
         *(["--bf16-cpu"] if args.bf16_cpu else []),
         *(["--profile"] if args.profile else []),
+        *(["--trace"] if args.trace else []),
     ]
 
 
-def _jobs(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
-    """(variant, modes) per worker process, in order."""
+def _jobs(args: argparse.Namespace) -> list[list[tuple[str, str]]]:
+    """The (variant, mode) runs of each worker process, in order."""
     modes = args.modes.split(",")
-    jobs: list[tuple[str, list[str]]] = []
+    per_variant: list[list[tuple[str, str]]] = []
     for spec in args.variants.split(","):
         name, _, only = spec.partition(":")
         wanted = [only] if only else modes
-        jobs += [(name, [m]) for m in wanted] if args.isolate else [(name, wanted)]
-    return jobs
+        runs = [(name, m) for m in wanted]
+        per_variant += [[r] for r in runs] if args.isolate else [runs]
+    if args.processes == "per-variant":
+        return per_variant
+    flat = [r for job in per_variant for r in job]
+    families = [
+        [r for r in flat if r[0] in UNSLOTH_VARIANTS],
+        [r for r in flat if r[0] not in UNSLOTH_VARIANTS],
+    ]
+    if flat and flat[0][0] not in UNSLOTH_VARIANTS:
+        families.reverse()  # in the order of --variants
+    return [f for f in families if f]
 
 
 def run_workers(args: argparse.Namespace, common: list[str], root: Path, started: float) -> None:
-    for variant, job_modes in _jobs(args):
-        if time.monotonic() - started > args.budget_s:
-            log(f"skipping {variant} {job_modes}: past --budget-s {args.budget_s}")
+    env = {**os.environ, **({"TORCH_LOGS": "recompiles"} if args.trace else {})}
+    for runs in _jobs(args):
+        elapsed = time.monotonic() - started
+        if elapsed > args.budget_s:
+            log(f"skipping {runs}: past --budget-s {args.budget_s}")
             continue
+        spec = ",".join(f"{v}:{m}" for v, m in runs)
+        name = "-".join(f"{v}-{m}" for v, m in runs)[:120]
         _spawn(
-            [*common, "--root", str(root), "--worker", variant, "--modes", ",".join(job_modes)],
-            Path(common[common.index("--result-dir") + 1]) / f"{variant}-{'-'.join(job_modes)}.log",
-            args.worker_timeout_s,
+            [*common, "--root", str(root), "--worker", "runs", "--runs", spec],
+            Path(common[common.index("--result-dir") + 1]) / f"{name}.log",
+            # a worker still running at --deadline-s is stopped; its finished runs are kept
+            max(1.0, min(args.worker_timeout_s, args.deadline_s - elapsed)),
+            env=env,
         )
 
 
@@ -972,6 +1307,11 @@ def drive(args: argparse.Namespace, argv: list[str] | None) -> int:
     result_dir = Path(args.workdir) / "results" / f"{args.shape}-{int(time.time())}"
     result_dir.mkdir(parents=True, exist_ok=True)
     common = _worker_argv(args, result_dir)
+    probe = None
+    if args.fp8_probe:
+        _spawn([*common, "--worker", "fp8_probe"], result_dir / "fp8_probe.log", 300)
+        f = result_dir / "fp8_probe.json"
+        probe = json.loads(f.read_text()) if f.is_file() else {"error": "no result"}
     rc = _spawn([*common, "--worker", "prepare"], result_dir / "prepare.log", 900)
     if rc != 0:
         log(f"prepare failed (rc={rc}); see {result_dir / 'prepare.log'}")
@@ -1013,6 +1353,7 @@ def drive(args: argparse.Namespace, argv: list[str] | None) -> int:
         "prepare": json.loads(prep.read_text()) if prep.is_file() else None,
         "results": results,
         "logits_check": logits,
+        "fp8_probe": probe,
         "driver_seconds": round(time.monotonic() - started, 1),
         "logs": str(result_dir),
     }
@@ -1076,6 +1417,24 @@ def print_table(summary: dict[str, Any]) -> None:
         )
     if summary.get("logits_check"):
         print("logits check:", json.dumps(summary["logits_check"]))
+    probe = summary.get("fp8_probe") or {}
+    if probe.get("layer_ms"):
+        print(
+            f"fp8 probe, one layer's 7 projections, {probe['tokens']} tokens, forward + input "
+            "gradient: "
+            + ", ".join(
+                f"{k} {v:.2f} ms ({probe['speedup_vs_bf16'][k]:.2f}x)"
+                for k, v in probe["layer_ms"].items()
+            )
+        )
+    for r in summary["results"]:
+        for slow in (r.get("trace") or {}).get("slow_intervals", []):
+            top = slow["stacks"][0]["stack"][:3] if slow["stacks"] else []
+            print(
+                f"slow step {r['variant']}/{r['mode']} #{slow['step']}: {slow['seconds']} s "
+                f"(median {slow['median_seconds']}); gc {slow['gc']}; "
+                f"counters {slow['counters_delta']}; top stack {top}"
+            )
 
 
 if __name__ == "__main__":

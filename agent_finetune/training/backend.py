@@ -39,7 +39,13 @@ def liger_usable() -> bool:
 
 
 def resolve_backend(config: FineTuningConfig) -> Backend:
-    """The backend to use; raise BackendError if ``unsloth`` is asked for but cannot run."""
+    """The backend to use; raise BackendError if ``unsloth`` or ``precision: fp8`` is asked for
+    but cannot run here."""
+    if config.precision == "fp8":
+        check_fp8()
+        if config.backend == "auto":
+            log.info("backend auto -> hf (precision: fp8 runs on the hf backend)")
+        return "hf"  # the config refuses backend: unsloth with fp8
     if config.backend == "hf":
         return "hf"
     can_unsloth = unsloth_installed() and cuda_available()
@@ -108,6 +114,18 @@ def check_model_source(model_name: str) -> bool:
         f"reached ({why}): pass a local model folder, download the model where there is "
         "network, or set HF_HUB_OFFLINE=1 to use only the Hugging Face cache"
     )
+
+
+def check_fp8() -> None:
+    """Refuse ``precision: fp8`` where the GPU has no FP8 tensor cores (or there is no GPU)."""
+    from agent_finetune.training import fp8
+
+    why = fp8.unsupported_reason()
+    if why is not None:
+        raise BackendError(
+            f"precision: fp8 cannot run here: {why}; use precision: default "
+            "(bf16 on the GPU, fp32 on a CPU)"
+        )
 
 
 def check_precision(config: FineTuningConfig) -> None:
@@ -212,7 +230,68 @@ def _load_hf(config: FineTuningConfig, checkpointing: Plan) -> tuple[Any, Any]:
     model = get_peft_model(model, lora)
     if config.bf16 or config.fp16:
         _keep_lora_inputs_in_half(model)
+    if config.precision == "fp8":
+        from agent_finetune.training import fp8
+
+        fp8.convert_lora_base_layers(model)
+    fuse_lora_add(model)
     return model, _ensure_pad(tokenizer)
+
+
+def fuse_lora_add(model: Any) -> int:
+    """Give every plain LoRA linear (one adapter, no dropout, no DoRA) a forward that adds the
+    scaled LoRA product to the base output inside one GEMM (``addmm``, as Unsloth does), instead
+    of PEFT's ``result + lora_B(lora_A(x)) * scaling``: two elementwise passes over the output
+    in the forward and one in the backward saved, per projection. Returns how many it changed;
+    anything else (adapters disabled or merged, several adapters, extra arguments) still goes
+    through PEFT's own forward."""
+    import types
+
+    from peft.tuners.lora import Linear as LoraLinear
+    from torch import nn
+
+    changed = 0
+    for module in model.modules():
+        if type(module) is not LoraLinear or len(module.lora_A) != 1:
+            continue
+        name = next(iter(module.lora_A))
+        plain = (
+            isinstance(module.lora_dropout[name], nn.Identity)
+            and not module.use_dora.get(name, False)
+            and not getattr(module, "lora_bias", {}).get(name, False)
+            and getattr(module, "lora_variant", {}).get(name) is None
+        )
+        if plain:
+            module.forward = types.MethodType(_lora_addmm_forward, module)
+            changed += 1
+    return changed
+
+
+def _lora_addmm_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+    import torch
+    import torch.nn.functional as F
+
+    adapters = self.active_adapters
+    if (
+        args
+        or kwargs
+        or self.disable_adapters
+        or self.merged
+        or len(adapters) != 1
+        or adapters[0] not in self.lora_A
+    ):
+        return type(self).forward(self, x, *args, **kwargs)
+    name = adapters[0]
+    result = self.base_layer(x)
+    dtype = result.dtype
+    xa = F.linear(x.to(dtype), self.lora_A[name].weight.to(dtype))
+    out = torch.addmm(
+        result.reshape(-1, result.shape[-1]),
+        xa.reshape(-1, xa.shape[-1]),
+        self.lora_B[name].weight.to(dtype).t(),
+        alpha=self.scaling[name],
+    )
+    return out.view(result.shape)
 
 
 def _keep_lora_inputs_in_half(model: Any) -> None:

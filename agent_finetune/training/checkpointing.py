@@ -17,6 +17,10 @@ unless noted), from the layer's shape:
   gate, up, silu(gate) and product (4 x 2i): 38h + 8i bytes.
 - unsloth: fused norm, RoPE, SwiGLU and LoRA kernels keep less: 12h + 6i bytes, an upper
   bound of what the 7B shape was measured to keep.
+- hf with Liger's kernels (CUDA): its RMSNorm and SwiGLU keep no fp32 copies or intermediate
+  products, and its fused linear cross-entropy never holds the whole logits tensor (no logits
+  term): 20h + 6i bytes, an upper bound of the hf peak measured with Liger
+  (BENCHMARKS.md, GPU training round 3).
 
 The estimate errs high on purpose: BENCHMARKS.md ("GPU training (H200), round 2") lists each
 measured peak without checkpointing beside its estimate.
@@ -85,16 +89,26 @@ class ModelShape:
         return self.layers * rank * sum(a + b for a, b in dims)
 
 
-def activation_bytes_per_token_layer(shape: ModelShape, backend: str) -> int:
+def activation_bytes_per_token_layer(shape: ModelShape, backend: str, liger: bool = False) -> int:
     h, i = shape.hidden, shape.intermediate
-    return 12 * h + 6 * i if backend == "unsloth" else 38 * h + 8 * i
+    if backend == "unsloth":
+        return 12 * h + 6 * i
+    return 20 * h + 6 * i if liger else 38 * h + 8 * i
 
 
 def estimate_peak_bytes(
-    shape: ModelShape, tokens: int, backend: str, *, checkpointing: bool, lora_rank: int = 16
+    shape: ModelShape,
+    tokens: int,
+    backend: str,
+    *,
+    checkpointing: bool,
+    lora_rank: int = 16,
+    liger: bool = False,
 ) -> int:
-    """Peak device memory of one training step over ``tokens`` tokens (batch x length)."""
-    per_layer = activation_bytes_per_token_layer(shape, backend) * tokens
+    """Peak device memory of one training step over ``tokens`` tokens (batch x length);
+    ``liger``: the hf backend with Liger's kernels."""
+    liger = liger and backend == "hf"
+    per_layer = activation_bytes_per_token_layer(shape, backend, liger) * tokens
     # With checkpointing: each layer keeps its input (2h per token) and one layer is live.
     acts = (
         shape.layers * 2 * shape.hidden * tokens + per_layer
@@ -105,7 +119,7 @@ def estimate_peak_bytes(
         shape.params * shape.weight_bytes
         + shape.lora_params(lora_rank) * LORA_STATE_BYTES
         + acts
-        + tokens * shape.vocab * LOGIT_BYTES
+        + (0 if liger else tokens * shape.vocab * LOGIT_BYTES)
     )
 
 
@@ -147,6 +161,7 @@ def decide(
     backend: str,
     free_bytes: int | None,
     lora_rank: int = 16,
+    liger: bool = False,
 ) -> Plan:
     """The pure decision: no device, no files. ``free_bytes`` None means unknown."""
     if setting not in SETTINGS:
@@ -164,7 +179,9 @@ def decide(
     if shape is None or free_bytes is None:
         what = "model shape" if shape is None else "free device memory"
         return Plan(setting, True, offload_ok, f"auto: {what} unknown, so checkpointing on")
-    need = estimate_peak_bytes(shape, tokens, backend, checkpointing=False, lora_rank=lora_rank)
+    need = estimate_peak_bytes(
+        shape, tokens, backend, checkpointing=False, lora_rank=lora_rank, liger=liger
+    )
     fits = need * MARGIN + RESERVE_BYTES <= free_bytes
     need_gib, free_gib = round(need / GIB, 2), round(free_bytes / GIB, 2)
     verdict = "fits, so checkpointing off" if fits else "does not fit, so checkpointing on"
@@ -175,8 +192,9 @@ def decide(
     return Plan(setting, not fits, offload_ok and not fits, reason, need_gib, free_gib)
 
 
-def plan_for(config: Any, backend: str) -> Plan:
-    """Decide for a FineTuningConfig before its model is loaded; logs the decision."""
+def plan_for(config: Any, backend: str, *, liger: bool = False) -> Plan:
+    """Decide for a FineTuningConfig before its model is loaded; logs the decision. ``liger``:
+    the hf backend will use Liger's kernels."""
     setting = config.gradient_checkpointing
     shape = None
     free = None
@@ -190,6 +208,7 @@ def plan_for(config: Any, backend: str) -> Plan:
         backend=backend,
         free_bytes=free,
         lora_rank=config.lora_r,
+        liger=liger,
     )
     log.info("gradient checkpointing %s: %s", "on" if plan.recompute else "off", plan.reason)
     return plan

@@ -168,6 +168,14 @@ class FineTuningConfig(BaseModel):
         False,
         description="Mixed precision bf16: CUDA GPUs with bf16 (Ampere or newer) and CPUs.",
     )
+    precision: Literal["default", "fp8"] = Field(
+        "default",
+        description="Precision of the frozen base weights. `default`: the training dtype "
+        "(bf16/fp16/fp32 as set above). `fp8`: stored and multiplied in FP8 on the GPU's "
+        "tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell; refused elsewhere), "
+        "LoRA weights and optimizer state in fp32, everything else in bf16; needs bf16: true, "
+        "runs on the hf backend (`auto` picks it).",
+    )
 
     # -- logging / checkpoints ---------------------------------------------------------------
     output_dir: str = Field(
@@ -233,6 +241,21 @@ class FineTuningConfig(BaseModel):
     def _check(self) -> FineTuningConfig:
         if self.fp16 and self.bf16:
             raise ValueError("fp16 and bf16 are both true; choose one (set the other to false)")
+        if self.precision == "fp8":
+            if not self.bf16:
+                raise ValueError(
+                    "precision: fp8 computes everything but the base projections in bf16; "
+                    "set bf16: true (and fp16: false)"
+                )
+            if self.load_in_4bit:
+                raise ValueError(
+                    "precision: fp8 and load_in_4bit both quantize the base weights; choose one"
+                )
+            if self.backend == "unsloth":
+                raise ValueError(
+                    "precision: fp8 runs on the hf backend (Unsloth's fused LoRA kernels read "
+                    "the base weights in bf16); set backend: hf or auto"
+                )
         bad = unservable_modules(self.target_modules)
         if bad:
             raise ValueError(

@@ -7,13 +7,15 @@ rank 0 writes the final adapter, the plots and the registry.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import importlib.util
 import json
 import logging
 import os
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,7 +88,8 @@ def train(
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars: the training bar is the one
     set_seed(config.seed)
-    plan = checkpointing.plan_for(config, backend)  # logs the decision
+    # logs the decision
+    plan = checkpointing.plan_for(config, backend, liger=backend == "hf" and liger_usable())
     model, tokenizer = load_for_training(config, backend, plan)
     train_tok, eval_tok = _tokenize(config, tokenizer, template, train_rows, eval_rows)
 
@@ -104,6 +107,7 @@ def train(
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     model, trainer, metrics = _fit(model, trainer, plan, reload, backend, train_tok, eval_tok)
+    metrics["precision"] = config.precision
     run_dir = Path(config.output_dir)
     result = TrainResult(run_dir / FINAL_DIR, run_dir, backend, metrics)
     if not trainer.is_world_process_zero():
@@ -228,7 +232,8 @@ def _fit(
     started = time.perf_counter()
     retry: checkpointing.Plan | None = None
     try:
-        out = trainer.train()
+        with frozen_heap():
+            out = trainer.train()
     except Exception as e:
         if not checkpointing.may_retry(plan, e):
             raise
@@ -240,7 +245,8 @@ def _fit(
         checkpointing.release_memory()
         model, trainer = reload(plan)
         started = time.perf_counter()
-        out = trainer.train()
+        with frozen_heap():
+            out = trainer.train()
     train_seconds = time.perf_counter() - started
     eval_after = trainer.evaluate()["eval_loss"] if eval_tok.rows else None
     metrics = {
@@ -263,6 +269,23 @@ def _fit(
         "liger_kernel": bool(trainer.args.use_liger_kernel),
     }
     return model, trainer, metrics
+
+
+@contextlib.contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Keep what is alive when training starts (the model, the libraries, the data) out of the
+    cyclic garbage collector's walks until training ends, as vLLM does after start-up. A full
+    collection visits every tracked object, several hundred thousand with torch, transformers
+    and TRL loaded (more with Unsloth), and stalls whichever training step it lands in;
+    objects the steps create are still collected as usual. Undone afterwards, also on error,
+    so that what the run leaves behind (a model dropped for the out-of-memory retry) can be
+    collected."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _publish(

@@ -5,8 +5,12 @@ from typing import Any
 import pytest
 
 from agent_finetune.errors import BackendError, ConfigError
-from agent_finetune.training.backend import cuda_available, resolve_backend
+from agent_finetune.training.backend import cuda_available, fuse_lora_add, resolve_backend
 from agent_finetune.training.config import FineTuningConfig
+
+
+def _rel(a: Any, b: Any) -> float:
+    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
 
 
 def test_hf_is_always_available_and_auto_falls_back() -> None:
@@ -77,3 +81,36 @@ def test_hf_backend_keeps_lora_inputs_in_bf16_and_trains_under_autocast(
         out = model(input_ids=torch.randint(3, 100, (2, 9)), labels=torch.randint(3, 100, (2, 9)))
     out.loss.backward()
     assert all(m.lora_B["default"].weight.grad is not None for m in lora)
+
+
+def test_fused_lora_add_equals_peft_forward_and_backward(
+    tiny_model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fp32 on the CPU: the addmm forward is PEFT's ``result + lora_B(lora_A(x)) * s``."""
+    import torch
+    from peft.tuners.lora import Linear as LoraLinear
+
+    model = _hf_model(tiny_model, monkeypatch, cuda=False, bf16=False)
+    lora = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    assert lora and all("forward" in vars(m) for m in lora)
+    for m in lora:  # a non-zero B, so the LoRA branch counts
+        torch.nn.init.normal_(m.lora_B["default"].weight, std=0.05)
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        return out.logits.detach(), [m.lora_A["default"].weight.grad.clone() for m in lora]
+
+    fused_logits, fused_grads = run()
+    for m in lora:
+        del m.forward  # PEFT's own forward again
+    peft_logits, peft_grads = run()
+    torch.testing.assert_close(fused_logits, peft_logits, atol=1e-5, rtol=1e-5)
+    for a, b in zip(fused_grads, peft_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    with model.disable_adapter():  # falls back to PEFT's path, which skips LoRA
+        assert fuse_lora_add(model) == len(lora)
+        base_logits = model(input_ids=ids).logits
+    assert _rel(base_logits, peft_logits) > 1e-3
