@@ -161,7 +161,9 @@ def middleware_overhead_us(n: int = 20000) -> float:
         return None
 
     reconciler = type("Reconciler", (), {"lazy": False})()  # every name preloaded
-    plugin = type("Plugin", (), {"reconciler": reconciler, "max_parse_bytes": 1 << 20})()
+    plugin = type(
+        "Plugin", (), {"reconciler": reconciler, "canary": None, "max_parse_bytes": 1 << 20}
+    )()
     wrapped = PinnedModelMiddleware(app, plugin)
 
     async def timed(call: Any) -> float:

@@ -50,12 +50,15 @@ SMALL = json.dumps({"model": "x@v0001", "messages": [{"role": "user", "content":
 
 
 class _Reconciler:
+    lazy = False  # every name preloaded: only pinned bodies are parsed
+
     async def ensure_pinned(self, model: str) -> PinRefusal | None:
         return None
 
 
 class _Plugin:
     reconciler = _Reconciler()
+    canary = None  # no canary running
     max_parse_bytes = 1 << 20
 
 

@@ -502,7 +502,9 @@ def middleware_us(work: Path, weights: list[Path], n: int = 20000) -> dict[str, 
         )
         await rec.reconcile_once()
         await rec.ensure_name("tenant")
-        plugin = type("Plugin", (), {"reconciler": rec, "max_parse_bytes": 1 << 20})()
+        plugin = type(
+            "Plugin", (), {"reconciler": rec, "canary": None, "max_parse_bytes": 1 << 20}
+        )()
         wrapped = PinnedModelMiddleware(app, plugin)
 
         async def timed(call: Any) -> float:
