@@ -566,6 +566,7 @@ def profile_part(work: Path, weights: list[Path], size: int, publishes: int) -> 
         "fsync_fraction_p50": statistics.median(r["fsync_s"] / r["total_s"] for r in rows),
         "profile": profile_rows(pstats.Stats(prof, stream=io.StringIO()), publishes),
     }
+    publish["fsync_5_files"] = fsync_batch(registry.root)
     print_rows("publish: fsyncs", [{k: v for k, v in publish.items() if k != "profile"}])
     argv = ["list", "--registry", str(registry.root)]
     for _ in range(2):  # the index current and past its racy window, as any later `list`
@@ -596,6 +597,38 @@ def profile_part(work: Path, weights: list[Path], size: int, publishes: int) -> 
         for r in part["profile"]["cumulative"][:12]:
             print(f"    {r[1]:9.1f} ms  {r[0]}  ({r[2]:.0f} calls)")
     return {"publish": publish, "list": listing}
+
+
+def fsync_batch(root: Path, files: int = 5, reps: int = 20) -> dict[str, Any]:
+    """fsync of ``files`` freshly written small files (what a publish's staging folder
+    holds before its rename), one after the other against all at once on threads: whether
+    the filesystem's journal folds concurrent fsyncs into one commit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder = root / ".fsync-batch"
+    folder.mkdir(exist_ok=True)
+    out: dict[str, list[float]] = {"sequential": [], "threads": []}
+    with ThreadPoolExecutor(files) as pool:
+        for rep in range(reps):
+            for how in ("sequential", "threads") if rep % 2 else ("threads", "sequential"):
+                fds = []
+                for i in range(files):
+                    fd = os.open(folder / f"{how}-{i}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                    os.write(fd, os.urandom(4096))
+                    fds.append(fd)
+                t0 = time.perf_counter()
+                if how == "threads":
+                    list(pool.map(os.fsync, fds))
+                else:
+                    for fd in fds:
+                        os.fsync(fd)
+                out[how].append(time.perf_counter() - t0)
+                for fd in fds:
+                    os.close(fd)
+    for path in folder.iterdir():
+        path.unlink()
+    folder.rmdir()
+    return {how: p50_p95(v) for how, v in out.items()}
 
 
 def profile_rows(st: Any, calls: int, top: int = 25) -> dict[str, list[list[Any]]]:
