@@ -424,8 +424,31 @@ def background_passes(
                     )
             row = {k: round(statistics.median(v), 3) for k, v in samples.items()}
             loop_ms = row["reconcile_loop_cpu_ms"] + row["canary_loop_cpu_ms"]
+            # The longest the loop could not answer anything during 3 passes (a 1 ms ticker's
+            # worst lateness), then what the loop thread ran in one more (cProfile sees this
+            # thread only, and slows it: its times are relative).
+            stalls: list[float] = []
+            done = asyncio.Event()
+
+            async def ticker() -> None:
+                while not done.is_set():
+                    t0 = time.perf_counter()
+                    await asyncio.sleep(0.001)
+                    stalls.append(time.perf_counter() - t0 - 0.001)
+
+            tick = asyncio.create_task(ticker())
+            for _ in range(3):
+                await rec.reconcile_once()
+            done.set()
+            await tick
+            prof = cProfile.Profile()
+            prof.enable()
+            await rec.reconcile_once()
+            prof.disable()
             return {
                 **row,
+                "worst_loop_stall_ms": round(max(stalls) * 1e3, 2),
+                "loop_profile_top_own_ms": top_functions(prof, 1, top=5, scale=1e3),
                 "loop_share_at_resync_1s": round(loop_ms / 1e3, 5),
                 "passes": passes,
                 "loaded_names": lazy_loaded if lazy else size,
@@ -443,14 +466,17 @@ def spread(values: list[float]) -> dict[str, float]:
     }
 
 
-def top_functions(prof: cProfile.Profile, n: int, top: int = 6) -> list[list[Any]]:
-    """The functions with the most own time per request, outside this file's fakes."""
+def top_functions(
+    prof: cProfile.Profile, n: int, top: int = 6, scale: float = 1e6
+) -> list[list[Any]]:
+    """The functions with the most own time per request (us; ``scale`` 1e3: ms), outside
+    this file's fakes."""
     st = pstats.Stats(prof, stream=io.StringIO())
     rows = []
     for (file, line, fn), (_cc, calls, own, _cum, _callers) in st.stats.items():  # type: ignore[attr-defined]
         if file.endswith("middleware_body.py"):
             continue
-        rows.append([f"{Path(file).name}:{line}({fn})", round(own / n * 1e6, 2), calls / n])
+        rows.append([f"{Path(file).name}:{line}({fn})", round(own / n * scale, 2), calls / n])
     rows.sort(key=lambda r: -r[1])
     return rows[:top]
 
@@ -471,7 +497,8 @@ def print_request_path(result: dict[str, Any]) -> None:
             f"{b['reconcile_wall_ms']:.2f} / "
             f"{b['reconcile_loop_cpu_ms']:.2f}, canary {b['canary_wall_ms']:.2f} / "
             f"{b['canary_loop_cpu_ms']:.2f} ({b['loop_share_at_resync_1s']:.2%} of the loop "
-            "at a 1 s resync)"
+            f"at a 1 s resync); worst loop stall {b['worst_loop_stall_ms']:.1f} ms; top: "
+            + ", ".join(f"{f} {ms}" for f, ms, _ in b["loop_profile_top_own_ms"][:3])
         )
 
 
