@@ -619,19 +619,23 @@ def stop_py_spy(proc: subprocess.Popen[bytes] | None) -> None:
 
 def summarize_py_spy(path: Path, top: int = 15) -> dict[str, Any]:
     """Inclusive samples of the frames that matter for a load, and the hottest leaves."""
-    watch = (
+    watch = (  # the plugin's load path, then vLLM's (API server, engine core, worker)
         "prepare",
-        "verify_checksums",
-        "count_nonfinite",
-        "validate_adapter",
         "copyfile",
+        "verify_checksums",
+        "sha256_file",
+        "validate_adapter",
+        "count_nonfinite",
         "reconcile_once",
         "_read_desired",
         "load_lora_adapter",
+        "add_lora",
         "_load_adapter",
         "from_local_checkpoint",
+        "from_lora_tensors",
         "add_adapter",
         "activate_adapter",
+        "_create_merged_loras_inplace",
         "execute_model",
     )
     inclusive: Counter[str] = Counter()
@@ -646,7 +650,8 @@ def summarize_py_spy(path: Path, top: int = 15) -> dict[str, Any]:
         n = int(count)
         total += n
         frames = stack.split(";")
-        names = {f.split(" ")[0] for f in frames}
+        # A frame is "Class.function (file:line)"; match the function's own name.
+        names = {f.split(" ", 1)[0].rsplit(".", 1)[-1] for f in frames}
         for w in watch:
             if w in names:
                 inclusive[w] += n
