@@ -92,14 +92,27 @@ class LegacyMiddleware:
         await self.app(scope, replay, send)
 
 
-async def app(scope: Any, receive: Any, send: Any) -> None:
-    """Reads the body like vLLM (chunks joined once) and answers."""
+async def read_body(receive: Any) -> bytes:
+    """The request body, read like vLLM reads it (chunks joined once)."""
     chunks = []
     while True:
         message = await receive()
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
-            break
+            return b"".join(chunks)
+
+
+async def ticker(done: asyncio.Event, stalls: list[float]) -> None:
+    """Until ``done``: how late each 1 ms sleep wakes up (what blocks the event loop)."""
+    while not done.is_set():
+        t0 = time.perf_counter()
+        await asyncio.sleep(0.001)
+        stalls.append(time.perf_counter() - t0 - 0.001)
+
+
+async def app(scope: Any, receive: Any, send: Any) -> None:
+    """Reads the body like vLLM (chunks joined once) and answers."""
+    await read_body(receive)
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": b"ok"})
 
@@ -137,18 +150,12 @@ async def scenario(middleware: Any, size: int) -> dict[str, float]:
     small: list[float] = []
     done = asyncio.Event()
 
-    async def ticker() -> None:
-        while not done.is_set():
-            t0 = time.perf_counter()
-            await asyncio.sleep(0.001)
-            stalls.append(time.perf_counter() - t0 - 0.001)
-
     async def smalls() -> None:
         while not done.is_set():
             small.append(await call(middleware, small_chunks))
             await asyncio.sleep(0.01)
 
-    tasks = [asyncio.create_task(ticker()), asyncio.create_task(smalls())]
+    tasks = [asyncio.create_task(ticker(done, stalls)), asyncio.create_task(smalls())]
     await asyncio.sleep(0.05)
     big = await call(middleware, chunks)
     done.set()
@@ -167,7 +174,7 @@ ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
 NAME, BASE = "bot", "/models/base"
 
 
-class _Table:
+class DictTransport:
     """vLLM's LoRA table as a dict (the reconciler's transport)."""
 
     def __init__(self) -> None:
@@ -208,15 +215,9 @@ def fake_vllm(stream_chunks: int) -> Callable[..., Any]:
     in the first body message (one JSON body, or ``stream_chunks`` SSE chunks)."""
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
-        chunks = []
-        while True:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
         # vLLM parses the body on both sides of the comparison; a byte search keeps
         # json's functions in the profile the plugin's own.
-        found = re.search(rb'"model"\s*:\s*"([^"]+)"', b"".join(chunks))
+        found = re.search(rb'"model"\s*:\s*"([^"]+)"', await read_body(receive))
         model = found.group(1).decode() if found else "?"
         head = f'{{"id":"chatcmpl-1","object":"chat.completion","model":"{model}",'.encode()
         await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -251,7 +252,7 @@ async def build_plugins(work: Path) -> dict[str, Any]:
         rec = Reconciler(
             registry,
             AdapterCache(work / f"cache-{policy}", Limits()),
-            _Table(),
+            DictTransport(),
             preload=PreloadPolicy.parse(policy),
         )
         await rec.reconcile_once()
@@ -402,7 +403,7 @@ def background_passes(
             rec = Reconciler(
                 registry,
                 AdapterCache(work / f"bg-cache-{size}", Limits()),
-                _Table(),
+                DictTransport(),
                 preload=PreloadPolicy.parse("none" if lazy else "all"),
                 engine_bound=lazy_loaded + 4 if lazy else None,
             )
@@ -429,14 +430,7 @@ def background_passes(
             # thread only, and slows it: its times are relative).
             stalls: list[float] = []
             done = asyncio.Event()
-
-            async def ticker() -> None:
-                while not done.is_set():
-                    t0 = time.perf_counter()
-                    await asyncio.sleep(0.001)
-                    stalls.append(time.perf_counter() - t0 - 0.001)
-
-            tick = asyncio.create_task(ticker())
+            tick = asyncio.create_task(ticker(done, stalls))
             for _ in range(3):
                 await rec.reconcile_once()
             done.set()

@@ -453,6 +453,8 @@ def middleware_us(work: Path, weights: list[Path], n: int = 20000) -> dict[str, 
     (parse the model, find it served), in microseconds."""
     import asyncio
 
+    from middleware_body import DictTransport
+
     from agent_finetune.registry import Registry
     from server_plugin.cache import AdapterCache, Limits
     from server_plugin.plugin import PinnedModelMiddleware
@@ -468,22 +470,6 @@ def middleware_us(work: Path, weights: list[Path], n: int = 20000) -> dict[str, 
     ).encode()
     scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "root_path": ""}
 
-    class Table:
-        def __init__(self) -> None:
-            self.table: dict[str, str] = {}
-
-        async def served(self) -> dict[str, str]:
-            return dict(self.table)
-
-        async def load(self, name: str, path: str) -> None:
-            self.table[name] = path
-
-        async def repoint(self, name: str, target: str) -> None:
-            self.table[name] = self.table[target]
-
-        async def unload(self, name: str) -> None:
-            self.table.pop(name, None)
-
     async def app(scope: Any, receive: Any, send: Any) -> None:
         await receive()
 
@@ -497,7 +483,7 @@ def middleware_us(work: Path, weights: list[Path], n: int = 20000) -> dict[str, 
         rec = Reconciler(
             registry,
             AdapterCache(work / f"middleware-cache-{policy}", Limits()),
-            Table(),
+            DictTransport(),
             preload=PreloadPolicy.parse(policy),
         )
         await rec.reconcile_once()
@@ -563,7 +549,7 @@ def profile_part(work: Path, weights: list[Path], size: int, publishes: int) -> 
         "total_s": p50_p95([r["total_s"] for r in rows]),
         "fsync_seconds_per_publish": p50_p95([r["fsync_s"] for r in rows]),
         "fsyncs_per_publish": sorted({r["fsyncs"] for r in rows}),
-        "fsync_fraction_p50": statistics.median(r["fsync_s"] / r["total_s"] for r in rows),
+        "fsync_fraction_median": statistics.median(r["fsync_s"] / r["total_s"] for r in rows),
         "profile": profile_rows(pstats.Stats(prof, stream=io.StringIO()), publishes),
     }
     publish["fsync_5_files"] = fsync_batch(registry.root)
