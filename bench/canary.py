@@ -60,10 +60,7 @@ def registry_with_two_versions(root: Path, model: Path | None = None) -> Any:
     reg = Registry(root)
     for seed in range(2):
         if model is None:
-            import sys
-
-            sys.path.insert(0, str(ROOT / "tests"))
-            from helpers import write_adapter  # the tests' numpy adapter writer
+            from agent_finetune.training.numpy_adapter import write_adapter
 
             src = write_adapter(root.parent / f"src{seed}", seed=seed)
         else:

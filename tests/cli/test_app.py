@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import run
-from helpers import write_adapter
 
 from agent_finetune.cli import app, main, registry_commands
 from agent_finetune.errors import (
@@ -18,6 +17,7 @@ from agent_finetune.errors import (
     ServerUnavailableError,
 )
 from agent_finetune.registry import Registry
+from agent_finetune.training.numpy_adapter import write_adapter
 
 
 def test_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import cli, run
-from helpers import TINY_CONFIG, registry_with_versions, write_adapter
+from helpers import registry_with_versions
 
 from agent_finetune.registry import Registry
+from agent_finetune.training.numpy_adapter import TINY_CONFIG, write_adapter
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,11 +8,11 @@ import struct
 from pathlib import Path
 
 import pytest
-from helpers import write_adapter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent_finetune.cli import main
+from agent_finetune.training.numpy_adapter import write_adapter
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -4,9 +4,10 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import FAKE_BASE_CONFIG, TINY_CONFIG, edit_config, write_adapter
+from helpers import FAKE_BASE_CONFIG, edit_config
 
 from agent_finetune.registry.adapter import read_safetensors_header, validate_adapter
+from agent_finetune.training.numpy_adapter import TINY_CONFIG, write_adapter
 
 
 def test_good_adapter_passes_with_shapes(tmp_path: Path) -> None:

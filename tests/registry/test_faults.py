@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import write_adapter
 
 from agent_finetune.errors import RegistryError, ValidationError
 from agent_finetune.registry import Registry
 from agent_finetune.registry import store as store_module
 from agent_finetune.registry.fsck import fsck
 from agent_finetune.registry.store import last_pointer_move, parse_history
+from agent_finetune.training.numpy_adapter import write_adapter
 
 
 @pytest.fixture

@@ -8,10 +8,10 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import write_adapter
 
 from agent_finetune.registry import Registry
 from agent_finetune.registry.fsck import fsck
+from agent_finetune.training.numpy_adapter import write_adapter
 
 
 @pytest.fixture

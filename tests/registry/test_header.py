@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import write_adapter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load as st_load
@@ -18,6 +17,7 @@ from safetensors.numpy import save as st_save
 
 from agent_finetune.errors import ValidationError
 from agent_finetune.registry.adapter import read_safetensors_header, validate_adapter
+from agent_finetune.training.numpy_adapter import write_adapter
 
 
 def raw_file(header: Any, data: bytes = b"", *, raw_header: bytes | None = None) -> bytes:

@@ -7,10 +7,9 @@ import os
 import time
 from pathlib import Path
 
-from helpers import write_adapter
-
 from agent_finetune.registry import Registry
 from agent_finetune.registry.index import INDEX, listing
+from agent_finetune.training.numpy_adapter import write_adapter
 
 
 def truth(reg: Registry) -> list[tuple[str, str, bool, object]]:

@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import write_adapter
 
 from agent_finetune.registry import Registry
 from agent_finetune.registry.names import is_name, is_version, split_model
+from agent_finetune.training.numpy_adapter import write_adapter
 
 
 @pytest.fixture

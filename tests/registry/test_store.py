@@ -5,10 +5,10 @@ import multiprocessing as mp
 from pathlib import Path
 
 import pytest
-from helpers import write_adapter
 
 from agent_finetune.errors import InvalidNameError, NotFoundError, RegistryError, ValidationError
 from agent_finetune.registry import Registry, check_name
+from agent_finetune.training.numpy_adapter import write_adapter
 
 
 @pytest.fixture

@@ -8,9 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import FAKE_BASE_CONFIG, edit_config, write_adapter
+from helpers import FAKE_BASE_CONFIG, edit_config
 from hotswap_live import ENV_TEST_MODEL, GOOD_SEEDS, Live
 
+from agent_finetune.training.numpy_adapter import write_adapter
 from agent_finetune.training.tiny_model import random_adapter
 
 

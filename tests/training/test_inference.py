@@ -8,7 +8,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from helpers import write_adapter
 
 from agent_finetune.errors import ConfigError
 from agent_finetune.training import inference
@@ -18,6 +17,7 @@ from agent_finetune.training.inference import (
     generate_text,
     load_model_and_tokenizer,
 )
+from agent_finetune.training.numpy_adapter import write_adapter
 
 TEMPLATE = "### 领域: {domain}\n### 指令:\n{instruction}\n### 回答:\n{response}"
 
