@@ -78,7 +78,7 @@ def registry_with_two_versions(root: Path, model: Path | None = None) -> Any:
 
 
 def bench_routing(n: int, cost_iters: int) -> dict[str, Any]:
-    from agent_finetune.registry.canary import finish_canary, start_canary
+    from agent_finetune.registry.canary_state import finish_canary, start_canary
     from server_plugin.canary import CanaryRouter
 
     work = Path(tempfile.mkdtemp(prefix="bench-canary-"))
@@ -159,7 +159,7 @@ def bench_routing(n: int, cost_iters: int) -> dict[str, Any]:
 
 
 def _no_trip() -> Any:
-    from agent_finetune.registry.canary import Guards
+    from agent_finetune.registry.canary_state import Guards
 
     return Guards(min_requests=10**9, min_feedback=10**9, duration_s=10**9)
 
@@ -177,7 +177,7 @@ def _post(url: str, body: Any) -> dict[str, Any]:
 
 
 def bench_server(n: int, trips: int, resync_s: float) -> dict[str, Any]:
-    from agent_finetune.registry.canary import Guards, read_canary, start_canary
+    from agent_finetune.registry.canary_state import Guards, read_canary, start_canary
     from agent_finetune.training.tiny_model import build_tiny_model
     from server_plugin.launch import start_server
 
@@ -225,7 +225,7 @@ def bench_server(n: int, trips: int, resync_s: float) -> dict[str, Any]:
 
         # Guard trips, timed on this server and on a second replica in this process.
         trip_local, trip_replica = [], []
-        from agent_finetune.registry.canary import finish_canary
+        from agent_finetune.registry.canary_state import finish_canary
 
         finish_canary(reg, NAME, "abort", reason="bench: next part", canary_id=c.id)
         for i in range(trips):

@@ -1,6 +1,6 @@
 """Canary routing inside the server: split, count, guard, and end the canary by itself.
 
-The registry holds the canary (``agent_finetune.registry.canary``); every replica reads it
+The registry holds the canary (``agent_finetune.registry.canary_state``); every replica reads it
 on each resync (filesystem events wake it early) and applies the same split:
 
 - **Routing.** A request for ``NAME`` goes to the candidate with probability ``weight``.
@@ -39,7 +39,7 @@ from typing import Any
 
 from agent_finetune.errors import AgentFinetuneError
 from agent_finetune.registry import Registry
-from agent_finetune.registry.canary import CANARY, Canary, finish_canary, read_canary
+from agent_finetune.registry.canary_state import CANARY, Canary, finish_canary, read_canary
 from agent_finetune.registry.names import PIN_SEPARATOR, is_name, utc_now
 from server_plugin import metrics
 

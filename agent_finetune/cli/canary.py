@@ -12,7 +12,7 @@ from typing import Any
 from agent_finetune.cli.output import emit_json, print_table
 from agent_finetune.errors import RegistryError
 from agent_finetune.registry import ENV_REGISTRY, Registry
-from agent_finetune.registry.canary import (
+from agent_finetune.registry.canary_state import (
     Guards,
     finish_canary,
     parse_duration,

@@ -19,7 +19,7 @@ from agent_finetune.errors import (
 )
 from agent_finetune.registry import ENV_REGISTRY, Registry, verify_folder
 from agent_finetune.registry.adapter import load_base_config
-from agent_finetune.registry.evals import latest_eval, read_evals
+from agent_finetune.registry.eval_records import latest_eval, read_evals
 from agent_finetune.registry.fsck import fsck
 from agent_finetune.registry.index import listing
 

@@ -8,8 +8,8 @@ NaN/Inf scan alone), so the CLI and the vLLM plugin import it fast. One concept 
 - ``names``: the ``name@vNNNN`` grammar and the registry environment variable;
 - ``index``: a rebuildable listing cache (``.index.json``) for ``list`` at thousands of names;
 - ``fsck``: finding and repairing crash leftovers and damage;
-- ``evals``: append-only evaluation records per version;
-- ``canary``: canary state beside ``current`` (version, weight, guards).
+- ``eval_records``: append-only evaluation records per version;
+- ``canary_state``: canary state beside ``current`` (version, weight, guards).
 """
 
 from agent_finetune.registry.names import (

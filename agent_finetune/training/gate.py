@@ -1,7 +1,7 @@
 """The promotion gate: a version becomes current only if it beats the live one.
 
 ``evaluate_versions`` scores versions on held-out rows (through a server, or offline with
-PEFT) and stores one record per version in the registry (``registry.evals``); ``gate``
+PEFT) and stores one record per version in the registry (``registry.eval_records``); ``gate``
 compares candidate and live row by row and promotes only when the bootstrap confidence
 interval of the mean gain lies above ``min_delta``. The decision, with both scores, the
 win rate and the interval, goes into history as a ``gate`` entry either way.
@@ -16,7 +16,7 @@ from typing import Any
 
 from agent_finetune.errors import EvalError
 from agent_finetune.registry import Registry
-from agent_finetune.registry.evals import append_eval
+from agent_finetune.registry.eval_records import append_eval
 from agent_finetune.registry.names import model_id
 from agent_finetune.training.data import Dataset, load_dataset_file
 from agent_finetune.training.evaluate import (

@@ -11,7 +11,7 @@ from helpers import registry_with_versions
 
 from agent_finetune.errors import RegistryError
 from agent_finetune.registry import Registry
-from agent_finetune.registry.canary import (
+from agent_finetune.registry.canary_state import (
     CANARY,
     Guards,
     finish_canary,
@@ -19,7 +19,7 @@ from agent_finetune.registry.canary import (
     read_canary,
     start_canary,
 )
-from agent_finetune.registry.evals import EVALS, append_eval, latest_eval, read_evals
+from agent_finetune.registry.eval_records import EVALS, append_eval, latest_eval, read_evals
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ import pytest
 from hotswap_live import API_KEY, MAX_TOKENS, PROMPT, RESYNC_S, Live
 
 from agent_finetune.cli.app import EXIT_REFUSED, main
-from agent_finetune.registry.canary import read_canary
-from agent_finetune.registry.evals import read_evals
+from agent_finetune.registry.canary_state import read_canary
+from agent_finetune.registry.eval_records import read_evals
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

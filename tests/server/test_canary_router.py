@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent_finetune.registry import Registry
-from agent_finetune.registry.canary import Guards, read_canary, start_canary
+from agent_finetune.registry.canary_state import Guards, read_canary, start_canary
 from server_plugin.canary import CanaryRouter, Route, parse_feedback, sticky_draw
 from server_plugin.plugin import PinnedModelMiddleware
 from server_plugin.reconciler import PinRefusal

@@ -9,7 +9,7 @@ import pytest
 
 from agent_finetune.cli.app import EXIT_REFUSED, main
 from agent_finetune.registry import Registry
-from agent_finetune.registry.evals import read_evals
+from agent_finetune.registry.eval_records import read_evals
 from agent_finetune.training.config import FineTuningConfig
 from agent_finetune.training.gate import gate
 from agent_finetune.training.tiny_model import random_adapter
