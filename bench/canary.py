@@ -79,7 +79,7 @@ def registry_with_two_versions(root: Path, model: Path | None = None) -> Any:
 
 def bench_routing(n: int, cost_iters: int) -> dict[str, Any]:
     from agent_finetune.registry.canary_state import finish_canary, start_canary
-    from server_plugin.canary import CanaryRouter
+    from server_plugin.canary_router import CanaryRouter
 
     work = Path(tempfile.mkdtemp(prefix="bench-canary-"))
     try:
@@ -291,7 +291,7 @@ class _Replica:
     """A second replica's canary router: the plugin's router, loop and registry watcher."""
 
     def __init__(self, reg: Any, resync_s: float) -> None:
-        from server_plugin.canary import CanaryRouter
+        from server_plugin.canary_router import CanaryRouter
         from server_plugin.watcher import RegistryWatcher
 
         self.router = CanaryRouter(reg)

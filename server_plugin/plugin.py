@@ -33,7 +33,7 @@ from agent_finetune.registry.adapter import linear_shapes, load_base_config
 from server_plugin import compat
 from server_plugin.answers import AnswerHeaders, missing_model_message
 from server_plugin.cache import AdapterCache, Limits, ProcessDir
-from server_plugin.canary import CanaryRouter, parse_feedback
+from server_plugin.canary_router import CanaryRouter, parse_feedback
 from server_plugin.listing import annotate_cards
 from server_plugin.preload import USAGE_FILE, PreloadPolicy, Usage
 from server_plugin.reconciler import PinRefusal, Reconciler

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from agent_finetune.registry import Registry
 from agent_finetune.registry.canary_state import Guards, read_canary, start_canary
-from server_plugin.canary import CanaryRouter, Route, parse_feedback, sticky_draw
+from server_plugin.canary_router import CanaryRouter, Route, parse_feedback, sticky_draw
 from server_plugin.plugin import PinnedModelMiddleware
 from server_plugin.reconciler import PinRefusal
 
@@ -328,7 +328,7 @@ def test_a_read_that_raced_a_local_abort_never_brings_the_canary_back(reg: Regis
 def test_unwritable_registry_keeps_the_abort_pending_and_reported(
     reg: Registry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import server_plugin.canary as module
+    import server_plugin.canary_router as module
 
     router = router_for(reg, 100, min_feedback=1, max_negative_feedback=0)
     router.record(Route("bot", "v0002", True, router.canary("bot").id), 200, 0.1, "r1")  # type: ignore[union-attr]
