@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from server_plugin.plugin import PinnedModelMiddleware
+from server_plugin.middleware import ModelRequestMiddleware
 from server_plugin.reconciler import PinRefusal
 
 CHUNK = 64 * 1024
@@ -144,7 +144,10 @@ def main() -> int:
     args = parser.parse_args()
     rows = []
     for mb in [int(s) for s in args.sizes_mb.split(",")]:
-        for label, cls in (("before (bytes +=)", LegacyMiddleware), ("now", PinnedModelMiddleware)):
+        for label, cls in (
+            ("before (bytes +=)", LegacyMiddleware),
+            ("now", ModelRequestMiddleware),
+        ):
             result = asyncio.run(scenario(cls(app, _Plugin()), mb << 20))  # type: ignore[arg-type]
             rows.append({"body_mb": mb, "middleware": label, **result})
     print("| body | middleware | big request | small p50 | small max | worst loop stall |")

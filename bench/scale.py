@@ -450,7 +450,7 @@ def middleware_us(work: Path, weights: list[Path], n: int = 20000) -> dict[str, 
 
     from agent_finetune.registry import Registry
     from server_plugin.cache import AdapterCache, Limits
-    from server_plugin.plugin import PinnedModelMiddleware
+    from server_plugin.middleware import ModelRequestMiddleware
     from server_plugin.preload import PreloadPolicy
     from server_plugin.reconciler import Reconciler
 
@@ -498,7 +498,7 @@ def middleware_us(work: Path, weights: list[Path], n: int = 20000) -> dict[str, 
         await rec.reconcile_once()
         await rec.ensure_name("tenant")
         plugin = type("Plugin", (), {"reconciler": rec, "max_parse_bytes": 1 << 20})()
-        wrapped = PinnedModelMiddleware(app, plugin)  # type: ignore[arg-type]
+        wrapped = ModelRequestMiddleware(app, plugin)  # type: ignore[arg-type]
 
         async def timed(call: Any) -> float:
             t0 = time.perf_counter()

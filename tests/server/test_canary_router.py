@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from agent_finetune.registry import Registry
 from agent_finetune.registry.canary_state import Guards, read_canary, start_canary
 from server_plugin.canary_router import CanaryRouter, Route, parse_feedback, sticky_draw
-from server_plugin.plugin import PinnedModelMiddleware
+from server_plugin.middleware import ModelRequestMiddleware
 from server_plugin.reconciler import PinRefusal
 
 
@@ -288,7 +288,7 @@ def call_middleware(plugin: FakePlugin, payload: bytes) -> tuple[dict[str, Any],
         "path": "/v1/chat/completions",
         "headers": [(b"content-length", str(len(payload)).encode())],
     }
-    asyncio.run(PinnedModelMiddleware(app, plugin)(scope, receive, send))  # type: ignore[arg-type]
+    asyncio.run(ModelRequestMiddleware(app, plugin)(scope, receive, send))  # type: ignore[arg-type]
     return seen["headers"], seen["body"], statuses[0]
 
 

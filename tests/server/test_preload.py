@@ -17,7 +17,7 @@ from agent_finetune.registry import Registry
 from agent_finetune.registry.names import NAME_RE
 from server_plugin.cache import AdapterCache
 from server_plugin.launch import build_command
-from server_plugin.plugin import PinnedModelMiddleware
+from server_plugin.middleware import ModelRequestMiddleware
 from server_plugin.preload import LAZY_MAX_CPU_LORAS, PreloadPolicy, Usage
 from server_plugin.reconciler import PinRefusal, Reconciler
 
@@ -229,7 +229,7 @@ def test_middleware_loads_a_lazy_name_before_the_app_sees_the_request(tmp_path: 
         seen.append((body["model"], body["model"] in transport.table))
 
     plugin = type("Plugin", (), {"reconciler": rec, "max_parse_bytes": 1 << 20, "canary": None})()
-    middleware = PinnedModelMiddleware(app, plugin)  # type: ignore[arg-type]
+    middleware = ModelRequestMiddleware(app, plugin)  # type: ignore[arg-type]
 
     async def request(model: str) -> None:
         body = json.dumps({"model": model, "messages": []}).encode()
