@@ -37,13 +37,11 @@ class FeedbackRoute:
         """An agent's score for one response: ``{"id": <response id>, "score": -1..1}``."""
         canary = self.plugin.canary
         if canary is None:
-            return error_response(
-                503, self.plugin.error or "agent_finetune plugin is starting", "ServiceUnavailable"
-            )
+            return error_response(503, self.plugin.error or "agent_finetune plugin is starting")
         try:
             rid, score, model = parse_feedback(json.loads(await request.body()))
         except ValueError as e:
-            return error_response(400, f"feedback for {name}: {e}", "BadRequestError")
+            return error_response(400, f"feedback for {name}: {e}")
         try:
             return JSONResponse(canary.feedback(name, rid, score, model))
         except KeyError:
@@ -52,5 +50,4 @@ class FeedbackRoute:
                 f"no answer {rid!r} of {name} is known to this server (feedback is counted "
                 "for canaried names; behind a load balancer also send the answer's "
                 '"model", e.g. "name@v0002")',
-                "NotFoundError",
             )

@@ -156,10 +156,7 @@ class ModelRequestMiddleware:
         if model is not None:
             refusal = await self._ensure_served(reconciler, model)
             if refusal is not None:
-                err_type = "BadRequestError" if refusal.status < 500 else "ServiceUnavailableError"
-                await error_response(refusal.status, refusal.message, err_type)(
-                    scope, receive, send
-                )
+                await error_response(refusal.status, refusal.message)(scope, receive, send)
                 return
         pending = deque(messages)
 

@@ -159,9 +159,7 @@ class EndpointPlugin:
         if models is None and self.internals is not None:
             models = compat.ServingModels.from_state(request.app.state, self.internals)
         if models is None:
-            return error_response(
-                503, self.error or "agent_finetune plugin is starting", "Unavailable"
-            )
+            return error_response(503, self.error or "agent_finetune plugin is starting")
         body = await models.model_list()
         reconciler = self.reconciler
         try:
@@ -197,7 +195,7 @@ class EndpointPlugin:
         if card is not None:
             return JSONResponse(card)
         message = await self.missing_model(model) or f"The model `{model}` does not exist."
-        return error_response(404, message, "NotFoundError")
+        return error_response(404, message)
 
     async def missing_model(self, model: str) -> str | None:
         """What to say instead of vLLM's bare 404 for ``model``."""
@@ -208,15 +206,8 @@ class EndpointPlugin:
     async def adapters(self, request: Request) -> Response:
         """Per adapter name: desired and live version, state, last error, load times."""
         if self.reconciler is None:
-            return JSONResponse(
-                {
-                    "error": {
-                        "message": self.error or "agent_finetune plugin is starting",
-                        "type": "ServiceUnavailable",
-                        "code": 503,
-                    }
-                },
-                status_code=503,
+            return error_response(
+                503, self.error or "agent_finetune plugin is starting", param=None
             )
         status = {**self.reconciler.status(), "startup_seconds": self.startup_s}
         if self.canary is not None:
