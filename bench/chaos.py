@@ -45,11 +45,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agent_finetune.registry import Registry  # noqa: E402
-from agent_finetune.registry.store import (  # noqa: E402
-    MANIFEST,
-    atomic_write_json,
-    file_checksums,
-)
+from agent_finetune.registry.files import atomic_write_json  # noqa: E402
+from agent_finetune.registry.layout import MANIFEST  # noqa: E402
+from agent_finetune.registry.manifest import file_checksums  # noqa: E402
 from server_plugin.launch import ServerHandle, free_port, start_server  # noqa: E402
 
 NAME = "chaos"
@@ -407,7 +405,7 @@ class Bench:
                 data[-1] ^= 0xFF
                 weights.write_bytes(bytes(data))
             os.rename(staging, ndir / "versions" / version)
-            self.registry._set_current(NAME, version, "promote", "chaos: corrupted")
+            self.registry.set_current(NAME, version, "promote", "chaos: corrupted")
         return version
 
     def disk_full(self, cache: Path, mounted: bool, hold_s: float) -> None:

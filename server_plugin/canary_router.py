@@ -37,10 +37,11 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent_finetune.errors import AgentFinetuneError
+from agent_finetune.errors import AgentFinetuneError, FeedbackError
 from agent_finetune.registry import Registry
-from agent_finetune.registry.canary_state import CANARY, Canary, finish_canary, read_canary
-from agent_finetune.registry.names import PIN_SEPARATOR, is_name, utc_now
+from agent_finetune.registry.canary_state import Canary, finish_canary, read_canary
+from agent_finetune.registry.layout import CANARY
+from agent_finetune.registry.names import PIN_SEPARATOR, utc_now
 from server_plugin import metrics
 
 logger = logging.getLogger(__name__)
@@ -139,16 +140,16 @@ def verdict(canary: Canary, stats: dict[str, VersionStats], now: float) -> tuple
 
 
 def parse_feedback(data: Any) -> tuple[str, float, str | None]:
-    """(response id, score, model) from a feedback body; ValueError says what is wrong."""
+    """(response id, score, model) from a feedback body; FeedbackError says what is wrong."""
     if not isinstance(data, dict):
-        raise ValueError('expected a JSON object {"id": <response id>, "score": -1..1}')
+        raise FeedbackError('expected a JSON object {"id": <response id>, "score": -1..1}')
     rid, score, model = data.get("id"), data.get("score"), data.get("model")
     if not isinstance(rid, str) or not rid:
-        raise ValueError('"id" must be the response id (the "id" field of the answer)')
+        raise FeedbackError('"id" must be the response id (the "id" field of the answer)')
     if isinstance(score, bool) or not isinstance(score, int | float) or not -1 <= score <= 1:
-        raise ValueError(f'"score" must be a number from -1 (bad) to 1 (good), got {score!r}')
+        raise FeedbackError(f'"score" must be a number from -1 (bad) to 1 (good), got {score!r}')
     if model is not None and not isinstance(model, str):
-        raise ValueError('"model" must be the answer\'s model string, e.g. "name@v0002"')
+        raise FeedbackError('"model" must be the answer\'s model string, e.g. "name@v0002"')
     return rid, float(score), model
 
 
@@ -197,21 +198,22 @@ class CanaryRouter:
         canary this replica just ended can never come back from a read that raced the end.
         """
         try:
-            entries = list(os.scandir(self.registry.root))
-        except OSError:
+            names, _ = self.registry.scan("any")
+        except AgentFinetuneError:
             return None  # registry unavailable: keep what we have, like the reconciler
         found: dict[str, Canary] = {}
         errors: dict[str, str] = {}
-        for entry in entries:
-            if not is_name(entry.name) or not os.path.exists(os.path.join(entry.path, CANARY)):
+        root = self.registry.root
+        for name in names:
+            if not os.path.exists(root / name / CANARY):
                 continue
             try:
-                c = read_canary(self.registry, entry.name)
+                c = read_canary(self.registry, name)
             except AgentFinetuneError as e:
-                errors[entry.name] = str(e)
+                errors[name] = str(e)
                 continue
             if c is not None:
-                found[entry.name] = c
+                found[name] = c
         return found, errors
 
     def apply(self, found: dict[str, Canary], errors: dict[str, str]) -> None:

@@ -54,13 +54,6 @@ def _registry(args: argparse.Namespace, *, exists: bool = True) -> Registry:
     return reg
 
 
-def _require_name(reg: Registry, name: str) -> None:
-    if not reg.versions(name):
-        raise NotFoundError(
-            f"no adapter named {name!r} in {reg.root}; known: {', '.join(reg.names()) or 'none'}"
-        )
-
-
 def _metric(manifest: dict[str, Any], key: str) -> str:
     value = (manifest.get("metrics") or {}).get(key)
     return f"{value:.4f}" if isinstance(value, float) else ""
@@ -201,7 +194,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_history(args: argparse.Namespace) -> int:
     reg = _registry(args)
-    _require_name(reg, args.name)
+    reg.require_name(args.name)
     entries = reg.history(args.name)
     if args.json:
         emit_json(entries)

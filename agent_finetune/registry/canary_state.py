@@ -16,7 +16,6 @@ Standard library only.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import math
 import os
@@ -28,11 +27,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from agent_finetune.errors import RegistryError
+from agent_finetune.errors import InvalidCanaryError, RegistryError
+from agent_finetune.registry.files import atomic_write_json, fsync_dir, locked
+from agent_finetune.registry.layout import CANARY
 from agent_finetune.registry.names import check_version, utc_now
-from agent_finetune.registry.store import Registry, _fsync_dir, atomic_write_json
+from agent_finetune.registry.store import Registry
 
-CANARY = "canary"
 CANARY_LOCK = ".canary.lock"
 Outcome = Literal["abort", "promote"]
 
@@ -47,10 +47,12 @@ def parse_duration(text: str | float | int) -> float:
     else:
         m = _DURATION_RE.fullmatch(str(text).strip())
         if not m:
-            raise ValueError(f"duration {text!r}: expected a number and a unit, e.g. 90s, 30m, 2h")
+            raise InvalidCanaryError(
+                f"duration {text!r}: expected a number and a unit, e.g. 90s, 30m, 2h"
+            )
         value = float(m.group(1)) * _UNIT_S[m.group(2) or "s"]
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"duration {text!r}: must be a finite number of seconds >= 0")
+        raise InvalidCanaryError(f"duration {text!r}: must be a finite number of seconds >= 0")
     return value
 
 
@@ -86,7 +88,7 @@ class Guards:
         if not (math.isfinite(self.duration_s) and self.duration_s >= 0):
             problems.append(f"duration_s={self.duration_s}: must be >= 0")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise InvalidCanaryError("; ".join(problems))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Guards:
@@ -115,7 +117,7 @@ class Canary:
     def from_dict(cls, data: dict[str, Any]) -> Canary:
         weight = float(data["weight"])
         if not 0 < weight <= 100:
-            raise ValueError(f"weight {weight}: must be in (0, 100]")
+            raise InvalidCanaryError(f"weight {weight}: must be in (0, 100]")
         return cls(
             name=str(data["name"]),
             version=check_version(str(data["version"])),
@@ -160,13 +162,8 @@ def read_canary(registry: Registry, name: str) -> Canary | None:
 
 @contextlib.contextmanager
 def _canary_lock(registry: Registry, name: str) -> Iterator[None]:
-    ndir = registry.name_dir(name)
-    with (ndir / CANARY_LOCK).open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with locked(registry.name_dir(name) / CANARY_LOCK):
+        yield
 
 
 def start_canary(
@@ -260,7 +257,7 @@ def finish_canary(
         path = canary_path(registry, name)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         registry.log_event(
             name,
             f"canary_{outcome}",

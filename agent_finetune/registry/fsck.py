@@ -19,7 +19,6 @@ Entries of the root that are not adapter folders are reported, never touched.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -30,25 +29,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent_finetune.errors import RegistryError
-from agent_finetune.registry.names import is_version, utc_now
-from agent_finetune.registry.store import (
+from agent_finetune.registry.files import (
+    TMP_SUFFIX,
+    atomic_write_json,
+    io_errors,
+    is_locked,
+    os_error,
+    write_atomic,
+)
+from agent_finetune.registry.history import current_stack, last_pointer_move, parse_history
+from agent_finetune.registry.layout import (
     CURRENT,
     HISTORY,
     MANIFEST,
     NEXT_VERSION,
     QUARANTINE,
     STAGING_PREFIX,
-    TMP_SUFFIX,
     VERSIONS,
-    Registry,
-    atomic_write_json,
-    current_stack,
-    last_pointer_move,
-    os_error,
-    parse_history,
-    read_manifest,
-    verify_checksums,
 )
+from agent_finetune.registry.manifest import read_manifest, verify_checksums
+from agent_finetune.registry.names import is_version, utc_now
+from agent_finetune.registry.store import Registry
 
 _TMP = re.compile(r"\..+\.[0-9a-f]{32}" + re.escape(TMP_SUFFIX))
 
@@ -82,7 +83,7 @@ def fsck(registry: Registry, *, repair: bool = False) -> FsckReport:
     if not registry.root.is_dir():
         report.findings.append(Finding(registry.root, "registry folder does not exist"))
         return report
-    names, skipped = registry.scan(published_only=False)
+    names, skipped = registry.scan("folders")
     for problem in skipped:
         path, _, why = problem.partition(": ")
         report.findings.append(Finding(Path(path), why))
@@ -118,13 +119,13 @@ def _check_name(registry: Registry, name: str, repair: bool, report: FsckReport)
         if entry.startswith(STAGING_PREFIX) and path.is_dir() and _abandoned(path):
             add(Finding(path, "staging folder left by an interrupted publish or gc"))
             if repair:
-                with _io_error("remove", path):
+                with io_errors("remove", path):
                     shutil.rmtree(path)
                 report.findings[-1].repaired = "removed"
         elif _TMP.fullmatch(entry) and path.is_file():
             add(Finding(path, "temp file left by an interrupted write"))
             if repair:
-                with _io_error("remove", path):
+                with io_errors("remove", path):
                     path.unlink()
                 report.findings[-1].repaired = "removed"
     _check_history(registry, name, repair, report)
@@ -135,25 +136,7 @@ def _check_name(registry: Registry, name: str, repair: bool, report: FsckReport)
 
 def _abandoned(staging: Path) -> bool:
     """True when no live process holds the staging folder's flock (its publisher died)."""
-    try:
-        fd = os.open(staging, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def _io_error(doing: str, path: Path) -> Iterator[None]:
-    try:
-        yield
-    except OSError as e:
-        raise os_error(e, doing, path) from e
+    return is_locked(staging) is False
 
 
 def _check_history(registry: Registry, name: str, repair: bool, report: FsckReport) -> None:
@@ -169,19 +152,13 @@ def _check_history(registry: Registry, name: str, repair: bool, report: FsckRepo
         return
     if bad:
         with (
-            _io_error("write", path.with_name(HISTORY + ".rejected")),
+            io_errors("write", path.with_name(HISTORY + ".rejected")),
             open(path.with_name(HISTORY + ".rejected"), "a", encoding="utf-8") as f,
         ):
             f.writelines(line + "\n" for line in bad)
     body = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries)
-    tmp = path.with_name(f".{HISTORY}.{uuid.uuid4().hex}{TMP_SUFFIX}")
-    try:
-        tmp.write_text(body, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise os_error(e, "rewrite", path) from e
+    with io_errors("rewrite", path):
+        write_atomic(path, body.encode())
     report.findings[-1].repaired = (
         f"rewritten without them (kept in {HISTORY}.rejected)" if bad else "newline added"
     )
@@ -208,7 +185,7 @@ def _check_versions(registry: Registry, name: str, repair: bool, report: FsckRep
         if repair:
             qdir = registry.name_dir(name) / QUARANTINE
             dest = qdir / f"{entry}-{uuid.uuid4().hex[:8]}"
-            with _io_error("quarantine", path):
+            with io_errors("quarantine", path):
                 qdir.mkdir(exist_ok=True)
                 os.rename(path, dest)
             report.findings[-1].repaired = f"moved to {dest} (its number is never reused)"
@@ -234,12 +211,12 @@ def _check_pointer(registry: Registry, name: str, repair: bool, report: FsckRepo
                 atomic_write_json(
                     path, {"version": target, "updated_at": utc_now(), "action": "fsck"}
                 )
-                registry._append_history(
+                registry.append_history(
                     name, {"action": "fsck", "from": cur, "to": target, "reason": problem}
                 )
                 report.findings[-1].repaired = f"current -> {target}"
             else:
-                with _io_error("remove", path):
+                with io_errors("remove", path):
                     path.unlink()
                 report.findings[-1].repaired = "removed (no version left)"
         return
