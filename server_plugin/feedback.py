@@ -40,7 +40,7 @@ class FeedbackRoute:
             return error_response(503, self.plugin.error or "agent_finetune plugin is starting")
         try:
             rid, score, model = parse_feedback(json.loads(await request.body()))
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # FeedbackError, or the body is not JSON
             return error_response(400, f"feedback for {name}: {e}")
         try:
             return JSONResponse(canary.feedback(name, rid, score, model))

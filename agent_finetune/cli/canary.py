@@ -10,7 +10,7 @@ import urllib.request
 from typing import Any
 
 from agent_finetune.cli.output import emit_json, print_table
-from agent_finetune.errors import RegistryError
+from agent_finetune.errors import InvalidCanaryError, RegistryError
 from agent_finetune.registry import ENV_REGISTRY, Registry
 from agent_finetune.registry.canary_state import (
     Guards,
@@ -67,8 +67,8 @@ def cmd_start(args: argparse.Namespace) -> int:
             min_feedback=args.min_feedback,
             duration_s=parse_duration(args.duration),
         )
-    except ValueError as e:
-        raise RegistryError(f"canary start: {e}") from None
+    except InvalidCanaryError as e:
+        raise InvalidCanaryError(f"canary start: {e}") from None
     canary = start_canary(
         _registry(args),
         name,
