@@ -109,6 +109,7 @@ def _server_status(server: str, api_key: str | None, name: str) -> dict[str, Any
 
 def cmd_status(args: argparse.Namespace) -> int:
     reg = _registry(args)
+    reg.require_name(args.name)
     canary = read_canary(reg, args.name)
     live = _server_status(args.server, args.api_key, args.name) if args.server else None
     last = next(

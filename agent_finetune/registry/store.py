@@ -6,7 +6,13 @@ interrupted move leaves a pointer without a log line, which the next move (or ``
 records as ``recover``; a torn last history line is sealed with a newline before the next
 append. Every OSError of a write becomes a RegistryError naming the path and errno.
 
-Writers of versions and pointers take the name's lock.
+Every write to a name (versions, ``current``, history, the canary) happens under that name's
+lock, so ``fsck --repair`` rewriting the history under it never loses an entry.
+
+Operators win: a manual promote or rollback (and a publish that makes its version current)
+first ends a running canary, recorded in history; a decision taken on a ``current`` read
+earlier (a canary verdict, the promotion gate) is a compare-and-swap: ``expect`` names the
+version it started from, and the move is refused (``CurrentMovedError``) if it moved.
 
 Imports nothing heavy: the server plugin and the CLI start fast.
 """
@@ -26,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from agent_finetune.errors import (
+    CurrentMovedError,
     InvalidNameError,
     NotFoundError,
     RegistryError,
@@ -47,10 +54,12 @@ from agent_finetune.registry.history import (
     actor,
     highest_number,
     last_pointer_move,
+    open_canary_ids,
     parse_history,
     parse_pointer,
 )
 from agent_finetune.registry.layout import (
+    CANARY,
     CURRENT,
     HISTORY,
     LOCK,
@@ -282,10 +291,22 @@ class Registry:
                 return before if isinstance(before, str) and before != cur else None
         return None
 
+    def canary_record(self, name: str) -> dict[str, Any] | None:
+        """The raw ``<name>/canary`` document (``{}`` when unreadable), None when there is
+        none. ``canary_state.read_canary`` is the strict reader."""
+        path = self.name_dir(name) / CANARY
+        try:
+            data = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, RecursionError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
     # -- locked writes ----------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[Path]:
-        """Exclusive per-name lock (flock), held while assigning versions or moving pointers."""
+        """Exclusive per-name lock (flock): held by every write to the name."""
         ndir = self.name_dir(name)
         with io_errors("create", ndir):
             ndir.mkdir(parents=True, exist_ok=True)
@@ -304,7 +325,8 @@ class Registry:
 
     def log_event(self, name: str, action: str, **fields: Any) -> None:
         """Append a history entry that moves no pointer (canary and gate decisions)."""
-        self.append_history(name, {"action": action, "from": None, "to": None, **fields})
+        with self.lock(name):
+            self.append_history(name, {"action": action, "from": None, "to": None, **fields})
 
     def _record_unlogged_move(self, name: str, history: list[dict[str, Any]]) -> None:
         """If ``current`` moved without a history line (a writer died in between), log it."""
@@ -355,6 +377,58 @@ class Registry:
                 "`agent-finetune fsck --repair` records it"
             ) from e
 
+    def end_canary(
+        self, name: str, outcome: str, reason: str, **fields: Any
+    ) -> dict[str, Any] | None:
+        """Remove ``<name>/canary`` and log ``canary_<outcome>`` (caller holds the lock);
+        return the removed document, None when no canary ran. The file goes first: servers
+        stop routing to it even if the log line cannot be written (``fsck`` then logs it)."""
+        record = self.canary_record(name)
+        if record is None:
+            return None
+        path = self.name_dir(name) / CANARY
+        with io_errors("remove", path), contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        fsync_dir(path.parent)
+        cid = _str_or_none(record.get("id"))
+        if cid is None:  # a garbled file: it was the canary the history last started
+            cid = next(reversed(open_canary_ids(self.history(name))), None)
+        self.append_history(
+            name,
+            {
+                "action": f"canary_{outcome}",
+                "from": _str_or_none(record.get("baseline")),
+                "to": _str_or_none(record.get("version")),
+                "canary_id": cid,
+                "reason": reason,
+                **fields,
+            },
+        )
+        return record
+
+    def _operator_move(
+        self,
+        name: str,
+        version: str,
+        action: str,
+        reason: str | None,
+        *,
+        expect: str | None = None,
+        **fields: Any,
+    ) -> None:
+        """The one road of a pointer move someone asked for (caller holds the lock): the
+        compare-and-swap against ``expect``, then the canary ends, then the move (nothing is
+        written when ``version`` is already current and no canary runs)."""
+        cur = self.current(name)
+        if expect is not None and cur != expect:
+            raise CurrentMovedError(
+                f"{name}: current is {cur}, not {expect} as when this {action} was decided "
+                f"(someone moved it meanwhile); nothing was changed"
+            )
+        self.end_canary(name, "abort", f"superseded: {action} to {version} (operators win)")
+        if cur != version:
+            self.set_current(name, version, action, reason, **fields)
+
     def next_version_number(self, name: str) -> int:
         """The number the next publish gets (caller holds the lock): never one used before."""
         ndir = self.name_dir(name)
@@ -388,7 +462,8 @@ class Registry:
         max_rank: int | None = None,
         base_config: dict[str, Any] | None = None,
     ) -> VersionInfo:
-        """Copy a PEFT LoRA folder in as the next immutable version; make it current by default.
+        """Copy a PEFT LoRA folder in as the next immutable version; make it current by default
+        (ending a running canary first, like ``promote``).
 
         The folder is staged, validated and checksummed (``registry.publish``), then renamed
         into place under the lock with a number never used before. A folder that fails
@@ -408,7 +483,7 @@ class Registry:
             with self.lock(name):
                 version = self._place_version(name, staging, manifest, reason)
                 if make_current:
-                    self.set_current(name, version, "promote", reason or "published")
+                    self._operator_move(name, version, "promote", reason or "published")
         return VersionInfo(name, version, ndir / VERSIONS / version, manifest, make_current)
 
     def _place_version(
@@ -443,19 +518,29 @@ class Registry:
             ) from e
         return version
 
-    def promote(self, name: str, version: str, *, reason: str | None = None) -> str:
-        """Make an existing, valid version current (already current: nothing is written)."""
+    def promote(
+        self,
+        name: str,
+        version: str,
+        *,
+        reason: str | None = None,
+        expect: str | None = None,
+        **fields: Any,
+    ) -> str:
+        """Make an existing, valid version current, ending a running canary first (already
+        current: only the canary ends). ``expect``: only if current is still that version
+        (else ``CurrentMovedError``); ``fields`` go into the move's history entry."""
         check_version(version)
         self.require_name(name)
         with self.lock(name):
             self.require_servable(name, version)
-            if self.current(name) != version:
-                self.set_current(name, version, "promote", reason)
+            self._operator_move(name, version, "promote", reason, expect=expect, **fields)
         return version
 
     def rollback(self, name: str, *, to: str | None = None, reason: str | None = None) -> str:
         """Undo the last pointer move: ``current`` goes back to the version that was current
-        just before it (or to ``to``); return it. Already there: nothing is written.
+        just before it (or to ``to``); return it. A running canary ends first. Already
+        there: nothing else is written.
 
         One rule, like ``cd -``: a second rollback undoes the first. To go further back in
         history, name the version with ``to``.
@@ -475,18 +560,20 @@ class Registry:
                         f"{', '.join(self.versions(name))})"
                     )
             self.require_servable(name, to)
-            if to != cur:
-                self.set_current(name, to, "rollback", reason)
+            self._operator_move(name, to, "rollback", reason)
         return to
 
     def gc(self, name: str, *, keep: int = 3, dry_run: bool = False) -> list[str]:
-        """Delete old versions; never the current one nor the newest ``keep``. Return deleted."""
+        """Delete old versions; never the current one, a running canary's candidate or
+        baseline, nor the newest ``keep``. Return the deleted."""
         if keep < 1:
             raise RegistryError(f"gc keep={keep}: keep at least 1 version")
         self.require_name(name)
         with self.lock(name):
             versions = self.versions(name)
+            canary = self.canary_record(name) or {}
             protected = set(versions[-keep:]) | {self.current(name)}
+            protected |= {canary.get("version"), canary.get("baseline")}
             doomed = [v for v in versions if v not in protected]
             if not dry_run:
                 # Keep the high-water mark above what we delete: numbers are never reused.
@@ -503,3 +590,7 @@ class Registry:
                         name, {"action": "gc", "from": None, "to": None, "deleted": doomed}
                     )
         return doomed
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None

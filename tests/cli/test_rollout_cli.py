@@ -138,3 +138,13 @@ def test_gate_on_a_read_only_registry_is_an_error_not_a_traceback(
     err = capsys.readouterr().err
     assert "read-only" in err and "evals.jsonl" in err and "Traceback" not in err
     assert reg.current("bot") == "v0001"
+
+
+def test_canary_commands_for_an_unknown_name_are_errors_not_tracebacks(
+    reg: Registry, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Finding: `canary abort nosuch` escaped as a raw FileNotFoundError traceback."""
+    for action in ("abort", "promote", "status"):
+        assert run(reg, "canary", action, "nosuch") == 1
+        err = capsys.readouterr().err
+        assert "no adapter named 'nosuch'" in err and "Traceback" not in err
