@@ -4,7 +4,8 @@ Parts (tiny local model, CPU is fine; each part prints a table and merges into -
 
 - ``routing``: in-process, the plugin's router on a real registry. Split accuracy over
   1,000 draws per weight (random and sticky users), and the middleware's per-request
-  routing cost in microseconds (route_body + the send wrapper), side by side with the same
+  routing cost in microseconds (the middleware's parse, route, rewrite, and the send wrapper
+  watching the answer), side by side with the same
   call when no canary runs (the baseline every request pays today).
 - ``server``: a real vLLM CPU server with the plugin. 1,000 requests at weight 10: the
   observed share; each request's own latency (to put the routing cost in proportion); then
@@ -110,12 +111,23 @@ def bench_routing(n: int, cost_iters: int) -> dict[str, Any]:
         async def noop(message: Any) -> None:
             return None
 
+        reply = json.dumps(
+            {"id": "chatcmpl-x", "object": "chat.completion", "model": f"{NAME}@v0001"}
+        ).encode()
+
         async def one(router: Any) -> None:
-            _out, route = router.route_body(body, [])
+            from server_plugin.middleware import mentions, parse_body, serialise
+
+            if not router.active or not mentions(body, router.names):
+                return
+            data = parse_body(body)
+            route = router.route(data, []) if data is not None else None
             if route is not None:
+                if route.candidate:
+                    serialise(router.pinned(data, route))
                 send, _finish = router.wrap_send(route, noop, time.perf_counter())
                 await send({"type": "http.response.start", "status": 200})
-                await send({"type": "http.response.body", "body": b'{"id":"x"}'})
+                await send({"type": "http.response.body", "body": reply})
 
         def cost(router: Any) -> tuple[float, float]:
             """(wall, CPU) microseconds per request. CPU time leaves out the time this

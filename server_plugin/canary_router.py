@@ -1,61 +1,74 @@
 """Canary routing inside the server: split, count, guard, and end the canary by itself.
 
-The registry holds the canary (``agent_finetune.registry.canary_state``); every replica reads it
-on each resync (filesystem events wake it early) and applies the same split:
+The registry holds the canary (``agent_finetune.registry.canary_state``); every replica
+reads it on each resync (filesystem events wake it early) and applies the same split:
 
 - **Routing.** A request for ``NAME`` goes to the candidate with probability ``weight``.
   With the OpenAI ``user`` field or an ``X-Session-ID`` header, the draw is a hash of that
   key and the canary id, so a user stays on one side for the canary's life; otherwise it is
   random. Only candidate requests are rewritten (``model`` -> ``NAME@vNNNN``, served through
   the pin path); the others pass untouched and are served by the current version.
-- **Signals**, per version, per replica: requests, HTTP 5xx errors, a latency window and a
-  Prometheus histogram, and feedback scores that agents post for a response id.
+- **Signals** (``server_plugin.canary_signals``) are counted for the version that actually
+  answered (the answer's own ``model``), never for the side a request was sent to. Each
+  replica writes its counters to ``<name>/rollout/counts/<replica>.json`` every pass and
+  reads the others'; the guards judge the fleet's sum. Feedback is bound to the answers
+  the fleet issued (``server_plugin.feedback``).
 - **Guards** are judged after every recorded request or score and on every pass. A trip
   stops routing to the candidate at once on this replica, then records ``canary_abort``
-  with the reason in the registry, so every other replica drops it on its next pass.
-  When the duration has passed green, ``auto_promote`` is set and this replica has seen at
-  least ``min_requests`` candidate requests, it promotes (the first replica wins; the
-  canary id makes the others' attempts no-ops).
+  with the reason in the registry, so every other replica drops it on its next pass. A
+  candidate that is refused for good (validation) aborts at once; a transient refusal
+  (cache full, engine busy) counts as one candidate error. When the duration has passed
+  green with ``min_requests`` candidate requests fleet-wide and ``auto_promote`` is set,
+  the canary promotes, only if ``current`` is still its baseline (the registry checks).
+- **Stale canaries** end here too: one whose candidate left the registry, or whose
+  baseline is no longer current (an operator moved it; a writer died mid-promote).
 
-No vLLM import here; the plugin calls ``route_body``, ``wrap_send`` and ``feedback``.
+No vLLM import here; the middleware calls ``route``, ``wrap_send`` and ``candidate_failed``,
+the feedback route ``feedback``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import random
-import re
-import statistics
 import time
-from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
-from agent_finetune.errors import AgentFinetuneError, FeedbackError
+from agent_finetune.errors import AgentFinetuneError, CurrentMovedError
 from agent_finetune.registry import Registry
 from agent_finetune.registry.canary_state import Canary, finish_canary, read_canary
-from agent_finetune.registry.layout import CANARY
-from agent_finetune.registry.names import PIN_SEPARATOR, utc_now
+from agent_finetune.registry.layout import CANARY, VERSIONS
+from agent_finetune.registry.names import PIN_SEPARATOR, split_model, utc_now
+from agent_finetune.registry.rollout import read_counts, replica_id, write_counts
 from server_plugin import metrics
+from server_plugin.canary_signals import (
+    AnswerWatch,
+    VersionStats,
+    describe,
+    sticky_draw,
+    summed,
+    verdict,
+)
+from server_plugin.feedback import Answer, FeedbackBook
 
 logger = logging.getLogger(__name__)
 
 SESSION_HEADER = "x-session-id"
 """Request header that makes routing sticky when the body has no OpenAI ``user`` field."""
 _SESSION_HEADER_B = SESSION_HEADER.encode()
-_ID_RE = re.compile(rb'"id"\s*:\s*"([^"\\]{1,256})"')
 _UNRECORDED = "cannot record canary"
-LATENCY_WINDOW = 2048
-MAX_RESPONSES = 100_000
+MAX_ENDED = 100
+_LOOK_EVERY_S = 0.05
 
 Message = MutableMapping[str, Any]
 Send = Callable[[Message], Awaitable[None]]
+Stats = dict[str, VersionStats]
 
 
 @dataclass(frozen=True)
@@ -68,93 +81,15 @@ class Route:
     canary_id: str
 
 
-@dataclass
-class VersionStats:
-    """One version's signals during one canary, on this replica."""
-
-    requests: int = 0
-    errors: int = 0
-    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
-    feedback: int = 0
-    negatives: int = 0
-    score_sum: float = 0.0
-
-    def quantile(self, q: float) -> float | None:
-        if not self.latencies:
-            return None
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "requests": self.requests,
-            "errors": self.errors,
-            "error_rate": self.errors / self.requests if self.requests else None,
-            "p50_s": self.quantile(0.5),
-            "p95_s": self.quantile(0.95),
-            "feedback": self.feedback,
-            "negative_rate": self.negatives / self.feedback if self.feedback else None,
-            "mean_score": self.score_sum / self.feedback if self.feedback else None,
-        }
-
-
-def sticky_draw(canary_id: str, key: str) -> float:
-    """A uniform number in [0, 1) fixed by (canary, key): the same user, the same side."""
-    digest = hashlib.blake2b(f"{canary_id}\0{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
-
-
-def verdict(canary: Canary, stats: dict[str, VersionStats], now: float) -> tuple[str, str] | None:
-    """("abort"|"promote", reason) when a guard trips or the canary may be promoted, else None."""
-    g = canary.guards
-    cand = stats.get(canary.version) or VersionStats()
-    base = stats.get(canary.baseline) or VersionStats()
-    if cand.requests >= g.min_requests:
-        rate = cand.errors / cand.requests
-        if rate > g.max_error_rate:
-            return "abort", (
-                f"error rate {rate:.3f} > {g.max_error_rate:g} "
-                f"({cand.errors} of {cand.requests} candidate requests)"
-            )
-        if base.requests >= g.min_requests and cand.latencies and base.latencies:
-            c50, b50 = statistics.median(cand.latencies), statistics.median(base.latencies)
-            if b50 > 0 and c50 / b50 > g.max_latency_ratio:
-                return "abort", (
-                    f"median latency {c50:.3f}s is {c50 / b50:.2f}x the current version's "
-                    f"{b50:.3f}s (limit {g.max_latency_ratio:g}x)"
-                )
-    if cand.feedback >= g.min_feedback:
-        neg = cand.negatives / cand.feedback
-        if neg > g.max_negative_feedback:
-            return "abort", (
-                f"negative feedback {neg:.2f} > {g.max_negative_feedback:g} "
-                f"({cand.negatives} of {cand.feedback} scores)"
-            )
-    ready = canary.elapsed_s(now) >= g.duration_s and cand.requests >= g.min_requests
-    if canary.auto_promote and ready:
-        return "promote", (
-            f"green for {canary.elapsed_s(now):.0f}s (>= {g.duration_s:g}s) over "
-            f"{cand.requests} candidate requests"
-        )
-    return None
-
-
-def parse_feedback(data: Any) -> tuple[str, float, str | None]:
-    """(response id, score, model) from a feedback body; FeedbackError says what is wrong."""
-    if not isinstance(data, dict):
-        raise FeedbackError('expected a JSON object {"id": <response id>, "score": -1..1}')
-    rid, score, model = data.get("id"), data.get("score"), data.get("model")
-    if not isinstance(rid, str) or not rid:
-        raise FeedbackError('"id" must be the response id (the "id" field of the answer)')
-    if isinstance(score, bool) or not isinstance(score, int | float) or not -1 <= score <= 1:
-        raise FeedbackError(f'"score" must be a number from -1 (bad) to 1 (good), got {score!r}')
-    if model is not None and not isinstance(model, str):
-        raise FeedbackError('"model" must be the answer\'s model string, e.g. "name@v0002"')
-    return rid, float(score), model
+@dataclass(frozen=True)
+class _Ended:
+    canary: Canary
+    outcome: str
+    reason: str
 
 
 class CanaryRouter:
-    """Per-replica canary state: what the registry says, plus what this replica observed."""
+    """Per-replica canary state: what the registry says, plus what the fleet observed."""
 
     def __init__(
         self,
@@ -162,24 +97,37 @@ class CanaryRouter:
         *,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
+        replica: str | None = None,
     ) -> None:
         self.registry = registry
+        self.replica = replica or replica_id()
         self._rng = rng or random.Random()
         self._clock = clock
         self._canaries: dict[str, Canary] = {}
-        self._stats: dict[str, dict[str, VersionStats]] = {}  # canary id -> version -> stats
-        self._responses: OrderedDict[str, tuple[str, str, str]] = OrderedDict()
-        self._ended: dict[str, tuple[Canary, str, str]] = {}  # id -> (canary, outcome, reason)
-        self._pending: dict[str, tuple[Canary, str, str, dict[str, Any]]] = {}
+        self._local: dict[str, Stats] = {}  # canary id -> version -> this replica's counters
+        self._fleet: dict[str, Stats] = {}  # canary id -> version -> the other replicas' sum
+        self._replicas: dict[str, int] = {}  # canary id -> replicas with counters
+        self._dirty: set[str] = set()
+        self.book = FeedbackBook(registry, self.replica)
+        self._ended: OrderedDict[str, _Ended] = OrderedDict()
+        self._pending: dict[str, tuple[_Ended, dict[str, Any]]] = {}
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._children: dict[tuple[str, str, bool], tuple[Any, Any, Any]] = {}
+        self._looking: dict[str, tuple[asyncio.Future[None], dict[str, bool]]] = {}
+        self._looked: dict[str, float] = {}
+        self._registry_names: frozenset[str] = frozenset()
         self.errors: dict[str, str] = {}  # name -> last registry problem
+        self.unrouted_large = 0
         self.last_refresh: str | None = None
 
     @property
     def active(self) -> bool:
         return bool(self._canaries)
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(self._canaries)
 
     def canary(self, name: str) -> Canary | None:
         return self._canaries.get(name)
@@ -196,11 +144,14 @@ class CanaryRouter:
 
         Blocking file reads: the plugin calls this in a thread and ``apply`` on its loop, so a
         canary this replica just ended can never come back from a read that raced the end.
+        A canary found stale (candidate gone, baseline no longer current) is returned with
+        its problem, to be ended on the loop.
         """
         try:
             names, _ = self.registry.scan("any")
         except AgentFinetuneError:
             return None  # registry unavailable: keep what we have, like the reconciler
+        self._registry_names = frozenset(names)
         found: dict[str, Canary] = {}
         errors: dict[str, str] = {}
         root = self.registry.root
@@ -212,8 +163,16 @@ class CanaryRouter:
             except AgentFinetuneError as e:
                 errors[name] = str(e)
                 continue
-            if c is not None:
-                found[name] = c
+            if c is None:
+                continue
+            found[name] = c
+            if not (root / name / VERSIONS / c.version).is_dir():
+                errors[name] = f"stale: candidate {c.version} left the registry"
+            elif (current := self.registry.current(name)) != c.baseline:
+                errors[name] = (
+                    f"stale: current is {current}, not its baseline {c.baseline} "
+                    "(current moved under it)"
+                )
         return found, errors
 
     def apply(self, found: dict[str, Canary], errors: dict[str, str]) -> None:
@@ -232,14 +191,20 @@ class CanaryRouter:
         for name in set(self._canaries) - set(found):
             metrics.CANARY_WEIGHT.labels(name).set(0)
         self._canaries = found
+        for name, problem in errors.items():
+            stale = found.get(name)
+            if stale is not None and problem.startswith("stale: "):
+                self._end(stale, "abort", problem.removeprefix("stale: "), {})
         pending_errors = {n: e for n, e in self.errors.items() if n not in errors}
         self.errors = {
-            **errors,
-            **{n: e for n, e in pending_errors.items() if "cannot record" in e},
+            **{n: e for n, e in errors.items() if not e.startswith("stale: ")},
+            **{n: e for n, e in pending_errors.items() if _UNRECORDED in e},
         }
-        live_ids = {c.id for c in found.values()} | set(self._pending)
-        for cid in [cid for cid in self._stats if cid not in live_ids]:
-            del self._stats[cid]
+        live = {c.id for c in self._canaries.values()} | set(self._pending)
+        for stats in (self._local, self._fleet, self._replicas):
+            for cid in [cid for cid in stats if cid not in live]:
+                del stats[cid]
+        self.book.keep_tallies(live)
         self.last_refresh = utc_now()
 
     # -- routing ----------------------------------------------------------------------------
@@ -253,144 +218,147 @@ class CanaryRouter:
             return Route(name, c.version, True, c.id)
         return Route(name, c.baseline, False, c.id)
 
-    def route_body(
-        self, body: bytes, headers: list[tuple[bytes, bytes]]
-    ) -> tuple[bytes, Route | None]:
-        """Route one model request: the body to forward (rewritten for the candidate)."""
-        if not self._canaries:
-            return body, None
-        # Most requests name other models: a substring test is far cheaper than parsing.
-        if not any(f'"{n}"'.encode() in body for n in self._canaries):
-            return body, None
-        try:
-            data = json.loads(body)
-        except ValueError:
-            return body, None  # vLLM reports the bad body itself
-        model = data.get("model") if isinstance(data, dict) else None
+    def route(self, data: dict[str, Any], headers: list[tuple[bytes, bytes]]) -> Route | None:
+        """Which side serves a parsed model request (None: its model has no canary)."""
+        model = data.get("model")
         if not isinstance(model, str) or model not in self._canaries:
-            return body, None
+            return None
         user = data.get("user")
         key = user if isinstance(user, str) and user else None
         if key is None:
             key = next(
                 (v.decode("latin-1") for k, v in headers if k.lower() == _SESSION_HEADER_B), None
             )
-        route = self.choose(model, key)
-        if route is None or not route.candidate:
-            return body, route
-        pinned = f"{model}{PIN_SEPARATOR}{route.version}"
-        # Rewrite the one "model" member in place (the rest of the body stays byte-identical);
-        # re-serialise only if it is written in some unusual way.
-        pattern = re.compile(rb'"model"\s*:\s*"' + re.escape(model.encode()) + rb'"')
-        out, count = pattern.subn(b'"model":"' + pinned.encode() + b'"', body)
-        if count != 1:
-            data["model"] = pinned
-            out = json.dumps(data, ensure_ascii=False).encode("utf-8")
-        return out, route
+        return self.choose(model, key)
 
-    def candidate_failed(self, route: Route, error: str) -> None:
-        """The candidate could not be loaded: abort at once (the request goes to current)."""
+    @staticmethod
+    def pinned(data: dict[str, Any], route: Route) -> dict[str, Any]:
+        """The request for the candidate: ``model`` -> ``NAME@vNNNN``, everything else kept."""
+        return {**data, "model": f"{route.name}{PIN_SEPARATOR}{route.version}"}
+
+    def candidate_failed(self, route: Route, error: str, status: int) -> None:
+        """The candidate could not be loaded; the request goes to current. A refusal for
+        good (4xx: it will never load) ends the canary at once; a transient one (5xx)
+        counts as one candidate error, judged by the error guard like any other."""
         c = self._canaries.get(route.name)
-        if c is not None and c.id == route.canary_id:
+        if c is None or c.id != route.canary_id:
+            return
+        if status < 500:
             self._end(c, "abort", f"candidate cannot be served: {error}", {})
+            return
+        self._version_stats(route.canary_id, route.version).add(error=True, per_token_s=None)
+        self._dirty.add(route.canary_id)
+        self.judge(route.name)
 
     # -- signals ----------------------------------------------------------------------------
-    def _series(self, route: Route) -> tuple[Any, Any, Any]:
+    def _series(self, name: str, version: str, candidate: bool) -> tuple[Any, Any, Any]:
         """The Prometheus children of one (name, version, role), looked up once."""
-        key = (route.name, route.version, route.candidate)
+        key = (name, version, candidate)
         found = self._children.get(key)
         if found is None:
-            role = "candidate" if route.candidate else "current"
+            role = "candidate" if candidate else "current"
             found = (
-                metrics.CANARY_REQUESTS.labels(route.name, route.version, role),
-                metrics.CANARY_ERRORS.labels(route.name, route.version, role),
-                metrics.CANARY_LATENCY.labels(route.name, route.version),
+                metrics.CANARY_REQUESTS.labels(name, version, role),
+                metrics.CANARY_ERRORS.labels(name, version, role),
+                metrics.CANARY_LATENCY.labels(name, version),
             )
             self._children[key] = found
         return found
 
     def _version_stats(self, canary_id: str, version: str) -> VersionStats:
-        return self._stats.setdefault(canary_id, {}).setdefault(version, VersionStats())
+        return self._local.setdefault(canary_id, {}).setdefault(version, VersionStats())
 
-    def record(self, route: Route, status: int, seconds: float, response_id: str | None) -> None:
-        """Count one finished request and judge the guards."""
-        s = self._version_stats(route.canary_id, route.version)
-        s.requests += 1
-        error = status >= 500
-        if error:
-            s.errors += 1
-        else:
-            s.latencies.append(seconds)
-        requests, errors, latency = self._series(route)
+    def record(self, route: Route, watch: AnswerWatch, seconds: float) -> None:
+        """Count one finished request for the version that answered it, record its id, and
+        judge the guards."""
+        c = self._canaries.get(route.name)
+        version = route.version
+        answered = split_model(watch.model or "")
+        if answered is not None and answered[0] == route.name:
+            version = answered[1]  # the answer names who answered: that is the truth
+        candidate = c is not None and version == c.version
+        error = watch.failed or (candidate and watch.status == 404)
+        self._version_stats(route.canary_id, version).add(
+            error=error, per_token_s=None if error else seconds / watch.tokens
+        )
+        self._dirty.add(route.canary_id)
+        requests, errors, latency = self._series(route.name, version, candidate)
         requests.inc()
         if error:
             errors.inc()
         latency.observe(seconds)
-        if response_id:
-            self._responses[response_id] = (route.name, route.version, route.canary_id)
-            while len(self._responses) > MAX_RESPONSES:
-                self._responses.popitem(last=False)
+        if watch.answer_id and watch.status == 200 and not watch.stream_error:
+            self.book.issued(watch.answer_id, Answer(route.name, version, route.canary_id))
+            self.wake()  # write it to the fleet's log soon: a score may come to another replica
         self.judge(route.name)
 
-    def feedback(
-        self, name: str, response_id: str, score: float, model: str | None
-    ) -> dict[str, Any]:
-        """Record an agent's score for a response; KeyError when its version is unknown."""
-        known = self._responses.get(response_id)
-        if known is not None and known[0] == name:
-            _, version, canary_id = known
-        else:
-            # Another replica answered it: the answer's `model` says which version did.
-            name_part, _, version = (model or "").partition(PIN_SEPARATOR)
-            c = self._canaries.get(name)
-            if name_part != name or not version or c is None:
-                raise KeyError(response_id)
-            canary_id = c.id
-        s = self._version_stats(canary_id, version)
-        s.feedback += 1
-        s.score_sum += score
-        if score < 0:
-            s.negatives += 1
-        metrics.CANARY_FEEDBACK.labels(name, version, "negative" if score < 0 else "positive").inc()
+    async def feedback(self, name: str, answer_id: str, score: float) -> dict[str, Any]:
+        """Record an agent's score for an answer the fleet issued (UnknownResponseError for
+        any other id); an id not known here yet is looked up in the other replicas' logs."""
+        if self.book.lookup(name, answer_id) is None:
+            await self._look_elsewhere(name)
+        result = self.book.score(name, answer_id, score)
+        self.wake()
+        c = self._canaries.get(name)
+        result["counted"] = c is not None and c.id == result["canary_id"]
         self.judge(name)
-        return {"name": name, "version": version, "recorded": True}
+        return result
 
     # -- guards -----------------------------------------------------------------------------
+    def fleet_stats(self, canary_id: str) -> Stats:
+        return summed([self._local.get(canary_id, {}), self._fleet.get(canary_id, {})])
+
     def judge(self, name: str) -> tuple[str, str] | None:
         c = self._canaries.get(name)
         if c is None:
             return None
-        decided = verdict(c, self._stats.get(c.id, {}), self._clock())
+        stats = self.fleet_stats(c.id)
+        decided = verdict(c, stats, self.book.tallies(c.id), self._clock())
         if decided is not None:
             outcome, reason = decided
-            evidence = {v: s.as_dict() for v, s in self._stats.get(c.id, {}).items()}
-            self._end(c, outcome, reason, evidence)
+            self._end(c, outcome, reason, self._evidence(c))
         return decided
+
+    def _evidence(self, c: Canary) -> dict[str, Any]:
+        tallies = self.book.tallies(c.id)
+        return {
+            v: describe(s, tallies.get(v))
+            for v, s in sorted(self.fleet_stats(c.id).items())
+            if v in (c.version, c.baseline)
+        }
 
     def _end(self, c: Canary, outcome: str, reason: str, evidence: dict[str, Any]) -> None:
         """Stop routing now; write the outcome to the registry from the loop (off the request)."""
         if self._canaries.get(c.name) is c:
             del self._canaries[c.name]
         metrics.CANARY_WEIGHT.labels(c.name).set(0)
-        self._ended[c.id] = (c, outcome, reason)
-        self._pending[c.id] = (c, outcome, reason, evidence)
+        ended = _Ended(c, outcome, reason)
+        self._ended[c.id] = ended
+        while len(self._ended) > MAX_ENDED:
+            self._ended.popitem(last=False)
+        self._pending[c.id] = (ended, evidence)
         logger.warning("agent_finetune: canary %s@%s %s: %s", c.name, c.version, outcome, reason)
         self.wake()
 
     def _write_pending(self) -> None:
         """Record ended canaries in the registry (blocking); keep failures for the next pass."""
-        for cid, (c, outcome, reason, evidence) in list(self._pending.items()):
+        for cid, (ended, evidence) in list(self._pending.items()):
+            c, outcome = ended.canary, ended.outcome
             try:
                 finish_canary(
                     self.registry,
                     c.name,
                     "promote" if outcome == "promote" else "abort",
-                    reason=reason,
+                    reason=ended.reason,
                     canary_id=cid,
-                    evidence={"replica": os.getpid(), "versions": evidence},
+                    evidence={"replica": self.replica, "versions": evidence},
                 )
                 metrics.CANARY_ENDS.labels(c.name, outcome).inc()
                 self.errors.pop(c.name, None)
+            except CurrentMovedError as e:  # the registry ended it as an abort instead
+                logger.warning("agent_finetune: %s", e)
+                self._ended[cid] = _Ended(c, "abort", str(e))
+                metrics.CANARY_ENDS.labels(c.name, "abort").inc()
             except Exception as e:
                 self.errors[c.name] = f"{_UNRECORDED} {outcome} in the registry: {e}"
                 logger.exception(
@@ -398,6 +366,99 @@ class CanaryRouter:
                 )
                 continue
             del self._pending[cid]
+
+    # -- the fleet --------------------------------------------------------------------------
+    def _counts_to_write(self) -> dict[str, dict[str, Any]]:
+        """name -> this replica's counters of its running canary, when they changed."""
+        out = {}
+        for name, c in self._canaries.items():
+            if c.id in self._dirty:
+                versions = {v: s.counts() for v, s in self._local.get(c.id, {}).items()}
+                out[name] = {
+                    "canary_id": c.id,
+                    "replica": self.replica,
+                    "ts": self._clock(),
+                    "versions": versions,
+                }
+        self._dirty.clear()
+        return out
+
+    def _swap_counts(
+        self, mine: dict[str, dict[str, Any]], canaries: dict[str, str]
+    ) -> dict[str, dict[str, dict[str, Any]]]:
+        """Blocking: write this replica's counters, read the others' (name -> replica ->)."""
+        for name, counts in mine.items():
+            try:
+                write_counts(self.registry.name_dir(name), self.replica, counts)
+            except (OSError, AgentFinetuneError) as e:
+                logger.warning("agent_finetune: cannot write canary counters of %s: %s", name, e)
+        return {
+            name: read_counts(self.registry.name_dir(name), cid, skip=self.replica)
+            for name, cid in canaries.items()
+        }
+
+    def _take_counts(self, read: dict[str, dict[str, dict[str, Any]]]) -> None:
+        for name, replicas in read.items():
+            c = self._canaries.get(name)
+            if c is None:
+                continue
+            parts = []
+            for data in replicas.values():
+                versions = data.get("versions")
+                stats = {
+                    str(v): parsed
+                    for v, raw in (versions.items() if isinstance(versions, dict) else [])
+                    if (parsed := VersionStats.from_counts(raw)) is not None
+                }
+                parts.append(stats)
+            self._fleet[c.id] = summed(parts)
+            self._replicas[c.id] = len(parts) + 1
+
+    async def _exchange(self, extra: Iterable[str] = ()) -> None:
+        """Write this replica's answers and scores to the fleet's logs, and read the other
+        replicas' (for canaried names and ``extra``)."""
+        outbox = self.book.take_outbox()
+        names = set(self._canaries) | set(extra)
+        if not outbox and not names:
+            return
+        read, problems = await asyncio.to_thread(self.book.exchange, outbox, names)
+        self.book.merge(read)
+        for problem in problems:
+            logger.warning("agent_finetune: %s", problem)
+
+    async def _look_elsewhere(self, name: str) -> None:
+        """An id not known here: wait for the next read of the other replicas' logs of
+        ``name``. Misses share reads, and reads of one name start at least
+        ``_LOOK_EVERY_S`` apart, so a flood of made-up ids costs one read per interval."""
+        if name not in self._registry_names:
+            return  # no such adapter: nothing to read
+        entry = self._looking.get(name)
+        if entry is None or entry[1]["started"]:
+            state = {"started": False}
+            before = entry[0] if entry is not None else None
+
+            async def read() -> None:
+                if before is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(before)
+                wait = self._looked.get(name, 0.0) + _LOOK_EVERY_S - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                state["started"] = True
+                try:
+                    await self._exchange({name})
+                finally:
+                    self._looked[name] = time.monotonic()
+
+            task = asyncio.ensure_future(read())
+            entry = self._looking[name] = (task, state)
+            task.add_done_callback(lambda t: self._forget_look(name, t))
+        await asyncio.shield(entry[0])
+
+    def _forget_look(self, name: str, task: asyncio.Future[None]) -> None:
+        entry = self._looking.get(name)
+        if entry is not None and entry[0] is task:
+            del self._looking[name]
 
     # -- loop -------------------------------------------------------------------------------
     def wake(self) -> None:
@@ -413,6 +474,10 @@ class CanaryRouter:
         found = await asyncio.to_thread(self.read_registry)
         if found is not None:
             self.apply(*found)
+        await self._exchange()
+        mine = self._counts_to_write()
+        canaries = {n: c.id for n, c in self._canaries.items()}
+        self._take_counts(await asyncio.to_thread(self._swap_counts, mine, canaries))
         for name in list(self._canaries):
             self.judge(name)
         if self._pending:
@@ -436,7 +501,8 @@ class CanaryRouter:
         names: dict[str, Any] = {}
         now = self._clock()
         for name, c in sorted(self._canaries.items()):
-            stats = self._stats.get(c.id, {})
+            tallies = self.book.tallies(c.id)
+            stats = self.fleet_stats(c.id)
             names[name] = {
                 "version": c.version,
                 "baseline": c.baseline,
@@ -446,50 +512,60 @@ class CanaryRouter:
                 "elapsed_s": round(c.elapsed_s(now), 3),
                 "guards": c.guards.__dict__,
                 "verdict": "running",
+                "replicas": self._replicas.get(c.id, 1),
                 "versions": {
-                    v: {"role": "candidate" if v == c.version else "current", **s.as_dict()}
+                    v: {
+                        "role": "candidate" if v == c.version else "current",
+                        **describe(s, tallies.get(v)),
+                        "this_replica_requests": self._local.get(c.id, {})
+                        .get(v, VersionStats())
+                        .requests,
+                    }
                     for v, s in stats.items()
                 },
             }
         ended = [
             {
-                "name": c.name,
-                "version": c.version,
-                "outcome": o,
-                "reason": r,
+                "name": e.canary.name,
+                "version": e.canary.version,
+                "outcome": e.outcome,
+                "reason": e.reason,
                 "id": cid,
                 "recorded": cid not in self._pending,
             }
-            for cid, (c, o, r) in list(self._ended.items())[-20:]
+            for cid, e in list(self._ended.items())[-20:]
         ]
         return {
+            "replica": self.replica,
             "names": names,
             "ended": ended,
             "errors": dict(self.errors),
             "last_refresh": self.last_refresh,
+            "feedback_records_dropped": self.book.dropped,
+            "unrouted_large_bodies": self.unrouted_large,
         }
 
     def wrap_send(
         self, route: Route, send: Send, started: float
     ) -> tuple[Send, Callable[[], None]]:
-        """An ASGI ``send`` that records status, latency and response id of ``route``, and a
-        ``finish`` to call when the app returns or raises (records a 500 if nothing was sent)."""
-        state: dict[str, Any] = {"status": 500, "id": None, "first": True, "done": False}
+        """An ASGI ``send`` that watches the answer (status, id, who answered, errors inside
+        a stream, output tokens), and a ``finish`` to call when the app returns or raises
+        (records a 500 if nothing was sent)."""
+        watch = AnswerWatch()
+        done = False
 
         def finish() -> None:
-            if not state["done"]:
-                state["done"] = True
-                self.record(route, state["status"], time.perf_counter() - started, state["id"])
+            nonlocal done
+            if not done:
+                done = True
+                self.record(route, watch, time.perf_counter() - started)
 
         async def wrapped(message: Message) -> None:
             kind = message.get("type")
             if kind == "http.response.start":
-                state["status"] = int(message.get("status", 500))
+                watch.start(int(message.get("status", 500)))
             elif kind == "http.response.body":
-                if state["first"]:
-                    state["first"] = False
-                    m = _ID_RE.search(bytes(message.get("body", b""))[:4096])
-                    state["id"] = m.group(1).decode("utf-8", "replace") if m else None
+                watch.body(bytes(message.get("body", b"")))
                 if not message.get("more_body", False):
                     finish()
             await send(message)

@@ -63,15 +63,17 @@ class Guards:
     """When a canary is aborted (any guard trips) or may be promoted (none did, for long enough)."""
 
     min_requests: int = 20
-    """Candidate requests (on one replica) before the request guards are judged."""
+    """Candidate requests (summed over every replica) before the request guards are judged."""
     max_error_rate: float = 0.05
-    """Abort when more than this fraction of the candidate's requests fail (HTTP 5xx)."""
+    """Abort when more than this fraction of the candidate's requests fail (HTTP 5xx, an error
+    inside a 200 stream, a 404, a transient refusal to load it)."""
     max_latency_ratio: float = 2.0
-    """Abort when the candidate's median latency exceeds the baseline's by this factor."""
+    """Abort when the candidate's median latency per output token exceeds the baseline's by
+    this factor."""
     max_negative_feedback: float = 0.3
     """Abort when more than this fraction of the candidate's feedback scores are negative."""
     min_feedback: int = 5
-    """Feedback scores on the candidate before the feedback guard is judged."""
+    """Scored answers of the candidate (one score each) before the feedback guard is judged."""
     duration_s: float = 1800.0
     """Seconds the canary must stay green before it may be promoted."""
 
