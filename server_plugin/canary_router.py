@@ -65,6 +65,7 @@ _SESSION_HEADER_B = SESSION_HEADER.encode()
 _UNRECORDED = "cannot record canary"
 MAX_ENDED = 100
 _LOOK_EVERY_S = 0.05
+_FLUSH_EVERY_S = 0.02
 
 Message = MutableMapping[str, Any]
 Send = Callable[[Message], Awaitable[None]]
@@ -117,6 +118,8 @@ class CanaryRouter:
         self._looking: dict[str, tuple[asyncio.Future[None], dict[str, bool]]] = {}
         self._looked: dict[str, float] = {}
         self._registry_names: frozenset[str] = frozenset()
+        self._flushing: asyncio.Task[None] | None = None
+        self.fleet_errors: dict[str, str] = {}  # name -> why the fleet's logs failed
         self.errors: dict[str, str] = {}  # name -> last registry problem
         self.unrouted_large = 0
         self.last_refresh: str | None = None
@@ -289,7 +292,7 @@ class CanaryRouter:
         latency.observe(seconds)
         if watch.answer_id and watch.status == 200 and not watch.stream_error:
             self.book.issued(watch.answer_id, Answer(route.name, version, route.canary_id))
-            self.wake()  # write it to the fleet's log soon: a score may come to another replica
+            self._flush_soon()  # a score for it may come to another replica
         self.judge(route.name)
 
     async def feedback(self, name: str, answer_id: str, score: float) -> dict[str, Any]:
@@ -298,7 +301,7 @@ class CanaryRouter:
         if self.book.lookup(name, answer_id) is None:
             await self._look_elsewhere(name)
         result = self.book.score(name, answer_id, score)
-        self.wake()
+        self._flush_soon()
         c = self._canaries.get(name)
         result["counted"] = c is not None and c.id == result["canary_id"]
         self.judge(name)
@@ -414,17 +417,40 @@ class CanaryRouter:
             self._fleet[c.id] = summed(parts)
             self._replicas[c.id] = len(parts) + 1
 
-    async def _exchange(self, extra: Iterable[str] = ()) -> None:
-        """Write this replica's answers and scores to the fleet's logs, and read the other
-        replicas' (for canaried names and ``extra``)."""
+    async def _exchange(self, extra: Iterable[str] = (), *, read: bool = True) -> None:
+        """Write this replica's answers and scores to the fleet's logs, and (``read``) read
+        the other replicas' (for canaried names and ``extra``)."""
         outbox = self.book.take_outbox()
-        names = set(self._canaries) | set(extra)
+        names = (set(self._canaries) | set(extra)) if read else set()
         if not outbox and not names:
             return
-        read, problems = await asyncio.to_thread(self.book.exchange, outbox, names)
-        self.book.merge(read)
-        for problem in problems:
-            logger.warning("agent_finetune: %s", problem)
+        found, problems = await asyncio.to_thread(self.book.exchange, outbox, names)
+        await self.book.merge(found)
+        touched = {name for name, _ in outbox} | names
+        for name in touched:
+            problem = next((p for p in problems if p.startswith(f"{name}: ")), None)
+            if problem is None:
+                self.fleet_errors.pop(name, None)
+            elif self.fleet_errors.get(name) != problem:  # log a problem once, not every pass
+                self.fleet_errors[name] = problem
+                logger.warning("agent_finetune: %s", problem)
+
+    def _flush_soon(self) -> None:
+        """Write the queued answers and scores within ``_FLUSH_EVERY_S`` (one write per
+        batch, off the request), without a whole pass."""
+        if self._flushing is not None or self._loop is None:
+            return
+
+        async def flush() -> None:
+            try:
+                await asyncio.sleep(_FLUSH_EVERY_S)
+                await self._exchange(read=False)
+            except Exception:
+                logger.exception("agent_finetune: writing the fleet's answer log failed")
+            finally:
+                self._flushing = None
+
+        self._flushing = self._loop.create_task(flush())
 
     async def _look_elsewhere(self, name: str) -> None:
         """An id not known here: wait for the next read of the other replicas' logs of
@@ -539,7 +565,7 @@ class CanaryRouter:
             "replica": self.replica,
             "names": names,
             "ended": ended,
-            "errors": dict(self.errors),
+            "errors": {**self.fleet_errors, **self.errors},
             "last_refresh": self.last_refresh,
             "feedback_records_dropped": self.book.dropped,
             "unrouted_large_bodies": self.unrouted_large,

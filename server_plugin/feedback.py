@@ -54,6 +54,7 @@ MAX_ANSWERS = 100_000
 MAX_OUTBOX = 50_000
 MAX_LOGS = 256
 _FIELDS = frozenset({"id", "score", "model"})
+_MERGE_BATCH = 2000
 
 
 @dataclass(frozen=True)
@@ -242,10 +243,15 @@ class FeedbackBook:
                         problems.append(f"{name}: cannot read {kind}: {e}")
         return read, problems
 
-    def merge(self, read: dict[tuple[str, str], list[dict[str, Any]]]) -> None:
-        """Take in the other replicas' records (on the loop)."""
+    async def merge(self, read: dict[tuple[str, str], list[dict[str, Any]]]) -> None:
+        """Take in the other replicas' records (on the loop, yielding to it every
+        ``_MERGE_BATCH`` records: a first read of a busy log must not stall serving)."""
+        done = 0
         for (name, kind), entries in read.items():
             for e in entries:
+                done += 1
+                if done % _MERGE_BATCH == 0:
+                    await asyncio.sleep(0)
                 rid, version, cid = e.get("id"), e.get("version"), e.get("canary_id")
                 if not _is_id(rid) or not is_version(version):
                     continue

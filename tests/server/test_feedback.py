@@ -289,3 +289,48 @@ def test_any_json_body_is_a_clear_answer(reg: Registry, data: Any) -> None:
 
 
 _routers: dict[str, CanaryRouter] = {}
+
+
+def test_answers_reach_the_fleets_log_in_batches_not_per_pass(reg: Registry) -> None:
+    router = router_for(reg, 50)
+    log = reg.root / "bot" / "rollout" / "responses" / f"{router.replica}.jsonl"
+
+    async def scenario() -> bool:
+        task = asyncio.ensure_future(router.run(resync_s=60))  # one pass now, the next in 60 s
+        await asyncio.sleep(0.2)
+        for i in range(5):
+            answer_in_loop(router, f"batched-{i}")
+        await asyncio.sleep(0.5)
+        written = log.is_file() and log.read_text().count("batched-") == 5
+        task.cancel()
+        return written
+
+    assert asyncio.run(scenario())
+
+
+def answer_in_loop(router: CanaryRouter, rid: str) -> None:
+    from server_plugin.canary_signals import AnswerWatch
+
+    watch = AnswerWatch()
+    watch.start(200)
+    watch.body(json.dumps({"id": rid, "model": "bot@v0002"}).encode())
+    router.record(candidate(router), watch, 0.1)
+
+
+def test_an_unwritable_rollout_folder_is_reported_once_not_every_pass(
+    reg: Registry, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from agent_finetune.errors import RegistryError
+    from agent_finetune.registry.rollout import FleetLog
+
+    def read_only(self: Any, entries: Any) -> None:
+        raise RegistryError("cannot append to responses: read-only (errno 30 EROFS)")
+
+    monkeypatch.setattr(FleetLog, "append", read_only)
+    router = router_for(reg, 50)
+    for i in range(3):
+        answer(router, candidate(router), rid=f"r-{i}")
+        run_pass(router)
+    assert "cannot record responses" in router.status()["errors"]["bot"]
+    assert sum("cannot record responses" in r.message for r in caplog.records) == 1
+    assert score(router, "r-0", 1)["recorded"]  # this replica still knows its answers
