@@ -700,24 +700,15 @@ def run_phase(bench: Bench, phase: str, model: Path) -> dict[str, Any]:
 
 
 def _ids(url: str, model: str) -> list[int]:
+    return list(_answer(url, model)["choices"][0]["token_ids"])
+
+
+def _answer(url: str, model: str = NAME) -> dict[str, Any]:
     import httpx
 
     r = httpx.post(
         url + "/v1/chat/completions",
         json=_request(model, MAX_TOKENS),
-        headers={"Authorization": f"Bearer {API_KEY}"},
-        timeout=60,
-    )
-    r.raise_for_status()
-    return list(r.json()["choices"][0]["token_ids"])
-
-
-def _answer(url: str) -> dict[str, Any]:
-    import httpx
-
-    r = httpx.post(
-        url + "/v1/chat/completions",
-        json=_request(NAME, MAX_TOKENS),
         headers={"Authorization": f"Bearer {API_KEY}"},
         timeout=60,
     )

@@ -50,7 +50,9 @@ from server_plugin import metrics
 from server_plugin.canary_signals import (
     AnswerWatch,
     VersionStats,
+    counts_document,
     describe,
+    parse_counts,
     sticky_draw,
     summed,
     verdict,
@@ -119,7 +121,7 @@ class CanaryRouter:
         self._looked: dict[str, float] = {}
         self._registry_names: frozenset[str] = frozenset()
         self._flushing: asyncio.Task[None] | None = None
-        self.fleet_errors: dict[str, str] = {}  # name -> why the fleet's logs failed
+        self.fleet_errors: dict[tuple[str, str], str] = {}  # (name, logs|counts) -> problem
         self.errors: dict[str, str] = {}  # name -> last registry problem
         self.unrouted_large = 0
         self.last_refresh: str | None = None
@@ -373,49 +375,47 @@ class CanaryRouter:
     # -- the fleet --------------------------------------------------------------------------
     def _counts_to_write(self) -> dict[str, dict[str, Any]]:
         """name -> this replica's counters of its running canary, when they changed."""
-        out = {}
-        for name, c in self._canaries.items():
-            if c.id in self._dirty:
-                versions = {v: s.counts() for v, s in self._local.get(c.id, {}).items()}
-                out[name] = {
-                    "canary_id": c.id,
-                    "replica": self.replica,
-                    "ts": self._clock(),
-                    "versions": versions,
-                }
+        out = {
+            name: counts_document(c.id, self.replica, self._clock(), self._local.get(c.id, {}))
+            for name, c in self._canaries.items()
+            if c.id in self._dirty
+        }
         self._dirty.clear()
         return out
 
     def _swap_counts(
         self, mine: dict[str, dict[str, Any]], canaries: dict[str, str]
-    ) -> dict[str, dict[str, dict[str, Any]]]:
+    ) -> tuple[dict[str, dict[str, dict[str, Any]]], list[str]]:
         """Blocking: write this replica's counters, read the others' (name -> replica ->)."""
+        problems = []
         for name, counts in mine.items():
             try:
                 write_counts(self.registry.name_dir(name), self.replica, counts)
             except (OSError, AgentFinetuneError) as e:
-                logger.warning("agent_finetune: cannot write canary counters of %s: %s", name, e)
-        return {
+                problems.append(f"{name}: cannot write canary counters: {e}")
+        read = {
             name: read_counts(self.registry.name_dir(name), cid, skip=self.replica)
             for name, cid in canaries.items()
         }
+        return read, problems
 
     def _take_counts(self, read: dict[str, dict[str, dict[str, Any]]]) -> None:
         for name, replicas in read.items():
             c = self._canaries.get(name)
-            if c is None:
-                continue
-            parts = []
-            for data in replicas.values():
-                versions = data.get("versions")
-                stats = {
-                    str(v): parsed
-                    for v, raw in (versions.items() if isinstance(versions, dict) else [])
-                    if (parsed := VersionStats.from_counts(raw)) is not None
-                }
-                parts.append(stats)
-            self._fleet[c.id] = summed(parts)
-            self._replicas[c.id] = len(parts) + 1
+            if c is not None:
+                self._fleet[c.id] = summed(parse_counts(d) for d in replicas.values())
+                self._replicas[c.id] = len(replicas) + 1
+
+    def _note(self, topic: str, names: Iterable[str], problems: list[str]) -> None:
+        """Keep each name's latest problem with the fleet's ``topic`` files for status; log
+        it once, not every pass (a read-only registry would say it every second)."""
+        for name in names:
+            problem = next((p for p in problems if p.startswith(f"{name}: ")), None)
+            if problem is None:
+                self.fleet_errors.pop((name, topic), None)
+            elif self.fleet_errors.get((name, topic)) != problem:
+                self.fleet_errors[(name, topic)] = problem
+                logger.warning("agent_finetune: %s", problem)
 
     async def _exchange(self, extra: Iterable[str] = (), *, read: bool = True) -> None:
         """Write this replica's answers and scores to the fleet's logs, and (``read``) read
@@ -426,14 +426,7 @@ class CanaryRouter:
             return
         found, problems = await asyncio.to_thread(self.book.exchange, outbox, names)
         await self.book.merge(found)
-        touched = {name for name, _ in outbox} | names
-        for name in touched:
-            problem = next((p for p in problems if p.startswith(f"{name}: ")), None)
-            if problem is None:
-                self.fleet_errors.pop(name, None)
-            elif self.fleet_errors.get(name) != problem:  # log a problem once, not every pass
-                self.fleet_errors[name] = problem
-                logger.warning("agent_finetune: %s", problem)
+        self._note("logs", {name for name, _ in outbox} | names, problems)
 
     def _flush_soon(self) -> None:
         """Write the queued answers and scores within ``_FLUSH_EVERY_S`` (one write per
@@ -503,7 +496,9 @@ class CanaryRouter:
         await self._exchange()
         mine = self._counts_to_write()
         canaries = {n: c.id for n, c in self._canaries.items()}
-        self._take_counts(await asyncio.to_thread(self._swap_counts, mine, canaries))
+        read, problems = await asyncio.to_thread(self._swap_counts, mine, canaries)
+        self._take_counts(read)
+        self._note("counts", mine, problems)
         for name in list(self._canaries):
             self.judge(name)
         if self._pending:
@@ -565,7 +560,7 @@ class CanaryRouter:
             "replica": self.replica,
             "names": names,
             "ended": ended,
-            "errors": {**self.fleet_errors, **self.errors},
+            "errors": {**{n: e for (n, _), e in self.fleet_errors.items()}, **self.errors},
             "last_refresh": self.last_refresh,
             "feedback_records_dropped": self.book.dropped,
             "unrouted_large_bodies": self.unrouted_large,

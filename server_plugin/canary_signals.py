@@ -217,6 +217,24 @@ class AnswerWatch:
         return (self.fields or {}).get("model")
 
 
+def counts_document(
+    canary_id: str, replica: str, ts: float, stats: dict[str, VersionStats]
+) -> dict[str, Any]:
+    """One replica's counters as ``<name>/rollout/counts/<replica>.json`` holds them."""
+    versions = {v: s.counts() for v, s in stats.items()}
+    return {"canary_id": canary_id, "replica": replica, "ts": ts, "versions": versions}
+
+
+def parse_counts(document: dict[str, Any]) -> dict[str, VersionStats]:
+    """Another replica's counters, per version (malformed versions are left out)."""
+    versions = document.get("versions")
+    return {
+        str(v): parsed
+        for v, raw in (versions.items() if isinstance(versions, dict) else [])
+        if (parsed := VersionStats.from_counts(raw)) is not None
+    }
+
+
 def summed(parts: Iterable[dict[str, VersionStats]]) -> dict[str, VersionStats]:
     """Per version, the sum of several replicas' counters."""
     out: dict[str, VersionStats] = {}
