@@ -68,6 +68,7 @@ CLI = "import sys; from agent_finetune.cli import main; sys.exit(main())"
 PROMPT = "How do I reset my password?"
 MAX_TOKENS = 8
 API_KEY = "chaos-key"
+_SPRAYERS = 16
 VLLM_ARGS = ["--max-model-len", "256", "--dtype", "bfloat16", "--api-key", API_KEY]
 PUBLISH = """
 import sys
@@ -231,14 +232,17 @@ class Sampler:
             if self.paused:
                 continue
             t = time.time()
-            said = _live_of(self.status())
+            first = self.status()
             served = probe(self.url, self.refs)
-            again = _live_of(self.status())
-            # The probe ran between two status reads; a swap between them is not a lie.
+            second = self.status()
+            said, again = _live_of(first), _live_of(second)
+            # The probe ran between two status reads; a swap between them is not a lie. A
+            # canary the status lists may answer too: that is what it says.
             if served is None:
                 truthful = said is None or again is None
             else:
-                truthful = said in served or again in served
+                allowed = {said, again} | _canary_of(first) | _canary_of(second)
+                truthful = bool(allowed & served)
             self.samples.append((t, truthful, said, sorted(served) if served else None))
 
     def longest_wrong_s(self) -> float:
@@ -257,6 +261,13 @@ class Sampler:
         if start is not None and last is not None:
             longest = max(longest, last + self.period_s - start)
         return longest
+
+
+def _canary_of(status: dict[str, Any] | None) -> set[str | None]:
+    """The candidate a status says its canary of ``NAME`` routes to (empty: none)."""
+    names = ((status or {}).get("canary") or {}).get("names") or {}
+    version = (names.get(NAME) or {}).get("version")
+    return {version} if version else set()
 
 
 def _live_of(status: dict[str, Any] | None) -> str | None:
@@ -471,7 +482,7 @@ class Bench:
 
     def feedback_flood(self, n: int) -> None:
         """A canary runs; ``n`` posts with distinct made-up ids and labels, and replays of
-        one real answer's id, hit the feedback route from 4 threads."""
+        one real answer's id, hit the feedback route from ``_SPRAYERS`` threads."""
         import httpx
 
         current = self.registry.current(NAME)
@@ -490,7 +501,7 @@ class Bench:
             client = httpx.Client(
                 base_url=self.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60
             )
-            for i in range(part, n, 4):
+            for i in range(part, n, _SPRAYERS):
                 replay = i % 40 == 0
                 body = (
                     {"id": real["id"], "score": 1}
@@ -502,7 +513,7 @@ class Bench:
                     codes[code] = codes.get(code, 0) + 1
 
         with self.tag("feedback-flood"):
-            threads = [threading.Thread(target=spray, args=(k,)) for k in range(4)]
+            threads = [threading.Thread(target=spray, args=(k,)) for k in range(_SPRAYERS)]
             for t in threads:
                 t.start()
             for t in threads:
@@ -729,22 +740,26 @@ def _read_status(cache: Path) -> dict[str, Any] | None:
     return None
 
 
-def _wrong_versions(ok: list[dict[str, Any]], scenarios: dict[str, Any]) -> list[dict[str, Any]]:
-    """Answers the rollout scenarios do not allow: during the feedback flood, any version but
-    the canary's two; after the operator's hotfix converged, any version but the hotfix."""
-    out = []
+def _wrong_versions(
+    ok: list[dict[str, Any]], scenarios: dict[str, Any]
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Answers the rollout scenarios do not allow, and how many answers each rule checked:
+    during the feedback flood, any version but the canary's two; after the operator's
+    hotfix converged, any version but the hotfix."""
+    out, checked = [], {"feedback_flood": 0, "operator_during_canary": 0}
     flood = scenarios.get("feedback_flood") or {}
     operator = scenarios.get("operator_during_canary") or {}
     for r in ok:
         version = str(r.get("model", "")).partition("@")[2]
-        if ("feedback-flood" in r["tags"] and version not in flood.get("allowed_versions", [])) or (
-            "operator" in r["tags"]
-            and operator
-            and r["t0"] >= operator["settled_at"]
-            and version != operator["hotfix"]
-        ):
-            out.append(r)
-    return out
+        if "feedback-flood" in r["tags"]:
+            checked["feedback_flood"] += 1
+            if version not in flood.get("allowed_versions", []):
+                out.append(r)
+        elif "operator" in r["tags"] and operator and r["t0"] >= operator["settled_at"]:
+            checked["operator_during_canary"] += 1
+            if version != operator["hotfix"]:
+                out.append(r)
+    return out, checked
 
 
 def summarize(
@@ -768,7 +783,7 @@ def summarize(
     lost = [r for r in results if r["status"] is None and not during_down(r)]
     down = [r for r in results if during_down(r) and r["status"] != 200]
     torn = [r for r in ok if r.get("torn")]
-    wrong_version = _wrong_versions(ok, bench.scenarios) if phase == "plugin" else []
+    wrong_version, checked = _wrong_versions(ok, bench.scenarios) if phase == "plugin" else ([], {})
     wrong = [s for s in sampler.samples if not s[1]]
     converge = [f["converge_s"] for f in bench.faults if f["phase"] == phase]
     return {
@@ -782,6 +797,7 @@ def summarize(
         "lost": len(lost),
         "torn": len(torn),
         "wrong_version": len(wrong_version),
+        "wrong_version_checked": checked,
         "wrong_version_examples": [(r["t0"], r.get("model")) for r in wrong_version[:5]],
         "scenarios": bench.scenarios if phase == "plugin" else {},
         "sidecar_swap_window_404": len(window),
