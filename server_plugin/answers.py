@@ -76,6 +76,12 @@ def answer_fields(data: bytes) -> dict[str, str]:
 
 
 def _decode(token: bytes) -> str | None:
+    """A JSON string token's text (json.loads only for the rare token with an escape)."""
+    if b"\\" not in token:
+        try:
+            return token[1:-1].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
     try:
         value = json.loads(token)
     except ValueError:

@@ -240,5 +240,6 @@ def summed(parts: Iterable[dict[str, VersionStats]]) -> dict[str, VersionStats]:
     out: dict[str, VersionStats] = {}
     for part in parts:
         for version, stats in part.items():
-            out[version] = out.get(version, VersionStats()).merge(stats)
+            mine = out.get(version)
+            out[version] = stats if mine is None else mine.merge(stats)  # never mutated
     return out
