@@ -33,7 +33,7 @@ def test_an_atomic_write_leaves_old_or_new_and_no_temp_file(
     monkeypatch.setattr(os, "replace", full)
     with pytest.raises(RegistryError, match="the disk is full"):
         atomic_write_json(path, {"version": "v0002"})
-    assert read_jsonl(path)[0] == [] and '"v0001"' in path.read_text()
+    assert '"v0001"' in path.read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["current"]
 
 
