@@ -23,8 +23,7 @@ reads it on each resync (filesystem events wake it early) and applies the same s
 - **Stale canaries** end here too: one whose candidate left the registry, or whose
   baseline is no longer current (an operator moved it; a writer died mid-promote).
 
-No vLLM import here; the middleware calls ``route``, ``wrap_send`` and ``candidate_failed``,
-the feedback route ``feedback``.
+No vLLM import here.
 """
 
 from __future__ import annotations
@@ -67,6 +66,7 @@ _SESSION_HEADER_B = SESSION_HEADER.encode()
 _UNRECORDED = "cannot record canary"
 MAX_ENDED = 100
 _LOOK_EVERY_S = 0.05
+_LOOK_DELAYS_S = (0.1, 0.5)  # after the post: when the other replicas' writes have landed
 _FLUSH_EVERY_S = 0.02
 
 Message = MutableMapping[str, Any]
@@ -117,8 +117,7 @@ class CanaryRouter:
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._children: dict[tuple[str, str, bool], tuple[Any, Any, Any]] = {}
-        self._looking: dict[str, tuple[asyncio.Future[None], dict[str, bool]]] = {}
-        self._looked: dict[str, float] = {}
+        self._reads: dict[str, list[tuple[float, asyncio.Future[None]]]] = {}
         self._registry_names: frozenset[str] = frozenset()
         self._flushing: asyncio.Task[None] | None = None
         self.fleet_errors: dict[tuple[str, str], str] = {}  # (name, logs|counts) -> problem
@@ -145,13 +144,9 @@ class CanaryRouter:
             self.apply(*found)
 
     def read_registry(self) -> tuple[dict[str, Canary], dict[str, str]] | None:
-        """(name -> canary, name -> problem) from the registry; None when it is unavailable.
-
-        Blocking file reads: the plugin calls this in a thread and ``apply`` on its loop, so a
-        canary this replica just ended can never come back from a read that raced the end.
-        A canary found stale (candidate gone, baseline no longer current) is returned with
-        its problem, to be ended on the loop.
-        """
+        """(name -> canary, name -> problem, "stale: ..." for one to end) from the registry;
+        None when it is unavailable. Blocking: the plugin calls this in a thread and
+        ``apply`` on its loop, so a canary ended here never comes back from a racing read."""
         try:
             names, _ = self.registry.scan("any")
         except AgentFinetuneError:
@@ -301,7 +296,7 @@ class CanaryRouter:
         """Record an agent's score for an answer the fleet issued (UnknownResponseError for
         any other id); an id not known here yet is looked up in the other replicas' logs."""
         if self.book.lookup(name, answer_id) is None:
-            await self._look_elsewhere(name)
+            await self._look_elsewhere(name, answer_id)
         result = self.book.score(name, answer_id, score)
         self._flush_soon()
         c = self._canaries.get(name)
@@ -429,8 +424,7 @@ class CanaryRouter:
         self._note("logs", {name for name, _ in outbox} | names, problems)
 
     def _flush_soon(self) -> None:
-        """Write the queued answers and scores within ``_FLUSH_EVERY_S`` (one write per
-        batch, off the request), without a whole pass."""
+        """Write queued answers and scores within ``_FLUSH_EVERY_S``, one write per batch."""
         if self._flushing is not None or self._loop is None:
             return
 
@@ -445,39 +439,44 @@ class CanaryRouter:
 
         self._flushing = self._loop.create_task(flush())
 
-    async def _look_elsewhere(self, name: str) -> None:
-        """An id not known here: wait for the next read of the other replicas' logs of
-        ``name``. Misses share reads, and reads of one name start at least
-        ``_LOOK_EVERY_S`` apart, so a flood of made-up ids costs one read per interval."""
+    async def _look_elsewhere(self, name: str, answer_id: str) -> None:
+        """An id not known here: read the other replicas' logs of ``name``, first once their
+        answers given before this post must have been written (they are recorded before the
+        client gets the answer and written within ``_FLUSH_EVERY_S``), then once more, later.
+        Misses share reads, and reads of one name start ``_LOOK_EVERY_S`` apart, so a flood
+        of made-up ids costs one read per interval, not one per post."""
         if name not in self._registry_names:
             return  # no such adapter: nothing to read
-        entry = self._looking.get(name)
-        if entry is None or entry[1]["started"]:
-            state = {"started": False}
-            before = entry[0] if entry is not None else None
+        for delay in _LOOK_DELAYS_S:
+            await self._read_after(name, time.monotonic() + delay)
+            if self.book.lookup(name, answer_id) is not None:
+                return
 
-            async def read() -> None:
-                if before is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.shield(before)
-                wait = self._looked.get(name, 0.0) + _LOOK_EVERY_S - time.monotonic()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                state["started"] = True
-                try:
-                    await self._exchange({name})
-                finally:
-                    self._looked[name] = time.monotonic()
+    async def _read_after(self, name: str, due: float) -> None:
+        """Wait for a read of ``name``'s logs that starts at ``due`` or later."""
+        reads = self._reads.setdefault(name, [])
+        for start, task in reads:
+            if start >= due:
+                await asyncio.shield(task)
+                return
+        start = max([due, *(s + _LOOK_EVERY_S for s, _ in reads[-1:])])
 
-            task = asyncio.ensure_future(read())
-            entry = self._looking[name] = (task, state)
-            task.add_done_callback(lambda t: self._forget_look(name, t))
-        await asyncio.shield(entry[0])
+        async def read() -> None:
+            await asyncio.sleep(max(0.0, start - time.monotonic()))
+            await self._exchange({name})
 
-    def _forget_look(self, name: str, task: asyncio.Future[None]) -> None:
-        entry = self._looking.get(name)
-        if entry is not None and entry[0] is task:
-            del self._looking[name]
+        task = asyncio.ensure_future(read())
+        entry = (start, task)
+        reads.append(entry)
+        task.add_done_callback(lambda _: self._forget_read(name, entry))
+        await asyncio.shield(task)
+
+    def _forget_read(self, name: str, entry: tuple[float, asyncio.Future[None]]) -> None:
+        reads = self._reads.get(name, [])
+        if entry in reads:
+            reads.remove(entry)
+        if not reads:
+            self._reads.pop(name, None)
 
     # -- loop -------------------------------------------------------------------------------
     def wake(self) -> None:
