@@ -12,6 +12,9 @@ Every class also subclasses the built-in that callers already catch::
     ├── RegistryError(AgentFinetuneError, RuntimeError)    registry operation failed
     │   ├── InvalidNameError(RegistryError, ValueError)
     │   ├── NotFoundError(RegistryError, KeyError)
+    │   ├── RegistryReadError(RegistryError)               I/O error reading: the bytes may be fine
+    │   ├── CurrentMovedError(RegistryError)                compare-and-swap of current lost
+    │   ├── InvalidCanaryError(RegistryError, ValueError)   weight, guard or duration out of range
     │   └── ValidationError(RegistryError, ValueError)     adapter failed validation
     │       └── AdapterFormatError(ValidationError)         malformed safetensors header
     ├── LoadError(AgentFinetuneError, RuntimeError)        the vLLM server refused a load/swap
@@ -22,6 +25,8 @@ Every class also subclasses the built-in that callers already catch::
     ├── CacheInUseError(AgentFinetuneError, OSError)    another process owns the cache folder
     ├── AskError(AgentFinetuneError, RuntimeError)         `ask`: the server lacks that name
     ├── EvalError(AgentFinetuneError, RuntimeError)        evaluation could not run
+    ├── FeedbackError(AgentFinetuneError, ValueError)      a feedback post is malformed (400)
+    │   └── UnknownResponseError(FeedbackError, LookupError)  no such answer recorded (404)
     ├── GateRefusedError(AgentFinetuneError, RuntimeError) the gate kept the live version (exit 3)
     └── DemoError(AgentFinetuneError, RuntimeError)        a demo step did not do what it should
 
@@ -72,6 +77,20 @@ class NotFoundError(RegistryError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class RegistryReadError(RegistryError):
+    """A registry file could not be read (EIO, ESTALE, EACCES...): a fact about the read,
+    not about the bytes, so nothing is repaired or quarantined on it."""
+
+
+class CurrentMovedError(RegistryError):
+    """``current`` is no longer the version a decision started from (an operator moved it,
+    or another decision won): nothing was changed."""
+
+
+class InvalidCanaryError(RegistryError, ValueError):
+    """A canary's weight, guards or duration are out of range, or its file is malformed."""
 
 
 class ValidationError(RegistryError, ValueError):
@@ -132,6 +151,17 @@ class AskError(AgentFinetuneError, RuntimeError):
 
 class EvalError(AgentFinetuneError, RuntimeError):
     """An evaluation could not run: server down, bad rows, a version missing."""
+
+
+class FeedbackError(AgentFinetuneError, ValueError):
+    """A feedback post is malformed: not JSON, too large or too deep, a bad id or score."""
+
+
+class UnknownResponseError(FeedbackError, LookupError):
+    """Feedback names a response id the serving fleet did not issue (or no longer keeps)."""
+
+    def __str__(self) -> str:  # LookupError would not quote, but be explicit like NotFound
+        return str(self.args[0]) if self.args else ""
 
 
 class GateRefusedError(AgentFinetuneError, RuntimeError):

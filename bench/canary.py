@@ -4,7 +4,8 @@ Parts (tiny local model, CPU is fine; each part prints a table and merges into -
 
 - ``routing``: in-process, the plugin's router on a real registry. Split accuracy over
   1,000 draws per weight (random and sticky users), and the middleware's per-request
-  routing cost in microseconds (route_body + the send wrapper), side by side with the same
+  routing cost in microseconds (the middleware's parse, route, rewrite, and the send wrapper
+  watching the answer), side by side with the same
   call when no canary runs (the baseline every request pays today).
 - ``server``: a real vLLM CPU server with the plugin. 1,000 requests at weight 10: the
   observed share; each request's own latency (to put the routing cost in proportion); then
@@ -75,8 +76,8 @@ def registry_with_two_versions(root: Path, model: Path | None = None) -> Any:
 
 
 def bench_routing(n: int, cost_iters: int) -> dict[str, Any]:
-    from agent_finetune.registry.canary import finish_canary, start_canary
-    from server_plugin.canary import CanaryRouter
+    from agent_finetune.registry.canary_state import finish_canary, start_canary
+    from server_plugin.canary_router import CanaryRouter
 
     work = Path(tempfile.mkdtemp(prefix="bench-canary-"))
     try:
@@ -107,12 +108,23 @@ def bench_routing(n: int, cost_iters: int) -> dict[str, Any]:
         async def noop(message: Any) -> None:
             return None
 
+        reply = json.dumps(
+            {"id": "chatcmpl-x", "object": "chat.completion", "model": f"{NAME}@v0001"}
+        ).encode()
+
         async def one(router: Any) -> None:
-            _out, route = router.route_body(body, [])
+            from server_plugin.middleware import mentions, parse_body, serialise
+
+            if not router.active or not mentions(body, router.names):
+                return
+            data = parse_body(body)
+            route = router.route(data, []) if data is not None else None
             if route is not None:
+                if route.candidate:
+                    serialise(router.pinned(data, route))
                 send, _finish = router.wrap_send(route, noop, time.perf_counter())
                 await send({"type": "http.response.start", "status": 200})
-                await send({"type": "http.response.body", "body": b'{"id":"x"}'})
+                await send({"type": "http.response.body", "body": reply})
 
         def cost(router: Any) -> tuple[float, float]:
             """(wall, CPU) microseconds per request. CPU time leaves out the time this
@@ -156,7 +168,7 @@ def bench_routing(n: int, cost_iters: int) -> dict[str, Any]:
 
 
 def _no_trip() -> Any:
-    from agent_finetune.registry.canary import Guards
+    from agent_finetune.registry.canary_state import Guards
 
     return Guards(min_requests=10**9, min_feedback=10**9, duration_s=10**9)
 
@@ -174,7 +186,7 @@ def _post(url: str, body: Any) -> dict[str, Any]:
 
 
 def bench_server(n: int, trips: int, resync_s: float) -> dict[str, Any]:
-    from agent_finetune.registry.canary import Guards, read_canary, start_canary
+    from agent_finetune.registry.canary_state import Guards, read_canary, start_canary
     from agent_finetune.training.tiny_model import build_tiny_model
     from server_plugin.launch import start_server
 
@@ -222,7 +234,7 @@ def bench_server(n: int, trips: int, resync_s: float) -> dict[str, Any]:
 
         # Guard trips, timed on this server and on a second replica in this process.
         trip_local, trip_replica = [], []
-        from agent_finetune.registry.canary import finish_canary
+        from agent_finetune.registry.canary_state import finish_canary
 
         finish_canary(reg, NAME, "abort", reason="bench: next part", canary_id=c.id)
         for i in range(trips):
@@ -288,7 +300,7 @@ class _Replica:
     """A second replica's canary router: the plugin's router, loop and registry watcher."""
 
     def __init__(self, reg: Any, resync_s: float) -> None:
-        from server_plugin.canary import CanaryRouter
+        from server_plugin.canary_router import CanaryRouter
         from server_plugin.watcher import RegistryWatcher
 
         self.router = CanaryRouter(reg)

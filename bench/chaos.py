@@ -7,13 +7,19 @@ Two phases on the tiny local model:
    SIGKILL mid-publish, the registry root swapped for an empty folder and back, the live
    version's folder deleted, a corrupted adapter published and made current, and the
    server's cache filesystem filled up (a small tmpfs when this machine lets us mount one,
-   else an injected ENOTDIR on the cache folder).
+   else an injected ENOTDIR on the cache folder). Then two rollout scenarios, once:
+   *feedback flood* (a canary runs while --flood posts with distinct made-up ids and
+   ``model`` labels, plus replays of one real id, hit the feedback route: the canary must
+   survive, /metrics and /v1/adapters must not grow) and *operator during a canary* (a
+   canary with auto-promote runs, an operator promotes a hotfix: every answer after the
+   server converged must come from the hotfix, and the canary must never promote).
 2. **sidecar**: vLLM with the runtime LoRA API and no plugin, driven by ``agent-finetune
    sync``; a storm, the empty root, a corrupted adapter, then vLLM itself killed and
    restarted on the same port.
 
-Measured: requests failed (an HTTP error), lost (no answer: connection error or timeout)
-and torn (an answer whose token ids are not the greedy output of the version that
+Measured: requests failed (an HTTP error), lost (no answer: connection error or timeout),
+wrong version (an answer by a version the rollout scenarios do not allow at that time), and
+torn (an answer whose token ids are not the greedy output of the version that
 answered); time to converge after each fault is cleared (status says the current version
 is live and a probe request is answered by it); status truthfulness: every second the
 status is compared with the version a 1-token probe is answered by, and the longest run
@@ -45,11 +51,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agent_finetune.registry import Registry  # noqa: E402
-from agent_finetune.registry.store import (  # noqa: E402
-    MANIFEST,
-    atomic_write_json,
-    file_checksums,
+from agent_finetune.registry.canary_state import (  # noqa: E402
+    Guards,
+    finish_canary,
+    read_canary,
+    start_canary,
 )
+from agent_finetune.registry.files import atomic_write_json  # noqa: E402
+from agent_finetune.registry.layout import MANIFEST  # noqa: E402
+from agent_finetune.registry.manifest import file_checksums  # noqa: E402
 from server_plugin.launch import ServerHandle, free_port, start_server  # noqa: E402
 
 NAME = "chaos"
@@ -58,6 +68,7 @@ CLI = "import sys; from agent_finetune.cli import main; sys.exit(main())"
 PROMPT = "How do I reset my password?"
 MAX_TOKENS = 8
 API_KEY = "chaos-key"
+_SPRAYERS = 16
 VLLM_ARGS = ["--max-model-len", "256", "--dtype", "bfloat16", "--api-key", API_KEY]
 PUBLISH = """
 import sys
@@ -149,6 +160,7 @@ class Clients:
                 row["status"] = r.status_code
                 if r.status_code == 200:
                     body = r.json()
+                    row["model"] = str(body["model"])
                     row["torn"] = self.refs.torn(
                         str(body["model"]), list(body["choices"][0]["token_ids"])
                     )
@@ -220,14 +232,17 @@ class Sampler:
             if self.paused:
                 continue
             t = time.time()
-            said = _live_of(self.status())
+            first = self.status()
             served = probe(self.url, self.refs)
-            again = _live_of(self.status())
-            # The probe ran between two status reads; a swap between them is not a lie.
+            second = self.status()
+            said, again = _live_of(first), _live_of(second)
+            # The probe ran between two status reads; a swap between them is not a lie. A
+            # canary the status lists may answer too: that is what it says.
             if served is None:
                 truthful = said is None or again is None
             else:
-                truthful = said in served or again in served
+                allowed = {said, again} | _canary_of(first) | _canary_of(second)
+                truthful = bool(allowed & served)
             self.samples.append((t, truthful, said, sorted(served) if served else None))
 
     def longest_wrong_s(self) -> float:
@@ -248,6 +263,13 @@ class Sampler:
         return longest
 
 
+def _canary_of(status: dict[str, Any] | None) -> set[str | None]:
+    """The candidate a status says its canary of ``NAME`` routes to (empty: none)."""
+    names = ((status or {}).get("canary") or {}).get("names") or {}
+    version = (names.get(NAME) or {}).get("version")
+    return {version} if version else set()
+
+
 def _live_of(status: dict[str, Any] | None) -> str | None:
     if not status:
         return None
@@ -266,6 +288,7 @@ class Bench:
         self.url = ""
         self.clients: Clients | None = None
         self.refs = Refs(self.registry)
+        self.scenarios: dict[str, Any] = {}
 
     def converge(self, fault: str, cleared_at: float, timeout: float = 120.0) -> None:
         """Wait until status and a probe agree on the current version; record the time."""
@@ -407,7 +430,7 @@ class Bench:
                 data[-1] ^= 0xFF
                 weights.write_bytes(bytes(data))
             os.rename(staging, ndir / "versions" / version)
-            self.registry._set_current(NAME, version, "promote", "chaos: corrupted")
+            self.registry.set_current(NAME, version, "promote", "chaos: corrupted")
         return version
 
     def disk_full(self, cache: Path, mounted: bool, hold_s: float) -> None:
@@ -433,6 +456,116 @@ class Bench:
             else:
                 blocked.unlink()
         self.converge(f"cache disk full ({'tmpfs' if mounted else 'injected'})", time.time())
+
+    # -- rollout scenarios (plugin phase) ----------------------------------------------------
+    def _servable(self, exclude: set[str]) -> str:
+        """The newest version that verifies and is none of ``exclude``."""
+        for v in reversed(self.registry.versions(NAME)):
+            if v not in exclude and self.registry.verify(NAME, v).ok:
+                return v
+        raise RuntimeError("no servable version left to canary")
+
+    def _wait_routing(self, version: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            names = ((self.status() or {}).get("canary") or {}).get("names") or {}
+            if (names.get(NAME) or {}).get("version") == version:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"the server did not start routing the canary of {version}")
+
+    def _size(self, route: str) -> int:
+        import httpx
+
+        r = httpx.get(self.url + route, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+        return len(r.content)
+
+    def feedback_flood(self, n: int) -> None:
+        """A canary runs; ``n`` posts with distinct made-up ids and labels, and replays of
+        one real answer's id, hit the feedback route from ``_SPRAYERS`` threads."""
+        import httpx
+
+        current = self.registry.current(NAME)
+        assert current is not None
+        cand = self._servable({current})
+        guards = Guards(min_requests=10**6, min_feedback=5, max_negative_feedback=0.3)
+        c = start_canary(self.registry, NAME, cand, weight=50, guards=guards, reason="chaos")
+        self._wait_routing(cand)
+        before = {r: self._size(r) for r in ("/metrics", "/v1/adapters")}
+        real = _answer(self.url)
+        codes: dict[int, int] = {}
+        lock = threading.Lock()
+        t0 = time.time()
+
+        def spray(part: int) -> None:
+            client = httpx.Client(
+                base_url=self.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60
+            )
+            for i in range(part, n, _SPRAYERS):
+                replay = i % 40 == 0
+                body = (
+                    {"id": real["id"], "score": 1}
+                    if replay
+                    else {"id": f"forged-{i}", "score": -1, "model": f"{NAME}@v{i:05d}"}
+                )
+                code = client.post(f"/v1/adapters/{NAME}/feedback", json=body).status_code
+                with lock:
+                    codes[code] = codes.get(code, 0) + 1
+
+        with self.tag("feedback-flood"):
+            threads = [threading.Thread(target=spray, args=(k,)) for k in range(_SPRAYERS)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        elapsed = time.time() - t0
+        after = {r: self._size(r) for r in ("/metrics", "/v1/adapters")}
+        survived = read_canary(self.registry, NAME) is not None
+        live = (((self.status() or {}).get("canary") or {}).get("names") or {}).get(NAME) or {}
+        scored = {v: s.get("feedback") for v, s in (live.get("versions") or {}).items()}
+        finish_canary(self.registry, NAME, "abort", reason="chaos: flood over", canary_id=c.id)
+        self.scenarios["feedback_flood"] = {
+            "posts": n,
+            "seconds": round(elapsed, 1),
+            "status_codes": {str(k): v for k, v in sorted(codes.items())},
+            "canary_survived": survived,
+            "scored_answers_by_version": scored,
+            "bytes_before": before,
+            "bytes_after": after,
+            "allowed_versions": sorted({current, cand}),
+        }
+        print(f"  feedback flood: {codes} in {elapsed:.1f}s; canary survived: {survived}")
+        self.converge("feedback flood", time.time())
+
+    def operator_during_canary(self, duration_s: float = 3.0) -> None:
+        """A canary with auto-promote runs; the operator promotes a hotfix mid-canary."""
+        current = self.registry.current(NAME)
+        assert current is not None
+        cand = self._servable({current})
+        hotfix = self._servable({current, cand})
+        guards = Guards(min_requests=1, duration_s=duration_s)
+        c = start_canary(
+            self.registry, NAME, cand, weight=50, guards=guards, auto_promote=True, reason="chaos"
+        )
+        self._wait_routing(cand)
+        with self.tag("operator"):
+            time.sleep(1.0)  # both sides answer
+            self.registry.promote(NAME, hotfix, reason="chaos: operator hotfix")
+            moved = time.time()
+            self.converge("operator promote during a canary", moved)
+            settled = moved + (self.faults[-1]["converge_s"] or 0.0)
+            time.sleep(duration_s + 3 * self.args.resync)  # past the canary's duration
+        history = self.registry.history(NAME)
+        promotes = [e for e in history if e.get("canary_id") == c.id and "promote" in e["action"]]
+        self.scenarios["operator_during_canary"] = {
+            "canary": cand,
+            "hotfix": hotfix,
+            "moved_at": moved,
+            "settled_at": settled,
+            "current_after": self.registry.current(NAME),
+            "canary_promotes": len(promotes),
+        }
+        print(f"  operator hotfix {hotfix} during canary of {cand}: current {hotfix}")
 
     phase = "plugin"
 
@@ -537,6 +670,9 @@ def run_phase(bench: Bench, phase: str, model: Path) -> dict[str, Any]:
                 bench.delete_live_version(hold)
                 bench.corrupt(hold)
                 bench.disk_full(cache, mounted, hold)
+                if rounds == 1 and args.flood:
+                    bench.feedback_flood(args.flood)
+                    bench.operator_during_canary()
             else:
                 bench.empty_root(hold)
                 bench.corrupt(hold)
@@ -575,6 +711,10 @@ def run_phase(bench: Bench, phase: str, model: Path) -> dict[str, Any]:
 
 
 def _ids(url: str, model: str) -> list[int]:
+    return list(_answer(url, model)["choices"][0]["token_ids"])
+
+
+def _answer(url: str, model: str = NAME) -> dict[str, Any]:
     import httpx
 
     r = httpx.post(
@@ -584,7 +724,7 @@ def _ids(url: str, model: str) -> list[int]:
         timeout=60,
     )
     r.raise_for_status()
-    return list(r.json()["choices"][0]["token_ids"])
+    return dict(r.json())
 
 
 def _get(server: ServerHandle) -> dict[str, Any] | None:
@@ -598,6 +738,28 @@ def _read_status(cache: Path) -> dict[str, Any] | None:
     with contextlib.suppress(Exception):
         return dict(json.loads(next(cache.glob("sidecar-*/status.json")).read_text()))
     return None
+
+
+def _wrong_versions(
+    ok: list[dict[str, Any]], scenarios: dict[str, Any]
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Answers the rollout scenarios do not allow, and how many answers each rule checked:
+    during the feedback flood, any version but the canary's two; after the operator's
+    hotfix converged, any version but the hotfix."""
+    out, checked = [], {"feedback_flood": 0, "operator_during_canary": 0}
+    flood = scenarios.get("feedback_flood") or {}
+    operator = scenarios.get("operator_during_canary") or {}
+    for r in ok:
+        version = str(r.get("model", "")).partition("@")[2]
+        if "feedback-flood" in r["tags"]:
+            checked["feedback_flood"] += 1
+            if version not in flood.get("allowed_versions", []):
+                out.append(r)
+        elif "operator" in r["tags"] and operator and r["t0"] >= operator["settled_at"]:
+            checked["operator_during_canary"] += 1
+            if version != operator["hotfix"]:
+                out.append(r)
+    return out, checked
 
 
 def summarize(
@@ -621,6 +783,7 @@ def summarize(
     lost = [r for r in results if r["status"] is None and not during_down(r)]
     down = [r for r in results if during_down(r) and r["status"] != 200]
     torn = [r for r in ok if r.get("torn")]
+    wrong_version, checked = _wrong_versions(ok, bench.scenarios) if phase == "plugin" else ([], {})
     wrong = [s for s in sampler.samples if not s[1]]
     converge = [f["converge_s"] for f in bench.faults if f["phase"] == phase]
     return {
@@ -633,6 +796,10 @@ def summarize(
         "failed": len(failed),
         "lost": len(lost),
         "torn": len(torn),
+        "wrong_version": len(wrong_version),
+        "wrong_version_checked": checked,
+        "wrong_version_examples": [(r["t0"], r.get("model")) for r in wrong_version[:5]],
+        "scenarios": bench.scenarios if phase == "plugin" else {},
         "sidecar_swap_window_404": len(window),
         "errors_while_vllm_down": len(down),
         "failed_examples": [r.get("error") for r in (failed + lost)[:5]],
@@ -657,6 +824,9 @@ def main() -> int:
     parser.add_argument("--phases", default="plugin,sidecar")
     parser.add_argument("--json", default=None)
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument(
+        "--flood", type=int, default=20000, help="feedback posts in the flood (0: no scenarios)"
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from agent_finetune.training.tiny_model import build_tiny_model, random_adapter
@@ -686,17 +856,21 @@ def main() -> int:
 
 def print_table(report: dict[str, Any], resync: float) -> None:
     print(
-        "\n| phase | requests | failed | lost | torn | sidecar swap-window 404 "
+        "\n| phase | requests | failed | lost | torn | wrong version | sidecar swap-window 404 "
         "| errors while vLLM down | status wrong (samples, longest) | converge max |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for p in report["phases"]:
         print(
             f"| {p['phase']} | {p['requests']} | {p['failed']} | {p['lost']} | {p['torn']} "
+            f"| {p['wrong_version']} "
             f"| {p['sidecar_swap_window_404']} | {p['errors_while_vllm_down']} "
             f"| {p['status_wrong_samples']}/{p['status_samples']}, "
             f"{p['status_longest_wrong_s']} s | {p['converge_max_s']} s |"
         )
+    for p in report["phases"]:
+        for name, result in p.get("scenarios", {}).items():
+            print(f"\n{name}: {json.dumps(result)}")
     print(f"\n| phase | fault | converged after clear (target <= {resync + 1:.1f} s) |")
     print("|---|---|---|")
     for f in report["faults"]:

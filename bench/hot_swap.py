@@ -139,7 +139,7 @@ def middleware_overhead_us(n: int = 20000) -> float:
     on a typical chat body, in microseconds, against calling the app directly."""
     import asyncio
 
-    from server_plugin.plugin import PinnedModelMiddleware
+    from server_plugin.middleware import ModelRequestMiddleware
 
     body = json.dumps(
         {
@@ -166,7 +166,7 @@ def middleware_overhead_us(n: int = 20000) -> float:
     plugin = type(
         "Plugin", (), {"reconciler": reconciler, "max_parse_bytes": 1 << 20, "canary": None}
     )()
-    wrapped = PinnedModelMiddleware(app, plugin)
+    wrapped = ModelRequestMiddleware(app, plugin)
 
     async def timed(call: Any) -> float:
         t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """The plugin's request-path code, without vLLM: its per-request cost, and large bodies.
 
 ``--part request-path``: the plugin's two ASGI middlewares stacked as vLLM runs them
-(``AnswerHeaders`` outside ``PinnedModelMiddleware``) around a fake app that reads the body
+(``AnswerHeaders`` outside ``ModelRequestMiddleware``) around a fake app that reads the body
 and answers like vLLM (one JSON body, or an SSE stream of ``--stream-chunks`` chunks), with
 a real ``Reconciler`` (a dict for vLLM's LoRA table) and ``CanaryRouter``: microseconds per
 request over calling the app directly, for base-model, adapter (preload ``all``: a scan for
@@ -43,7 +43,7 @@ from typing import Any
 
 from server_plugin.answers import AnswerHeaders
 from server_plugin.failures import Refusal
-from server_plugin.plugin import PinnedModelMiddleware
+from server_plugin.middleware import ModelRequestMiddleware
 
 CHUNK = 64 * 1024
 SMALL = json.dumps({"model": "x@v0001", "messages": [{"role": "user", "content": "hi"}]})
@@ -240,10 +240,10 @@ async def build_plugins(work: Path) -> dict[str, Any]:
     """Plugins (what the middlewares read) for preload ``all`` and a lazy policy, and one
     with a canary on ``bot`` (v0002 at 50%), on a registry of one name with two versions."""
     from agent_finetune.registry import Registry
-    from agent_finetune.registry.canary import Canary
+    from agent_finetune.registry.canary_state import Canary
     from agent_finetune.training.numpy_adapter import write_adapter
     from server_plugin.cache import AdapterCache, Limits
-    from server_plugin.canary import CanaryRouter
+    from server_plugin.canary_router import CanaryRouter
     from server_plugin.reconciler import Reconciler
     from server_plugin.settings import Settings
 
@@ -302,7 +302,7 @@ def stacked(plugin: Any, app: Any) -> Any:
     async def describe(model: str) -> str | None:
         return None
 
-    return AnswerHeaders(PinnedModelMiddleware(app, plugin), routes=ROUTES, describe=describe)
+    return AnswerHeaders(ModelRequestMiddleware(app, plugin), routes=ROUTES, describe=describe)
 
 
 async def per_request_s(handler: Any, body: bytes, n: int) -> float:
@@ -390,7 +390,7 @@ def background_passes(
     from agent_finetune.registry import Registry
     from agent_finetune.training.numpy_adapter import write_adapter
     from server_plugin.cache import AdapterCache, Limits
-    from server_plugin.canary import CanaryRouter
+    from server_plugin.canary_router import CanaryRouter
     from server_plugin.reconciler import Reconciler
     from server_plugin.settings import Settings
 
@@ -515,7 +515,10 @@ def main() -> int:
         return 0
     rows = []
     for mb in [int(s) for s in args.sizes_mb.split(",")]:
-        for label, cls in (("before (bytes +=)", LegacyMiddleware), ("now", PinnedModelMiddleware)):
+        for label, cls in (
+            ("before (bytes +=)", LegacyMiddleware),
+            ("now", ModelRequestMiddleware),
+        ):
             result = asyncio.run(scenario(cls(app, _Plugin()), mb << 20))  # type: ignore[arg-type]
             rows.append({"body_mb": mb, "middleware": label, **result})
     print("| body | middleware | big request | small p50 | small max | worst loop stall |")

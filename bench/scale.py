@@ -457,7 +457,7 @@ def middleware_us(work: Path, weights: list[Path], n: int = 20000) -> dict[str, 
 
     from agent_finetune.registry import Registry
     from server_plugin.cache import AdapterCache, Limits
-    from server_plugin.plugin import PinnedModelMiddleware
+    from server_plugin.middleware import ModelRequestMiddleware
     from server_plugin.reconciler import Reconciler
     from server_plugin.settings import Settings
 
@@ -491,7 +491,7 @@ def middleware_us(work: Path, weights: list[Path], n: int = 20000) -> dict[str, 
         plugin = type(
             "Plugin", (), {"reconciler": rec, "max_parse_bytes": 1 << 20, "canary": None}
         )()
-        wrapped = PinnedModelMiddleware(app, plugin)  # type: ignore[arg-type]
+        wrapped = ModelRequestMiddleware(app, plugin)  # type: ignore[arg-type]
 
         async def timed(call: Any) -> float:
             t0 = time.perf_counter()

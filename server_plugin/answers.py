@@ -5,9 +5,12 @@ Some clients hide the body's ``model`` field (LiteLLM streaming replaces each ch
 ``model`` with the requested name), so the version that answered is also sent as the
 response header ``x-adapter-version`` (``support-bot@v0002``), for streamed answers too.
 
-The header is read from the answer itself: the first body message's ``"model"`` field, the
-name vLLM resolved when it admitted the request. ``http.response.start`` is held back until
-that first body message; nothing else is buffered. No vLLM import here.
+The header is read from the answer itself: the first body message's top-level ``"model"``
+(``answer_fields``; for the Responses API's stream events, the ``response`` object's), the
+name vLLM resolved when it admitted the request; a ``model`` nested deeper (in the
+``metadata`` a client sends, which the Responses API echoes before its own ``model``) never
+counts. ``http.response.start`` is held back until that first body message; nothing else is
+buffered. No vLLM import here.
 """
 
 from __future__ import annotations
@@ -22,12 +25,68 @@ from agent_finetune.registry.names import PIN_SEPARATOR, is_name, split_model
 from server_plugin.catalog import Catalog
 
 HEADER = "x-adapter-version"
-# The answer's top-level "model" comes before any generated text in vLLM's JSON and SSE.
-_MODEL_RE = re.compile(rb'"model"\s*:\s*"([^"\\]+)"')
+# JSON tokens that matter to find top-level members: strings (escapes included) and
+# punctuation; numbers, true, false and null are skipped over.
+_TOKEN_RE = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\]:,]')
+_FIELDS = ("id", "model")
 # vLLM's text for an unknown model (vllm/entrypoints/openai/models/serving.py, 0.32).
 _MISSING_RE = re.compile(r"The model `([^`]+)` does not exist")
 
 Describe = Callable[[str], Awaitable[str | None]]
+
+
+def answer_fields(data: bytes) -> dict[str, str]:
+    """The top-level ``id`` and ``model`` strings of the first JSON object in ``data`` (an
+    answer's first body message, plain JSON or an SSE event), or of its ``response`` member
+    (Responses API stream events). Members nested anywhere else are ignored; a field that
+    is not within ``data`` is missing."""
+    start = data.find(b"{")
+    if start < 0:
+        return {}
+    found: dict[str, str] = {}
+    inner: dict[str, str] = {}
+    depth, key, expect_key, in_response = 0, None, False, False
+    for m in _TOKEN_RE.finditer(data, start):
+        tok = m.group()
+        if tok in (b"{", b"["):
+            if depth == 1 and tok == b"{" and key == "response":
+                in_response = True
+            depth += 1
+            expect_key = tok == b"{"
+        elif tok in (b"}", b"]"):
+            depth -= 1
+            in_response = in_response and depth >= 2
+            if depth == 0:
+                break
+        elif tok == b":":
+            expect_key = False
+        elif tok == b",":
+            expect_key = True
+        elif expect_key:
+            key = _decode(tok)
+        elif depth == 1 or (depth == 2 and in_response):
+            target = found if depth == 1 else inner
+            if key in _FIELDS and key not in target:
+                value = _decode(tok)
+                if value is not None:
+                    target[key] = value
+            if len(found) == len(_FIELDS):
+                break
+    return {**inner, **found}
+
+
+def _decode(token: bytes) -> str | None:
+    """A JSON string token's text (json.loads only for the rare token with an escape)."""
+    if b"\\" not in token:
+        try:
+            return token[1:-1].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    try:
+        value = json.loads(token)
+    except ValueError:
+        return None
+    return value if isinstance(value, str) else None
 
 
 def missing_model_message(catalog: Catalog, model: str) -> str | None:
@@ -88,9 +147,9 @@ class AnswerHeaders:
         headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != HEADER.encode()]
         if start.get("status") == 404 and not body.get("more_body", False):
             return await self._explain_404(start, body, data)
-        match = _MODEL_RE.search(data[:8192])
-        if start.get("status") == 200 and match:
-            headers.append((HEADER.encode(), match.group(1)))
+        model = answer_fields(data).get("model") if start.get("status") == 200 else None
+        if model:
+            headers.append((HEADER.encode(), model.encode("utf-8", "replace")))
         return {**start, "headers": headers}, body
 
     async def _explain_404(

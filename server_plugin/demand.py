@@ -24,8 +24,8 @@ import logging
 from collections import OrderedDict
 
 from agent_finetune.errors import AgentFinetuneError
+from agent_finetune.registry.history import POINTER_MOVES
 from agent_finetune.registry.names import is_name, split_model
-from agent_finetune.registry.store import POINTER_MOVES
 from server_plugin.catalog import Catalog
 from server_plugin.failures import Failures, Refusal
 from server_plugin.preload import PreloadPolicy, Usage

@@ -20,12 +20,10 @@ import json
 import logging
 import time
 from argparse import Namespace
-from collections import deque
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent_finetune.errors import (
     ConfigError,
@@ -38,20 +36,17 @@ from agent_finetune.registry.adapter import linear_shapes, load_base_config
 from server_plugin import compat
 from server_plugin.answers import AnswerHeaders, missing_model_message
 from server_plugin.cache import AdapterCache, Limits, ProcessDir
-from server_plugin.canary import CanaryRouter, parse_feedback
-from server_plugin.failures import Refusal
+from server_plugin.canary_router import CanaryRouter
+from server_plugin.feedback import FEEDBACK_PATH, FeedbackRoute
+from server_plugin.http_errors import error_response
 from server_plugin.listing import annotate_cards
+from server_plugin.middleware import MODEL_ROUTES, ModelRequestMiddleware
 from server_plugin.preload import USAGE_FILE, Usage
 from server_plugin.reconciler import Reconciler
 from server_plugin.settings import PLUGIN_NAME, Settings
 from server_plugin.watcher import RegistryWatcher
 
 logger = logging.getLogger(__name__)
-
-# Routes whose JSON body names a model; a pinned "name@vNNNN" is loaded before vLLM looks.
-_MODEL_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
-# Bodies at least this large are parsed in a worker thread, off the event loop.
-_PARSE_IN_THREAD_BYTES = 64 * 1024
 
 
 class VllmTransport:
@@ -126,160 +121,6 @@ def _engine_bound(engine_client: Any) -> int | None:
         return None
 
 
-def _error(status: int, message: str, err_type: str) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"message": message, "type": err_type, "param": "model", "code": status}},
-        status_code=status,
-    )
-
-
-async def read_capped(receive: Receive, cap: int) -> tuple[list[Message], bytes | None]:
-    """Receive a request body of at most ``cap`` bytes, chunks joined once.
-
-    Returns the messages received (to replay them) and the body, or None as the body when
-    it is larger than ``cap``: then the messages hold only its start and the caller passes
-    the request through without reading the rest.
-    """
-    messages: list[Message] = []
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        messages.append(message)
-        if message["type"] != "http.request":
-            return messages, None
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > cap:
-            return messages, None
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return messages, b"".join(chunks)
-
-
-def _model_field(body: bytes) -> str | None:
-    try:
-        model = json.loads(body).get("model")
-    except (ValueError, AttributeError):
-        return None  # vLLM reports the bad body itself
-    return model if isinstance(model, str) else None
-
-
-async def pinned_model(body: bytes, *, any_name: bool = False) -> str | None:
-    """The body's ``model`` when it names a pinned ``name@vNNNN``-like value (or, with
-    ``any_name``, any value: lazy names load on their first request), else None.
-    Large bodies are parsed in a thread so the event loop keeps serving."""
-    if not any_name and b"@" not in body:
-        return None
-    if len(body) >= _PARSE_IN_THREAD_BYTES:
-        model = await asyncio.to_thread(_model_field, body)
-    else:
-        model = _model_field(body)
-    return model if model is not None and (any_name or "@" in model) else None
-
-
-def _content_length(scope: Scope) -> int | None:
-    for key, value in scope.get("headers", ()):
-        if key == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
-
-
-class PinnedModelMiddleware:
-    """Load ``model="name@vNNNN"`` on first use, before vLLM checks the model name.
-
-    Only POSTs to the model routes with a body of at most ``max_parse_bytes`` are read
-    (their chunks joined once, large ones parsed off the event loop); larger bodies pass
-    through untouched and vLLM answers them.
-    """
-
-    def __init__(self, app: ASGIApp, plugin: EndpointPlugin) -> None:
-        self.app = app
-        self.plugin = plugin
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        reconciler = self.plugin.reconciler
-        cap = self.plugin.max_parse_bytes
-        if (
-            reconciler is None
-            or scope["type"] != "http"
-            or scope.get("method") != "POST"
-            or scope["path"].removeprefix(scope.get("root_path", "")) not in _MODEL_ROUTES
-            or (_content_length(scope) or 0) > cap
-        ):
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        messages, body = await read_capped(receive, cap)
-        canary, route, finish = self.plugin.canary, None, None
-        held: list[str] = []  # what this request asked for stays loaded until it ends
-        if canary is not None and canary.active and body is not None:
-            routed, route = canary.route_body(body, scope["headers"])
-            if route is not None and route.candidate:
-                candidate_model = f"{route.name}@{route.version}"
-                refusal = await self._ensure_pinned(reconciler, candidate_model, held)
-                if refusal is None:
-                    body, messages, scope = (
-                        routed,
-                        _rewritten(messages, routed),
-                        _sized(scope, routed),
-                    )
-                else:  # never fail a user for a canary: current answers, the canary ends
-                    canary.candidate_failed(route, refusal.message)
-                    route = None
-            if route is not None:
-                send, finish = canary.wrap_send(route, send, started)
-        candidate = route is not None and route.candidate
-        model = (
-            await pinned_model(body, any_name=reconciler.lazy)
-            if body is not None and not candidate
-            else None
-        )
-        if model is not None:
-            refusal = await self._ensure_pinned(reconciler, model, held)
-            if refusal is not None:
-                reconciler.release(held)
-                err_type = "BadRequestError" if refusal.status < 500 else "ServiceUnavailableError"
-                await _error(refusal.status, refusal.message, err_type)(scope, receive, send)
-                return
-        pending = deque(messages)
-
-        async def replay() -> Message:
-            if pending:
-                return pending.popleft()
-            return await receive()
-
-        try:
-            await self.app(scope, replay, send)
-        finally:
-            reconciler.release(held)
-            if finish is not None:
-                finish()
-
-    @staticmethod
-    async def _ensure_pinned(reconciler: Reconciler, model: str, held: list[str]) -> Refusal | None:
-        try:
-            return await reconciler.ensure(model, held)
-        except Exception:
-            logger.exception("agent_finetune: loading pinned %s failed", model)
-            return None
-
-
-def _rewritten(messages: list[Message], body: bytes) -> list[Message]:
-    """The request messages with the body replaced (a disconnect after it is kept)."""
-    rest = [m for m in messages if m["type"] != "http.request"]
-    return [{"type": "http.request", "body": body, "more_body": False}, *rest]
-
-
-def _sized(scope: Scope, body: bytes) -> Scope:
-    """``scope`` with a content-length that matches the rewritten body."""
-    headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
-    return {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
-
-
 class EndpointPlugin:
     """Entry point ``agent_finetune`` of ``vllm.endpoint_plugins``."""
 
@@ -306,12 +147,12 @@ class EndpointPlugin:
             logger.error("agent_finetune: %s; plugin disabled", e)
         try:
             compat.replace_route(app, "/v1/adapters", self.adapters, ["GET"])
-            app.add_api_route("/v1/adapters/{name}/feedback", self.post_feedback, methods=["POST"])
+            app.add_api_route(FEEDBACK_PATH, FeedbackRoute(self).post, methods=["POST"])
             if self.internals is not None:  # else vLLM's own /v1/models keeps answering
                 compat.replace_route(app, "/v1/models", self.list_models, ["GET"])
                 compat.replace_route(app, "/v1/models/{model_id:path}", self.model_card, ["GET"])
-            app.add_middleware(PinnedModelMiddleware, plugin=self)
-            app.add_middleware(AnswerHeaders, routes=_MODEL_ROUTES, describe=self.missing_model)
+            app.add_middleware(ModelRequestMiddleware, plugin=self)
+            app.add_middleware(AnswerHeaders, routes=MODEL_ROUTES, describe=self.missing_model)
         except Exception:
             logger.exception("agent_finetune: attaching routes failed; plugin disabled")
 
@@ -323,7 +164,7 @@ class EndpointPlugin:
         if models is None and self.internals is not None:
             models = compat.ServingModels.from_state(request.app.state, self.internals)
         if models is None:
-            return _error(503, self.error or "agent_finetune plugin is starting", "Unavailable")
+            return error_response(503, self.error or "agent_finetune plugin is starting")
         body = await models.model_list()
         reconciler = self.reconciler
         try:
@@ -359,7 +200,7 @@ class EndpointPlugin:
         if card is not None:
             return JSONResponse(card)
         message = await self.missing_model(model) or f"The model `{model}` does not exist."
-        return _error(404, message, "NotFoundError")
+        return error_response(404, message)
 
     async def missing_model(self, model: str) -> str | None:
         """What to say instead of vLLM's bare 404 for ``model``."""
@@ -370,44 +211,13 @@ class EndpointPlugin:
     async def adapters(self, request: Request) -> Response:
         """Per adapter name: desired and live version, state, last error, load times."""
         if self.reconciler is None:
-            return JSONResponse(
-                {
-                    "error": {
-                        "message": self.error or "agent_finetune plugin is starting",
-                        "type": "ServiceUnavailable",
-                        "code": 503,
-                    }
-                },
-                status_code=503,
+            return error_response(
+                503, self.error or "agent_finetune plugin is starting", param=None
             )
         status = {**self.reconciler.status(), "startup_seconds": self.startup_s}
         if self.canary is not None:
             status["canary"] = self.canary.status()
         return JSONResponse(status)
-
-    async def post_feedback(self, name: str, request: Request) -> Response:
-        """An agent's score for one response: ``{"id": <response id>, "score": -1..1}``.
-
-        Under ``/v1``, so vLLM's ``--api-key`` check applies. Only records; never routes.
-        """
-        if self.canary is None:
-            return _error(
-                503, self.error or "agent_finetune plugin is starting", "ServiceUnavailable"
-            )
-        try:
-            rid, score, model = parse_feedback(json.loads(await request.body()))
-        except ValueError as e:
-            return _error(400, f"feedback for {name}: {e}", "BadRequestError")
-        try:
-            return JSONResponse(self.canary.feedback(name, rid, score, model))
-        except KeyError:
-            return _error(
-                404,
-                f"no answer {rid!r} of {name} is known to this server (feedback is counted "
-                "for canaried names; behind a load balancer also send the answer's "
-                '"model", e.g. "name@v0002")',
-                "NotFoundError",
-            )
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         try:

@@ -28,15 +28,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from agent_finetune.errors import ConfigError
+from agent_finetune.registry.files import write_atomic
 from agent_finetune.registry.names import is_name
 
 logger = logging.getLogger(__name__)
@@ -149,16 +148,12 @@ class Usage:
             return
         if not force and time.monotonic() - self._saved < _SAVE_EVERY_S:
             return
-        tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.tmp")
         try:
             # Merge with what other servers on this host wrote since.
             merged = dict(Usage(self.path).used_at)
             for k, v in self.used_at.items():
                 merged[k] = max(v, merged.get(k, 0.0))
-            tmp.write_text(json.dumps(merged), encoding="utf-8")
-            os.replace(tmp, self.path)
+            write_atomic(self.path, json.dumps(merged).encode(), durable=False)
             self._dirty, self._saved = False, time.monotonic()
         except OSError as e:
             logger.warning("agent_finetune: cannot write %s: %s", self.path, e)
-            with contextlib.suppress(OSError):
-                tmp.unlink()

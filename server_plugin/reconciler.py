@@ -39,8 +39,8 @@ from typing import Any
 
 from agent_finetune.registry import CURRENT, Registry
 from agent_finetune.registry.index import Pointer, pointers
+from agent_finetune.registry.layout import MARKER
 from agent_finetune.registry.names import utc_now, version_number
-from agent_finetune.registry.store import MARKER
 from server_plugin import metrics
 from server_plugin.cache import AdapterCache
 from server_plugin.catalog import Catalog

@@ -48,8 +48,8 @@ import httpx
 from agent_finetune.errors import ConfigError, LoadError, RegistryError, ServerUnavailableError
 from agent_finetune.registry import Registry
 from agent_finetune.registry.adapter import load_base_config
+from agent_finetune.registry.files import atomic_write_json
 from agent_finetune.registry.names import server_root
-from agent_finetune.registry.store import atomic_write_json
 from server_plugin.cache import AdapterCache, Limits, ProcessDir
 from server_plugin.compat import stale_prefix_cache_error
 from server_plugin.reconciler import Reconciler

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from agent_finetune.registry import MANIFEST, Registry
+from agent_finetune.registry.files import atomic_write_json
+from agent_finetune.registry.layout import VERSIONS
+from agent_finetune.registry.manifest import file_checksums
 from agent_finetune.registry.names import format_version, version_number
-from agent_finetune.registry.store import VERSIONS, atomic_write_json, file_checksums
 from agent_finetune.training.numpy_adapter import write_adapter
 
 # A made-up base model for the reconciler's fast tests: no torch, no vLLM.
@@ -70,14 +72,14 @@ def write_version(registry: Registry, name: str, source: Path, *, make_current: 
         atomic_write_json(staging / MANIFEST, manifest)
         os.rename(staging, ndir / VERSIONS / version)
         if make_current:
-            registry._set_current(name, version, "promote", "test: raw write")
+            registry.set_current(name, version, "promote", "test: raw write")
     return version
 
 
 def set_current(registry: Registry, name: str, version: str) -> None:
     """Move ``current`` without verifying the version (promote() refuses bad ones)."""
     with registry.lock(name):
-        registry._set_current(name, version, "promote", "test: raw pointer move")
+        registry.set_current(name, version, "promote", "test: raw pointer move")
 
 
 def edit_config(folder: Path, **changes: Any) -> None:

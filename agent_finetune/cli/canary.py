@@ -6,9 +6,9 @@ import argparse
 from typing import Any
 
 from agent_finetune.cli.output import emit_json, print_table
-from agent_finetune.errors import RegistryError
+from agent_finetune.errors import InvalidCanaryError, RegistryError
 from agent_finetune.registry import ENV_REGISTRY, Registry
-from agent_finetune.registry.canary import (
+from agent_finetune.registry.canary_state import (
     Guards,
     finish_canary,
     parse_duration,
@@ -31,17 +31,27 @@ logged in history (canary_start, canary_abort, canary_promote). Requests for NAM
 the OpenAI `user` field or an `X-Session-ID` header always land on the same side; others are
 split at random. Every response names the version that answered (`model`).
 
-Guards, judged on each server continuously from its own counters; any server whose guard
-trips aborts the canary for all (history records `canary_abort` with the reason):
-  --max-error-rate      candidate's share of HTTP 5xx responses (after --min-requests)
-  --max-latency-ratio   candidate's median latency / the current version's (after
-                        --min-requests on both)
+Guards, judged continuously on the sum over every server (each writes its counters to
+<registry>/NAME/rollout/counts/); the first server whose sum trips aborts the canary for all
+(history records `canary_abort` with the reason):
+  --max-error-rate      candidate's share of failed answers: HTTP 5xx, an error event inside
+                        a 200 stream, a 404 of the candidate, a transient refusal to load it
+                        (after --min-requests candidate requests, all servers)
+  --max-latency-ratio   candidate's median latency per output token / the current version's
+                        (after --min-requests on both)
   --max-negative-feedback
                         share of negative scores agents posted to
                         POST /v1/adapters/NAME/feedback {"id": <response id>, "score": -1..1}
-                        (after --min-feedback scores)
-With --auto-promote, once --duration has passed since the start and no guard tripped, the
-first server that has seen at least --min-requests candidate requests promotes it.
+                        for answers the servers issued during the canary (one score per
+                        answer: a later one replaces it; any server accepts any server's
+                        answer id; other ids are refused with 404) (after --min-feedback)
+With --auto-promote, once --duration has passed since the start, no guard tripped and the
+servers together saw at least --min-requests candidate requests, it is promoted, if current
+is still the version it started from.
+
+Operators win: `promote`, `rollback`, `publish` (made current) and a gate decision about the
+candidate end a running canary first (history: canary_abort "superseded ... operators win");
+a canary never moves current away from a version an operator chose.
 """
 
 
@@ -64,8 +74,8 @@ def cmd_start(args: argparse.Namespace) -> int:
             min_feedback=args.min_feedback,
             duration_s=parse_duration(args.duration),
         )
-    except ValueError as e:
-        raise RegistryError(f"canary start: {e}") from None
+    except InvalidCanaryError as e:
+        raise InvalidCanaryError(f"canary start: {e}") from None
     canary = start_canary(
         _registry(args),
         name,
@@ -100,6 +110,7 @@ def _server_status(server: str, api_key: str | None, name: str) -> dict[str, Any
 
 def cmd_status(args: argparse.Namespace) -> int:
     reg = _registry(args)
+    reg.require_name(args.name)
     canary = read_canary(reg, args.name)
     live = _server_status(args.server, args.api_key, args.name) if args.server else None
     last = next(
@@ -142,18 +153,32 @@ def cmd_status(args: argparse.Namespace) -> int:
                 s.get("role"),
                 s.get("requests"),
                 s.get("errors"),
-                _fmt(s.get("p50_s")),
-                _fmt(s.get("p95_s")),
+                _ms(s.get("p50_token_s")),
+                _ms(s.get("p95_token_s")),
                 s.get("feedback"),
                 _fmt(s.get("negative_rate")),
             )
             for v, s in (live.get("versions") or {}).items()
         ]
         print_table(
-            rows, ["VERSION", "ROLE", "REQUESTS", "ERRORS", "P50 S", "P95 S", "FEEDBACK", "NEG"]
+            rows,
+            [
+                "VERSION",
+                "ROLE",
+                "REQUESTS",
+                "ERRORS",
+                "P50 MS/TOK",
+                "P95 MS/TOK",
+                "FEEDBACK",
+                "NEG",
+            ],
         )
-        print(f"verdict on this server: {live.get('verdict')}")
+        print(f"counted over {live.get('replicas', 1)} server(s); verdict: {live.get('verdict')}")
     return 0
+
+
+def _ms(seconds: Any) -> str:
+    return f"{seconds * 1000:.2f}" if isinstance(seconds, float) else ""
 
 
 def _fmt(value: Any) -> str:
@@ -215,14 +240,14 @@ def add_canary_parser(sub: Any) -> None:
         "--max-error-rate",
         type=float,
         default=d.max_error_rate,
-        help=f"abort above this share of 5xx answers (default {d.max_error_rate})",
+        help=f"abort above this share of failed candidate answers (default {d.max_error_rate})",
     )
     q.add_argument(
         "--max-latency-ratio",
         type=float,
         default=d.max_latency_ratio,
-        help=f"abort when candidate median latency / current's exceeds this "
-        f"(default {d.max_latency_ratio})",
+        help=f"abort when the candidate's median latency per output token / current's exceeds "
+        f"this (default {d.max_latency_ratio})",
     )
     q.add_argument(
         "--max-negative-feedback",

@@ -310,7 +310,7 @@ def _gate_story(run: DemoRun, server: ServerHandle, base: Path) -> str:
 
 def _canary_story(run: DemoRun, server: ServerHandle, candidate: str) -> float:
     """Canary the refused version on 50%; agents rate answers; the guard rolls it back."""
-    from agent_finetune.registry.canary import Guards, read_canary, start_canary
+    from agent_finetune.registry.canary_state import Guards, read_canary, start_canary
 
     banner(f"7/{STEPS}  Canary {candidate} on 50% of traffic; agents rate the answers")
     registry = Registry(run.registry)

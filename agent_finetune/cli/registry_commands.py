@@ -19,27 +19,33 @@ from agent_finetune.errors import (
 )
 from agent_finetune.registry import ENV_REGISTRY, Registry, verify_folder
 from agent_finetune.registry.adapter import load_base_config
-from agent_finetune.registry.evals import latest_eval, read_evals
+from agent_finetune.registry.eval_records import latest_eval, read_evals
 from agent_finetune.registry.fsck import fsck
 from agent_finetune.registry.index import listing
 from agent_finetune.registry.names import check_name, split_model
+from agent_finetune.training.gate import MIN_ROWS
 
 Handler = Callable[[argparse.Namespace], int]
 # The one statement of what rollback means (README says the same).
 ROLLBACK_RULE = (
     "undo the last pointer move: current goes back to the version that was current just "
     "before it (a second rollback undoes the first, like `cd -`); --to VERSION goes to any "
-    "version. Already current: nothing changes and no history entry is written"
+    "version. Already current: nothing changes and no history entry is written. A running "
+    "canary ends first (operators win)"
 )
 
 PROMOTE_HELP = """\
-Make NAME@vNNNN current (`promote NAME vNNNN` works too).
+Make NAME@vNNNN current (`promote NAME vNNNN` works too). A running canary of NAME ends
+first (operators win; history records `canary_abort`).
 
 With --if-better, first evaluate the candidate and the live version on --data (through
 --server, or offline with PEFT without it; see `agent-finetune eval --help`), pair the rows
 and promote only when the 95% bootstrap confidence interval of the mean gain on --metric lies
-above --min-delta. The decision, with both scores, the win rate and the interval, is written
-to history as a `gate` entry. A refusal prints the table and exits with code 3.
+above --min-delta, on at least --min-rows rows with finite scores. The decision, with both
+scores, the win rate and the interval, is written to history: in the `promote` entry of the
+move, or as a `gate` entry for a refusal. The move happens only if the live version is still
+current when the evaluation ends (else: error, nothing moves). A refusal prints the table
+and exits with code 3.
 """
 
 
@@ -53,13 +59,6 @@ def _registry(args: argparse.Namespace, *, exists: bool = True) -> Registry:
             "create it by publishing (`agent-finetune publish NAME FOLDER` or `train`)"
         )
     return reg
-
-
-def _require_name(reg: Registry, name: str) -> None:
-    if not reg.versions(name):
-        raise NotFoundError(
-            f"no adapter named {name!r} in {reg.root}; known: {', '.join(reg.names()) or 'none'}"
-        )
 
 
 def _metric(manifest: dict[str, Any], key: str) -> str:
@@ -203,7 +202,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_history(args: argparse.Namespace) -> int:
     reg = _registry(args)
-    _require_name(reg, args.name)
+    reg.require_name(args.name)
     entries = reg.history(args.name)
     if args.json:
         emit_json(entries)
@@ -265,6 +264,7 @@ def _gated_promote(args: argparse.Namespace, reg: Registry, name: str, version: 
         args.data,
         metric=args.metric,
         min_delta=args.min_delta,
+        min_rows=args.min_rows,
         server=args.server,
         api_key=args.api_key,
         max_tokens=args.max_tokens,
@@ -396,6 +396,12 @@ def add_registry_parsers(sub: Any) -> None:
         type=float,
         default=0.0,
         help="with --if-better: the 95%% CI of the mean gain must lie above this (default 0)",
+    )
+    p.add_argument(
+        "--min-rows",
+        type=int,
+        default=MIN_ROWS,
+        help=f"with --if-better: held-out rows needed to judge at all (default {MIN_ROWS})",
     )
     add_eval_options(p, data_required=False)
     p = add("rollback", cmd_rollback, ROLLBACK_RULE)

@@ -22,14 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent_finetune.errors import AdapterFormatError
+from agent_finetune.errors import AdapterFormatError, ValidationError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 
 # The linear layers vLLM's LoRA path serves for decoder-only models (Llama, Qwen2,
-# Mistral, Gemma, ...). Embeddings and lm_head are refused: see DESIGN.md.
+# Mistral, Gemma, ...). Embeddings and lm_head are refused: vLLM accepts them silently and
+# then serves garbage or dies (README, "Troubleshooting").
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 LINEAR_MODULES = ATTENTION_MODULES + MLP_MODULES
@@ -240,19 +241,21 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
 
 # -- step 1: adapter_config.json ------------------------------------------------------------
 def read_adapter_config(folder: Path) -> dict[str, Any]:
-    """Load ``adapter_config.json`` from an adapter folder."""
+    """Load ``adapter_config.json`` from an adapter folder; ValidationError says why not."""
     path = folder / ADAPTER_CONFIG
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ValueError(f"{path}: missing; is {folder} a PEFT adapter folder?") from None
+        problem = f"{path}: missing; is {folder} a PEFT adapter folder?"
     except (ValueError, RecursionError) as e:
-        raise ValueError(f"{path}: invalid JSON: {e}") from None
+        problem = f"{path}: invalid JSON: {e}"
     except OSError as e:
-        raise ValueError(f"{path}: cannot read: {e.strerror or e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return data
+        problem = f"{path}: cannot read: {e.strerror or e}"
+    else:
+        if isinstance(data, dict):
+            return data
+        problem = f"{path}: expected a JSON object"
+    raise ValidationError(problem, [problem])
 
 
 def _is_number(x: Any) -> bool:

@@ -27,13 +27,15 @@ import json
 import os
 import stat
 import time
-import uuid
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from agent_finetune.errors import RegistryError
+from agent_finetune.registry.files import write_atomic
+from agent_finetune.registry.history import parse_pointer
+from agent_finetune.registry.layout import CURRENT, VERSIONS
 from agent_finetune.registry.names import is_name
-from agent_finetune.registry.store import CURRENT, VERSIONS, Registry, parse_pointer
+from agent_finetune.registry.store import Registry
 
 INDEX = ".index.json"
 INDEX_FORMAT = 1
@@ -165,24 +167,11 @@ def listing(registry: Registry) -> list[Listed]:
     old = _load(path)
     old_names: dict[str, Any] = old.get("names", {})
     trusted_before = old.get("written_ns", 0) - RACY_NS
-    try:
-        entries = sorted(os.scandir(root), key=lambda e: e.name)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    except OSError as e:
-        raise RegistryError(f"cannot list {root}: {e.strerror or e}") from e
+    names, _ = registry.scan("any")
     started_ns = time.time_ns()
     fresh: dict[str, Any] = {}
     changed = False
-    for entry in entries:
-        name = entry.name
-        if not is_name(name):
-            continue
-        if entry.is_symlink():
-            try:
-                registry.name_dir(name)
-            except RegistryError:
-                continue  # a symlink out of the root: never listed
+    for name in names:
         stamps = [_stamp(f"{root}/{name}/{VERSIONS}"), _stamp(f"{root}/{name}/{CURRENT}")]
         if stamps[0] is None:
             continue  # not a published name
@@ -211,10 +200,5 @@ def listing(registry: Registry) -> list[Listed]:
 
 def _write(path: Path, data: dict[str, Any]) -> None:
     """Best effort: a reader without write access to the root just lists from folders."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, separators=(",", ":")), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+    with contextlib.suppress(OSError):
+        write_atomic(path, json.dumps(data, separators=(",", ":")).encode(), durable=False)

@@ -1,22 +1,31 @@
 """The promotion gate: a version becomes current only if it beats the live one.
 
 ``evaluate_versions`` scores versions on held-out rows (through a server, or offline with
-PEFT) and stores one record per version in the registry (``registry.evals``); ``gate``
+PEFT) and stores one record per version in the registry (``registry.eval_records``); ``gate``
 compares candidate and live row by row and promotes only when the bootstrap confidence
-interval of the mean gain lies above ``min_delta``. The decision, with both scores, the
-win rate and the interval, goes into history as a ``gate`` entry either way.
+interval of the mean gain lies above ``min_delta``, on at least ``min_rows`` rows whose
+scores are all finite.
+
+The decision goes into history with both scores, the win rate and the interval: a refusal
+as a ``gate`` entry, a promotion in the ``promote`` entry of the move itself (``gate``
+field), written together. The move is a compare-and-swap: it happens only if ``current`` is
+still the version the evaluation compared with (``CurrentMovedError`` otherwise: nothing
+moves), and, like any operator's promote, it ends a running canary first. A refusal of the
+version a canary is trying ends that canary too: the operator's gate has spoken.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent_finetune.errors import EvalError
+from agent_finetune.errors import CurrentMovedError, EvalError
 from agent_finetune.registry import Registry
-from agent_finetune.registry.evals import append_eval
+from agent_finetune.registry.canary_state import end_canary_of
+from agent_finetune.registry.eval_records import append_eval
 from agent_finetune.registry.names import model_id
 from agent_finetune.training.data import Dataset, load_dataset_file
 from agent_finetune.training.evaluate import (
@@ -119,6 +128,10 @@ def evaluate_versions(
     return results
 
 
+MIN_ROWS = 10
+"""Held-out rows the gate needs at least: a bootstrap interval over fewer says little."""
+
+
 def gate(
     registry: Registry,
     name: str,
@@ -127,6 +140,7 @@ def gate(
     *,
     metric: Metric = "loglik",
     min_delta: float = 0.0,
+    min_rows: int = MIN_ROWS,
     server: str | None = None,
     api_key: str | None = None,
     max_tokens: int = 128,
@@ -141,12 +155,14 @@ def gate(
     if live == candidate:
         return GateResult(name, candidate, live, metric, min_delta, False, "already current")
     if live is None:
-        registry.log_event(
-            name, "gate", to=candidate, decision="promote", reason="no live version", metric=metric
-        )
-        registry.promote(name, candidate, reason="gate: no live version to compare with")
-        return GateResult(
-            name, candidate, None, metric, min_delta, True, "no live version to compare with"
+        reason = "no live version to compare with"
+        _promote(registry, name, candidate, None, reason, {"decision": "promote", "metric": metric})
+        return GateResult(name, candidate, None, metric, min_delta, True, reason)
+    if len(dataset.examples) < min_rows:
+        raise EvalError(
+            f"{dataset.describe().get('path', 'the held-out data')} has "
+            f"{len(dataset.examples)} rows; the gate needs at least {min_rows} to judge "
+            "(add held-out rows, or lower --min-rows knowingly)"
         )
     results = evaluate_versions(
         registry,
@@ -160,30 +176,85 @@ def gate(
         against=live,
         generate=metric != "loglik",
     )
+    decided = decide(results, candidate, live, metric, min_delta, seed)
+    promoted, reason, comparison = decided
+    entry = {
+        "decision": "promote" if promoted else "refuse",
+        "metric": metric,
+        "min_delta": min_delta,
+        "data": dataset.describe(),
+        "via": server or "offline",
+        "comparison": comparison.as_dict() if comparison else None,
+    }
+    if promoted:
+        _promote(registry, name, candidate, live, f"gate: {reason}", entry)
+    else:
+        _refuse(registry, name, candidate, live, reason, entry)
+    return GateResult(
+        name, candidate, live, metric, min_delta, promoted, reason, comparison, results
+    )
+
+
+def decide(
+    results: dict[str, EvalResult],
+    candidate: str,
+    live: str,
+    metric: Metric,
+    min_delta: float,
+    seed: int,
+) -> tuple[bool, str, Comparison | None]:
+    """(promote?, why, the comparison): refused outright when a row scored NaN or infinity,
+    since no order of such rows means anything."""
+    bad = {
+        v: [i + 1 for i, x in enumerate(results[v].scores[metric]) if not math.isfinite(x)]
+        for v in (candidate, live)
+    }
+    if any(bad.values()):
+        where = "; ".join(f"{v} rows {rows}" for v, rows in bad.items() if rows)
+        return False, f"not comparable: non-finite {metric} scores ({where})", None
     comparison = compare_scores(
         results[candidate].scores[metric], results[live].scores[metric], metric=metric, seed=seed
     )
-    promoted = is_better(comparison, min_delta)
     ci = f"{comparison.confidence:.0%} CI [{comparison.ci_low:+.4f}, {comparison.ci_high:+.4f}]"
     summary = (
         f"{metric} {comparison.candidate:.4f} vs {comparison.live:.4f} "
         f"(gain {comparison.delta:+.4f}, {ci}, win rate {comparison.win_rate:.0%}, "
-        f"min delta {min_delta:g})"
+        f"min delta {min_delta:g}, {comparison.rows} rows)"
     )
-    reason = summary if promoted else f"not better: {summary}"
-    registry.log_event(
-        name,
-        "gate",
-        **{"from": live, "to": candidate},
-        decision="promote" if promoted else "refuse",
-        reason=reason,
-        min_delta=min_delta,
-        data=dataset.describe(),
-        via=server or "offline",
-        comparison=comparison.as_dict(),
-    )
-    if promoted:
-        registry.promote(name, candidate, reason=f"gate: {summary}")
-    return GateResult(
-        name, candidate, live, metric, min_delta, promoted, reason, comparison, results
-    )
+    promoted = is_better(comparison, min_delta)
+    return promoted, summary if promoted else f"not better: {summary}", comparison
+
+
+def _promote(
+    registry: Registry,
+    name: str,
+    candidate: str,
+    live: str | None,
+    reason: str,
+    entry: dict[str, Any],
+) -> None:
+    """The gate's move, a compare-and-swap: only if ``live`` is still current."""
+    try:
+        registry.promote(name, candidate, reason=reason, expect=live, gate=entry)
+    except CurrentMovedError as e:
+        registry.log_event(
+            name,
+            "gate",
+            **{"from": live, "to": candidate},
+            **{**entry, "decision": "stale"},
+            reason=f"evaluated against {live}, but current moved meanwhile; nothing promoted",
+        )
+        raise CurrentMovedError(f"{e}; run the gate again against the new current") from e
+
+
+def _refuse(
+    registry: Registry,
+    name: str,
+    candidate: str,
+    live: str,
+    reason: str,
+    entry: dict[str, Any],
+) -> None:
+    """A refusal ends the candidate's canary first (if one runs), then is logged."""
+    end_canary_of(registry, name, candidate, f"superseded: the gate refused {candidate}")
+    registry.log_event(name, "gate", **{"from": live, "to": candidate}, **entry, reason=reason)

@@ -1,6 +1,6 @@
 """`agent-finetune canary status --server`: the registry's canary plus a server's counters.
 
-(The registry side of the canary commands: test_rollout_cli.py.)"""
+(The registry side of the canary commands: test_rollout_scenario.py.)"""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from helpers import registry_with_versions
 COUNTERS = {
     "version": "v0002",
     "verdict": "green",
+    "replicas": 2,
     "versions": {
-        "v0001": {"role": "baseline", "requests": 90, "errors": 0, "p50_s": 0.25},
+        "v0001": {"role": "baseline", "requests": 90, "errors": 0, "p50_token_s": 0.025},
         "v0002": {"role": "canary", "requests": 10, "errors": 1, "negative_rate": 0.5},
     },
 }
@@ -33,7 +34,7 @@ def test_status_shows_the_servers_live_counters(
         monkeypatch.setenv("AGENT_FINETUNE_SERVER", fake.url + "/v1")  # the default --server
         code, out, err = run(capsys, "canary", "status", "bot", *where)
         assert code == 0, err
-        assert "verdict on this server: green" in out and "0.250" in out
+        assert "counted over 2 server(s); verdict: green" in out and "25.00" in out
         code, out, _ = run(capsys, "canary", "status", "bot", *where, "--json")
     assert json.loads(out)["server"] == COUNTERS
     assert [s.path for s in fake.seen] == ["/v1/adapters", "/v1/adapters"]

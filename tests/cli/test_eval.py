@@ -12,7 +12,7 @@ from helpers import registry_with_versions
 
 from agent_finetune.cli.eval import parse_target
 from agent_finetune.errors import EvalError
-from agent_finetune.registry.evals import read_evals
+from agent_finetune.registry.eval_records import read_evals
 
 
 def test_parse_target() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import registry_with_versions
@@ -90,3 +91,60 @@ def test_bad_input_is_a_clear_error(
     assert run(reg, *args) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def fake_scores(candidate: float, live: float) -> Any:
+    """An ``evaluate_offline`` that scores every row of the candidate (first) and the live
+    version (second) with fixed log-likelihoods: the gate without a model."""
+    from agent_finetune.training.evaluate import EvalResult
+
+    def evaluate(base: str, folders: dict[str, Path], examples: Any, **_: Any) -> Any:
+        values = iter([candidate, live])
+        return {v: EvalResult(v, {"loglik": [next(values)] * len(examples)}) for v in list(folders)}
+
+    return evaluate
+
+
+def heldout(tmp_path: Path, n: int = 12) -> str:
+    rows = [{"instruction": f"q{i}", "response": f"a{i}"} for i in range(n)]
+    path = tmp_path / "heldout.json"
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    return str(path)
+
+
+def test_gate_on_a_read_only_registry_is_an_error_not_a_traceback(
+    reg: Registry,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Finding: the OSError of the evals append escaped `promote --if-better` as a traceback."""
+    import errno
+    import os
+
+    import agent_finetune.training.gate as gate_module
+
+    monkeypatch.setattr(gate_module, "evaluate_offline", fake_scores(-1.0, -2.0))
+    real_open = os.open
+
+    def read_only(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if str(path).endswith("evals.jsonl"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    args = ["promote", "bot@v0002", "--if-better", "--data", heldout(tmp_path)]
+    assert run(reg, *args, "--base-model", "fake") == 1
+    err = capsys.readouterr().err
+    assert "read-only" in err and "evals.jsonl" in err and "Traceback" not in err
+    assert reg.current("bot") == "v0001"
+
+
+def test_canary_commands_for_an_unknown_name_are_errors_not_tracebacks(
+    reg: Registry, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Finding: `canary abort nosuch` escaped as a raw FileNotFoundError traceback."""
+    for action in ("abort", "promote", "status"):
+        assert run(reg, "canary", action, "nosuch") == 1
+        err = capsys.readouterr().err
+        assert "no adapter named 'nosuch'" in err and "Traceback" not in err

@@ -145,7 +145,7 @@ class FakeReconciler:
 
 
 def call_middleware(reconciler: Any, body: bytes, path: str = "/v1/chat/completions") -> Any:
-    from server_plugin.plugin import PinnedModelMiddleware
+    from server_plugin.middleware import ModelRequestMiddleware
 
     received: list[bytes] = []
     sent: list[dict[str, Any]] = []
@@ -161,7 +161,7 @@ def call_middleware(reconciler: Any, body: bytes, path: str = "/v1/chat/completi
         plugin = type(
             "P", (), {"reconciler": reconciler, "max_parse_bytes": 1 << 20, "canary": None}
         )()
-        mw = PinnedModelMiddleware(app, plugin)
+        mw = ModelRequestMiddleware(app, plugin)
         chunks = [body[:5], body[5:]]
 
         async def receive() -> dict[str, Any]:

@@ -11,7 +11,7 @@ from helpers import registry_with_versions
 
 from agent_finetune.errors import RegistryError
 from agent_finetune.registry import Registry
-from agent_finetune.registry.canary import (
+from agent_finetune.registry.canary_state import (
     CANARY,
     Guards,
     finish_canary,
@@ -19,7 +19,7 @@ from agent_finetune.registry.canary import (
     read_canary,
     start_canary,
 )
-from agent_finetune.registry.evals import EVALS, append_eval, latest_eval, read_evals
+from agent_finetune.registry.eval_records import EVALS, append_eval, latest_eval, read_evals
 
 
 @pytest.fixture
@@ -127,3 +127,91 @@ def test_eval_records_are_append_only_beside_the_versions(reg: Registry) -> None
     assert all(
         json.loads(line)["user"] for line in (reg.root / "bot" / EVALS).read_text().splitlines()[:3]
     )
+
+
+# -- operators win ------------------------------------------------------------------------------
+def actions(reg: Registry) -> list[tuple[str, str | None]]:
+    return [(e["action"], e.get("to")) for e in reg.history("bot")]
+
+
+@pytest.mark.parametrize("move", ["promote", "rollback", "publish"])
+def test_an_operators_move_ends_the_running_canary_first(
+    reg: Registry, tmp_path: Path, move: str
+) -> None:
+    """Finding: promote, rollback and publish ignored a running canary; it kept routing its
+    share, and its auto-promote later reverted the operator's hotfix."""
+    c = start_canary(reg, "bot", "v0002", weight=50, auto_promote=True)
+    if move == "promote":
+        reg.promote("bot", "v0003", reason="hotfix")
+        want = "v0003"
+    elif move == "rollback":
+        reg.promote("bot", "v0001")  # (already current: only the canary ends)
+        assert read_canary(reg, "bot") is None
+        c = start_canary(reg, "bot", "v0002", weight=50)
+        reg.rollback("bot", to="v0003")
+        want = "v0003"
+    else:
+        from helpers import write_adapter
+
+        want = reg.publish("bot", write_adapter(tmp_path / "hotfix", seed=9)).version
+    assert read_canary(reg, "bot") is None and reg.current("bot") == want
+    end = next(e for e in reversed(reg.history("bot")) if e["action"] == "canary_abort")
+    assert end["canary_id"] == c.id and "superseded" in end["reason"]
+    assert "operators win" in end["reason"]
+    # The canary's late verdict (a replica that saw it green) changes nothing.
+    assert finish_canary(reg, "bot", "promote", reason="green", canary_id=c.id) is None
+    assert reg.current("bot") == want
+    assert [a for a, _ in actions(reg)].count("canary_promote") == 0
+
+
+def test_a_canary_verdict_is_a_compare_and_swap_of_current(reg: Registry) -> None:
+    """A canary whose baseline is no longer current (its end was lost, or a writer moved
+    current behind its back) never promotes: it ends as an abort and says why."""
+    from helpers import set_current
+
+    from agent_finetune.errors import CurrentMovedError
+
+    c = start_canary(reg, "bot", "v0002", weight=50, auto_promote=True)
+    set_current(reg, "bot", "v0003")  # not through promote(): the canary file stays
+    with pytest.raises(CurrentMovedError, match="current moved from v0001 to v0003"):
+        finish_canary(reg, "bot", "promote", reason="green 30m", canary_id=c.id)
+    assert reg.current("bot") == "v0003" and read_canary(reg, "bot") is None
+    last = reg.history("bot")[-1]
+    assert last["action"] == "canary_abort" and "not promoted" in last["reason"]
+
+
+def test_canary_promote_writes_the_move_then_the_end(reg: Registry) -> None:
+    c = start_canary(reg, "bot", "v0003", weight=50)
+    finish_canary(reg, "bot", "promote", reason="green", canary_id=c.id)
+    move, end = reg.history("bot")[-2:]
+    assert (move["action"], move["to"], move["canary_id"]) == ("promote", "v0003", c.id)
+    assert (end["action"], end["canary_id"]) == ("canary_promote", c.id)
+
+
+def test_gc_never_deletes_a_running_canarys_candidate_or_baseline(reg: Registry) -> None:
+    """Finding: `gc --keep 1` deleted the candidate; its share went to 404s, which did not
+    count as errors, and the canary promoted."""
+    reg.promote("bot", "v0003")
+    start_canary(reg, "bot", "v0001", weight=10)
+    assert reg.gc("bot", keep=1) == ["v0002"]
+    assert reg.versions("bot") == ["v0001", "v0003"]
+
+
+def test_ending_the_canary_of_an_unknown_name_is_a_clear_error(reg: Registry) -> None:
+    """Finding: `canary abort nosuch` raised a raw FileNotFoundError (a traceback)."""
+    from agent_finetune.errors import NotFoundError
+
+    with pytest.raises(NotFoundError, match="no adapter named 'nosuch'"):
+        finish_canary(reg, "nosuch", "abort", reason="x")
+    assert not (reg.root / "nosuch").exists()
+
+
+def test_starting_a_canary_empties_the_fleet_counters_of_earlier_ones(reg: Registry) -> None:
+    from agent_finetune.registry.rollout import read_counts, write_counts
+
+    old = start_canary(reg, "bot", "v0002", weight=10)
+    write_counts(reg.name_dir("bot"), "replica-a", {"canary_id": old.id, "versions": {}})
+    finish_canary(reg, "bot", "abort", reason="x")
+    new = start_canary(reg, "bot", "v0002", weight=10)
+    assert read_counts(reg.name_dir("bot"), old.id) == {}
+    assert read_counts(reg.name_dir("bot"), new.id) == {}

@@ -20,9 +20,10 @@ import pytest
 
 from agent_finetune.errors import RegistryError, ValidationError
 from agent_finetune.registry import Registry
-from agent_finetune.registry import store as store_module
+from agent_finetune.registry import publish as publish_module
+from agent_finetune.registry.eval_records import append_eval, read_evals
 from agent_finetune.registry.fsck import fsck
-from agent_finetune.registry.store import last_pointer_move, parse_history
+from agent_finetune.registry.history import last_pointer_move, parse_history
 from agent_finetune.training.numpy_adapter import write_adapter
 
 
@@ -126,7 +127,7 @@ def test_publish_enforces_a_size_cap(
     reg: Registry, adapter: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (adapter / "README.md").write_text("x" * 2000)
-    monkeypatch.setattr(store_module, "MAX_FILE_BYTES", 1000)
+    monkeypatch.setattr(publish_module, "MAX_FILE_BYTES", 1000)
     with pytest.raises(ValidationError, match="1,000-byte limit"):
         reg.publish("bot", adapter)
     assert reg.versions("bot") == [] and not leftovers(reg)
@@ -139,14 +140,14 @@ def test_what_is_validated_is_what_is_published(
     version must still be the validated bytes (the old code validated the source, then copied
     it again)."""
     garbage = write_adapter(tmp_path / "garbage", layers=1, r=2) / "adapter_model.safetensors"
-    real = store_module.validate_adapter
+    real = publish_module.validate_adapter
 
     def validate_then_swap(folder: Any, **kw: Any) -> Any:
         report = real(folder, **kw)
         shutil.copyfile(garbage, adapter / "adapter_model.safetensors")
         return report
 
-    monkeypatch.setattr(store_module, "validate_adapter", validate_then_swap)
+    monkeypatch.setattr(publish_module, "validate_adapter", validate_then_swap)
     reg.publish("bot", adapter)
     monkeypatch.undo()
     check_invariants(reg)
@@ -350,6 +351,53 @@ def test_cli_turns_a_read_only_registry_into_an_error_not_a_traceback(
         code = main(["promote", "bot", "v0001", "--registry", str(reg.root)])
     err = capsys.readouterr().err
     assert code == 1 and "read-only" in err and "errno 30" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EROFS])
+def test_append_eval_fails_cleanly_at_every_write(
+    tmp_path: Path, adapter: Path, monkeypatch: pytest.MonkeyPatch, err: int
+) -> None:
+    """The evals log is written like history: every failure is a RegistryError naming the
+    file and errno (it was a raw OSError), and no record already there is lost."""
+    base = Registry(tmp_path / "base")
+    base.publish("bot", adapter)
+    append_eval(base, "bot", {"version": "v0001", "metrics": {"loglik": -1.0}})
+    record = {"version": "v0001", "metrics": {"loglik": -0.5}}
+    probe = tmp_path / "probe"
+    shutil.copytree(base.root, probe)
+    n = _count_calls(monkeypatch, lambda: append_eval(Registry(probe), "bot", record))
+    assert n >= 2  # open for append, write, fsync
+    for k in range(1, n + 1):
+        root = tmp_path / f"r{k}"
+        shutil.copytree(base.root, root)
+        reg = Registry(root)
+        msg = _fail_at(k, err, monkeypatch, lambda reg=reg: append_eval(reg, "bot", record))
+        assert msg is not None and f"errno {err}" in msg and "evals.jsonl" in msg, (k, msg)
+        assert read_evals(reg, "bot")[0]["metrics"]["loglik"] == -1.0
+        append_eval(reg, "bot", record)  # the disk has room again: the next record lands
+        assert read_evals(reg, "bot")[-1]["metrics"] == {"loglik": -0.5}
+
+
+def test_a_torn_eval_line_never_swallows_the_next_record(reg: Registry, adapter: Path) -> None:
+    """A writer killed mid-line left no newline: the next record was glued to it and lost."""
+    reg.publish("bot", adapter)
+    append_eval(reg, "bot", {"version": "v0001", "metrics": {"loglik": -2.0}})
+    path = reg.name_dir("bot") / "evals.jsonl"
+    path.write_bytes(path.read_bytes() + b'{"version": "v0001", "metr')
+    append_eval(reg, "bot", {"version": "v0001", "metrics": {"loglik": -1.0}})
+    assert [e["metrics"]["loglik"] for e in read_evals(reg, "bot")] == [-2.0, -1.0]
+
+
+def test_the_evals_log_is_never_written_through_a_symlink(
+    reg: Registry, adapter: Path, tmp_path: Path
+) -> None:
+    reg.publish("bot", adapter)
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text("keep me\n")
+    (reg.name_dir("bot") / "evals.jsonl").symlink_to(elsewhere)
+    with pytest.raises(RegistryError, match=r"evals\.jsonl"):
+        append_eval(reg, "bot", {"version": "v0001"})
+    assert elsewhere.read_text() == "keep me\n"
 
 
 # -- kill -9 at random points ---------------------------------------------------------------

@@ -16,8 +16,8 @@ import pytest
 from hotswap_live import API_KEY, MAX_TOKENS, PROMPT, RESYNC_S, Live
 
 from agent_finetune.cli.app import EXIT_REFUSED, main
-from agent_finetune.registry.canary import read_canary
-from agent_finetune.registry.evals import read_evals
+from agent_finetune.registry.canary_state import read_canary
+from agent_finetune.registry.eval_records import read_evals
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -30,7 +30,7 @@ def server_args(live: Live) -> list[str]:
     return ["--server", live.handle.base_url, "--api-key", API_KEY]
 
 
-def write_rows(live: Live, n: int = 4) -> str:
+def write_rows(live: Live, n: int = 10) -> str:
     path = live.workdir / "heldout.jsonl"
     rows = [{"instruction": f"{PROMPT} ({i})", "response": f"Open Settings {i}."} for i in range(n)]
     path.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
@@ -84,9 +84,9 @@ def test_eval_and_gated_promote_through_the_server(
 
     assert cli(live, "eval", f"{name}@{twin}", "--data", data, *server_args(live), "--json") == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["live"] == "v0001" and out["rows"] == 4
+    assert out["live"] == "v0001" and out["rows"] == 10
     loglik = out["comparison"]["loglik"]
-    assert loglik["delta"] == 0 and loglik["ties"] == 4  # same weights, deterministic loglik
+    assert loglik["delta"] == 0 and loglik["ties"] == 10  # same weights, deterministic loglik
     assert out["means"]["v0001"]["loglik"] < 0
     records = read_evals(live.registry, name)
     assert {r["version"] for r in records} == {"v0001", twin}
@@ -108,8 +108,8 @@ def test_eval_and_gated_promote_through_the_server(
     assert cli(live, "promote", f"{name}@{other}", *args) == 0
     assert "PROMOTED" in capsys.readouterr().out
     assert live.registry.current(name) == other
-    gate, moved = live.registry.history(name)[-2:]
-    assert gate["decision"] == "promote" and moved["action"] == "promote"
+    moved = live.registry.history(name)[-1]  # the decision is written with its move
+    assert moved["action"] == "promote" and moved["gate"]["decision"] == "promote"
     assert "vs" in moved["reason"] and "win rate" in moved["reason"]
     live.wait_live(name, other)
 
@@ -136,7 +136,7 @@ def test_canary_split_sticky_feedback_and_auto_abort(
         assert chat(live, name, f"user-{u}", client).model == models[u]
     counters = canary_status(live, name)["versions"]  # type: ignore[index]
     assert sum(v["requests"] for v in counters.values()) == 30
-    assert counters["v0002"]["role"] == "candidate" and counters["v0002"]["p50_s"] > 0
+    assert counters["v0002"]["role"] == "candidate" and counters["v0002"]["p50_token_s"] > 0
     metrics_text = urllib.request.urlopen(live.handle.url + "/metrics", timeout=10).read().decode()
     assert (
         f'agent_finetune_canary_requests_total{{name="{name}",role="candidate",version="v0002"}}'
@@ -149,6 +149,10 @@ def test_canary_split_sticky_feedback_and_auto_abort(
     assert post(live, route, {"id": candidate_ids[0], "score": -1}, key=None)[0] == 401
     assert post(live, route, {"id": candidate_ids[0], "score": 5})[0] == 400
     assert post(live, route, {"id": "chatcmpl-nobody", "score": -1})[0] == 404
+    # One answer scores once: replays of a positive score never dilute the negatives.
+    current_ids = [r.id for r in served.values() if r.model.endswith("v0001")]
+    for _ in range(5):
+        assert post(live, route, {"id": current_ids[0], "score": 1})[1]["version"] == "v0001"
     for rid in candidate_ids[:3]:
         code, answer = post(live, route, {"id": rid, "score": -1})
         if code == 200:
@@ -229,8 +233,9 @@ def test_two_replicas_share_one_canary(live: Live) -> None:
                 lambda c=client: chat(live, name, client=c).model == f"{name}@v0002",
                 "both replicas to route to the candidate",
             )
-        # Replica B trips its guard; replica A stops routing within one resync.
-        answer = chat(live, name, client=b)
+        # Replica B trips the guard with a score for an answer replica A gave (B finds it
+        # in A's record in the registry); replica A stops routing within one resync.
+        answer = chat(live, name, client=a)
         req = urllib.request.Request(
             other.url + f"/v1/adapters/{name}/feedback",
             data=json.dumps({"id": answer.id, "score": -1}).encode(),
@@ -257,3 +262,25 @@ def test_two_replicas_share_one_canary(live: Live) -> None:
         live.wait_for(lambda: chat(live, name, client=b).model == f"{name}@v0002", "B to follow")
     finally:
         other.stop()
+
+
+def test_an_operator_wins_over_a_running_canary(live: Live) -> None:
+    """Finding: a rollback during a canary left it routing its share, and its auto-promote
+    then reverted the rollback. Now the operator's move ends it; every answer after the
+    move lands on the operator's version, and the canary never comes back."""
+    name = "operated"
+    live.registry.publish(name, live.good[5])
+    live.registry.publish(name, live.good[6])
+    live.registry.publish(name, live.good[7], make_current=False)
+    live.wait_live(name, "v0002")
+    args = ["--weight", "100", "--min-requests", "1", "--duration", "2s", "--auto-promote"]
+    assert cli(live, "canary", "start", f"{name}@v0003", *args) == 0
+    live.wait_for(lambda: chat(live, name).model == f"{name}@v0003", "routing to the candidate")
+    assert cli(live, "rollback", name) == 0  # back to v0001
+    ends = [e for e in live.registry.history(name) if e["action"] == "canary_abort"]
+    assert ends and "operators win" in ends[-1]["reason"]
+    live.wait_for(lambda: chat(live, name).model == f"{name}@v0001", "the server to follow")
+    time.sleep(3 * RESYNC_S + 2)  # longer than the canary's duration: nothing promotes
+    assert {chat(live, name).model for _ in range(8)} == {f"{name}@v0001"}
+    assert live.registry.current(name) == "v0001"
+    assert "canary_promote" not in [e["action"] for e in live.registry.history(name)]

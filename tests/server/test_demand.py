@@ -15,7 +15,7 @@ from helpers import fake_adapter, write_version
 
 from agent_finetune.registry import Registry
 from server_plugin.failures import Refusal
-from server_plugin.plugin import PinnedModelMiddleware
+from server_plugin.middleware import ModelRequestMiddleware
 from server_plugin.reconciler import Reconciler
 
 
@@ -47,7 +47,7 @@ def copies(rec: Reconciler) -> list[Path]:
 
 def middleware_for(rec: Reconciler, app: Any) -> Any:
     plugin = type("Plugin", (), {"reconciler": rec, "max_parse_bytes": 1 << 20, "canary": None})()
-    return PinnedModelMiddleware(app, plugin)
+    return ModelRequestMiddleware(app, plugin)
 
 
 def vllm_app(transport: FakeTransport, slow: str) -> tuple[Any, asyncio.Event, dict[str, bool]]:
@@ -307,7 +307,7 @@ def test_middleware_loads_a_lazy_name_before_the_app_sees_the_request(tmp_path: 
         seen.append((body["model"], body["model"] in transport.table))
 
     plugin = type("Plugin", (), {"reconciler": rec, "max_parse_bytes": 1 << 20, "canary": None})()
-    middleware = PinnedModelMiddleware(app, plugin)  # type: ignore[arg-type]
+    middleware = ModelRequestMiddleware(app, plugin)  # type: ignore[arg-type]
 
     async def request(model: str) -> None:
         body = json.dumps({"model": model, "messages": []}).encode()

@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from server_plugin.failures import Refusal
-from server_plugin.plugin import PinnedModelMiddleware
+from server_plugin.middleware import ModelRequestMiddleware
 
 CHUNK = 64 * 1024
 
@@ -103,7 +103,7 @@ def test_32mb_body_passes_through_unread_and_unparsed() -> None:
     """Finding: the middleware built every body with `bytes +=` (quadratic) and parsed it on
     the event loop: a 32 MB body stalled the server for 76 s."""
     rec, app = FakeReconciler(), EchoApp()
-    middleware = PinnedModelMiddleware(app, FakePlugin(rec))  # type: ignore[arg-type]
+    middleware = ModelRequestMiddleware(app, FakePlugin(rec))  # type: ignore[arg-type]
     body = big_body(32 << 20)
     status, _, _ = request(middleware, body)
     assert status == 200
@@ -115,7 +115,7 @@ def test_32mb_body_passes_through_unread_and_unparsed() -> None:
 
 def test_content_length_over_the_cap_is_not_read_at_all() -> None:
     rec, app = FakeReconciler(), EchoApp()
-    middleware = PinnedModelMiddleware(app, FakePlugin(rec, cap=1000))  # type: ignore[arg-type]
+    middleware = ModelRequestMiddleware(app, FakePlugin(rec, cap=1000))  # type: ignore[arg-type]
     body = big_body(5000)
     status, _, _ = request(middleware, body, headers=[(b"content-length", b"5000")])
     assert status == 200 and app.bodies == [body] and rec.pins == []
@@ -124,7 +124,7 @@ def test_content_length_over_the_cap_is_not_read_at_all() -> None:
 
 def test_small_pinned_body_is_read_once_and_replayed() -> None:
     rec, app = FakeReconciler(), EchoApp()
-    middleware = PinnedModelMiddleware(app, FakePlugin(rec))  # type: ignore[arg-type]
+    middleware = ModelRequestMiddleware(app, FakePlugin(rec))  # type: ignore[arg-type]
     body = big_body(300_000)  # several chunks, parsed in a thread
     status, _, _ = request(middleware, body)
     assert status == 200 and app.bodies == [body] and rec.pins == ["x@v0001"]
@@ -140,7 +140,7 @@ def test_refused_pins_answer_with_the_refusals_status() -> None:
         (Refusal("cache full (temporary; retry later)", 503), "ServiceUnavailableError"),
     ]:
         app = EchoApp()
-        middleware = PinnedModelMiddleware(app, FakePlugin(FakeReconciler(refusal)))  # type: ignore[arg-type]
+        middleware = ModelRequestMiddleware(app, FakePlugin(FakeReconciler(refusal)))  # type: ignore[arg-type]
         status, payload, _ = request(middleware, big_body(1000))
         error = json.loads(payload)["error"]
         assert status == refusal.status and error["type"] == err_type

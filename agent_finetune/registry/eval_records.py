@@ -10,32 +10,25 @@ Standard library only.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 from typing import Any
 
+from agent_finetune.registry.files import append_jsonl, read_jsonl
+from agent_finetune.registry.history import actor
+from agent_finetune.registry.layout import EVALS
 from agent_finetune.registry.names import check_version, utc_now
-from agent_finetune.registry.store import Registry, actor
-
-EVALS = "evals.jsonl"
+from agent_finetune.registry.store import Registry
 
 
 def append_eval(registry: Registry, name: str, record: dict[str, Any]) -> dict[str, Any]:
     """Append one evaluation record for ``name`` (``record["version"]`` required); return it.
 
-    One ``write`` on an ``O_APPEND`` file: concurrent writers never interleave lines.
+    A sealed JSONL append (``files.append_jsonl``): concurrent writers never interleave
+    lines, a torn line left by a dead writer never swallows this one, and a full disk or a
+    read-only mount is a RegistryError that says so.
     """
     check_version(str(record.get("version")))
     entry = {"ts": utc_now(), **actor(), **record}
-    line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
-    path = registry.name_dir(name) / EVALS
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    append_jsonl(registry.name_dir(name) / EVALS, entry)
     return entry
 
 
@@ -44,18 +37,8 @@ def read_evals(registry: Registry, name: str, version: str | None = None) -> lis
 
     A torn or foreign line is skipped, never fatal: the log is advisory.
     """
-    path = registry.name_dir(name) / EVALS
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return []
-    out = []
-    for line in text.splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            entry = json.loads(line)
-            if isinstance(entry, dict) and (version is None or entry.get("version") == version):
-                out.append(entry)
-    return out
+    entries, _ = read_jsonl(registry.name_dir(name) / EVALS)
+    return [e for e in entries if version is None or e.get("version") == version]
 
 
 def latest_eval(registry: Registry, name: str, version: str) -> dict[str, Any] | None:

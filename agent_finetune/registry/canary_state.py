@@ -6,34 +6,36 @@ replaced atomically like ``current`` and logged in ``history.jsonl`` (``canary_s
 ``canary_abort``, ``canary_promote``). Every replica that watches the registry reads the
 same file, so every replica routes the same share and applies the same guards.
 
-Transitions take ``<name>/.canary.lock`` and then, to promote, the registry's own lock; never
-the other way round, so they cannot deadlock. Ending a canary names its id: when two replicas
-trip at once, the first ends it and the second finds nothing to do.
+Transitions take the name's lock, like every other write to the name. Ending a canary names
+its id: when two replicas trip at once, the first ends it and the second finds nothing to do.
+
+Operators win (``Registry.promote``, ``rollback``, ``publish`` and the gate end a running
+canary first), and a verdict is a compare-and-swap: a canary promotes its candidate only if
+``current`` is still the baseline it started from; otherwise it ends as an abort and
+``CurrentMovedError`` says why.
 
 Standard library only.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import math
-import os
 import re
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from agent_finetune.errors import RegistryError
+from agent_finetune.errors import CurrentMovedError, InvalidCanaryError, RegistryError
+from agent_finetune.registry.files import atomic_write_json
+from agent_finetune.registry.history import CANARY_START
+from agent_finetune.registry.layout import CANARY
 from agent_finetune.registry.names import check_version, utc_now
-from agent_finetune.registry.store import Registry, _fsync_dir, atomic_write_json
+from agent_finetune.registry.rollout import clear_counts
+from agent_finetune.registry.store import Registry
 
-CANARY = "canary"
-CANARY_LOCK = ".canary.lock"
 Outcome = Literal["abort", "promote"]
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?", re.ASCII)
@@ -47,10 +49,12 @@ def parse_duration(text: str | float | int) -> float:
     else:
         m = _DURATION_RE.fullmatch(str(text).strip())
         if not m:
-            raise ValueError(f"duration {text!r}: expected a number and a unit, e.g. 90s, 30m, 2h")
+            raise InvalidCanaryError(
+                f"duration {text!r}: expected a number and a unit, e.g. 90s, 30m, 2h"
+            )
         value = float(m.group(1)) * _UNIT_S[m.group(2) or "s"]
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"duration {text!r}: must be a finite number of seconds >= 0")
+        raise InvalidCanaryError(f"duration {text!r}: must be a finite number of seconds >= 0")
     return value
 
 
@@ -59,15 +63,17 @@ class Guards:
     """When a canary is aborted (any guard trips) or may be promoted (none did, for long enough)."""
 
     min_requests: int = 20
-    """Candidate requests (on one replica) before the request guards are judged."""
+    """Candidate requests (summed over every replica) before the request guards are judged."""
     max_error_rate: float = 0.05
-    """Abort when more than this fraction of the candidate's requests fail (HTTP 5xx)."""
+    """Abort when more than this fraction of the candidate's requests fail (HTTP 5xx, an error
+    inside a 200 stream, a 404, a transient refusal to load it)."""
     max_latency_ratio: float = 2.0
-    """Abort when the candidate's median latency exceeds the baseline's by this factor."""
+    """Abort when the candidate's median latency per output token exceeds the baseline's by
+    this factor."""
     max_negative_feedback: float = 0.3
     """Abort when more than this fraction of the candidate's feedback scores are negative."""
     min_feedback: int = 5
-    """Feedback scores on the candidate before the feedback guard is judged."""
+    """Scored answers of the candidate (one score each) before the feedback guard is judged."""
     duration_s: float = 1800.0
     """Seconds the canary must stay green before it may be promoted."""
 
@@ -86,7 +92,7 @@ class Guards:
         if not (math.isfinite(self.duration_s) and self.duration_s >= 0):
             problems.append(f"duration_s={self.duration_s}: must be >= 0")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise InvalidCanaryError("; ".join(problems))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Guards:
@@ -115,7 +121,7 @@ class Canary:
     def from_dict(cls, data: dict[str, Any]) -> Canary:
         weight = float(data["weight"])
         if not 0 < weight <= 100:
-            raise ValueError(f"weight {weight}: must be in (0, 100]")
+            raise InvalidCanaryError(f"weight {weight}: must be in (0, 100]")
         return cls(
             name=str(data["name"]),
             version=check_version(str(data["version"])),
@@ -151,22 +157,11 @@ def read_canary(registry: Registry, name: str) -> Canary | None:
         if not isinstance(data, dict):
             raise TypeError("expected a JSON object")
         return Canary.from_dict(data)
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise RegistryError(
             f"{path}: invalid canary state ({type(e).__name__}: {e}); "
             f"run `agent-finetune canary abort {name}` to clear it"
         ) from e
-
-
-@contextlib.contextmanager
-def _canary_lock(registry: Registry, name: str) -> Iterator[None]:
-    ndir = registry.name_dir(name)
-    with (ndir / CANARY_LOCK).open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def start_canary(
@@ -182,16 +177,14 @@ def start_canary(
     """Send ``weight`` percent of ``name``'s traffic to ``version`` (checked servable first)."""
     check_version(version)
     if not 0 < weight <= 100:
-        raise RegistryError(f"--weight {weight}: must be a percentage in (0, 100]")
-    versions = registry.versions(name)
-    if not versions:
-        raise RegistryError(f"no adapter named {name!r} in {registry.root}")
+        raise InvalidCanaryError(f"--weight {weight}: must be a percentage in (0, 100]")
+    registry.require_name(name)
     registry.require_servable(name, version, refused="no canary is started")
-    with _canary_lock(registry, name):
-        existing = _read_lenient(registry, name)
+    with registry.lock(name):
+        existing = registry.canary_record(name)
         if existing is not None:
             raise RegistryError(
-                f"{name} already has a canary of {existing.version} ({existing.weight:g}%); "
+                f"{name} already has a canary of {existing.get('version')}; "
                 f"run `agent-finetune canary abort {name}` or `canary promote {name}` first"
             )
         baseline = registry.current(name)
@@ -199,7 +192,6 @@ def start_canary(
             raise RegistryError(f"{name} has no current version to compare with; promote one first")
         if baseline == version:
             raise RegistryError(f"{name}@{version} is already current; nothing to canary")
-        now = time.time()
         canary = Canary(
             name=name,
             version=version,
@@ -208,29 +200,25 @@ def start_canary(
             guards=guards or Guards(),
             auto_promote=auto_promote,
             started_at=utc_now(),
-            started_ts=now,
+            started_ts=time.time(),
             id=uuid.uuid4().hex,
         )
+        clear_counts(registry.name_dir(name))  # no other canary's counters are its evidence
         atomic_write_json(canary_path(registry, name), canary.as_dict())
-        registry.log_event(
+        registry.append_history(
             name,
-            "canary_start",
-            **{"from": baseline, "to": version},
-            weight=canary.weight,
-            guards=asdict(canary.guards),
-            auto_promote=auto_promote,
-            canary_id=canary.id,
-            reason=reason,
+            {
+                "action": CANARY_START,
+                "from": baseline,
+                "to": version,
+                "weight": canary.weight,
+                "guards": asdict(canary.guards),
+                "auto_promote": auto_promote,
+                "canary_id": canary.id,
+                "reason": reason,
+            },
         )
     return canary
-
-
-def _read_lenient(registry: Registry, name: str) -> Canary | None:
-    """Like read_canary, but an unreadable file counts as a canary to clear (abort)."""
-    try:
-        return read_canary(registry, name)
-    except RegistryError:
-        return Canary(name, "v0000", "v0000", 100.0, id="unreadable")
 
 
 def finish_canary(
@@ -246,27 +234,60 @@ def finish_canary(
 
     With ``canary_id``, only that canary is ended: a replica acting on what it saw never ends
     a newer canary. Returns the ended canary, or None when there was nothing (left) to end.
+    A promotion is a compare-and-swap: if ``current`` is no longer the canary's baseline (an
+    operator moved it), or the candidate no longer verifies, the canary is aborted instead
+    and the error says why.
     """
-    with _canary_lock(registry, name):
-        canary = _read_lenient(registry, name)
-        if canary is None or (canary_id is not None and canary.id != canary_id):
+    registry.require_name(name)
+    with registry.lock(name):
+        record = registry.canary_record(name)
+        if record is None or (canary_id is not None and record.get("id") != canary_id):
             return None
-        if outcome == "promote":
-            if canary.id == "unreadable":
+        try:
+            canary = Canary.from_dict(record)
+        except (ValueError, KeyError, TypeError) as e:
+            if outcome == "promote":
                 raise RegistryError(
-                    f"{canary_path(registry, name)} is unreadable; abort it instead"
-                )
-            registry.promote(name, canary.version, reason=f"canary promoted: {reason}")
-        path = canary_path(registry, name)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        _fsync_dir(path.parent)
-        registry.log_event(
-            name,
-            f"canary_{outcome}",
-            **{"from": canary.baseline, "to": canary.version},
-            canary_id=canary.id,
-            reason=reason,
-            evidence=evidence,
-        )
+                    f"{canary_path(registry, name)} is unreadable ({e}); abort it instead"
+                ) from e
+            registry.end_canary(name, "abort", reason, evidence=evidence)
+            return Canary(name, "v0000", "v0000", 100.0, id=str(record.get("id", "unreadable")))
+        if outcome == "promote":
+            _promote_locked(registry, canary, reason, evidence)
+        else:
+            registry.end_canary(name, "abort", reason, evidence=evidence)
     return canary
+
+
+def _promote_locked(
+    registry: Registry, canary: Canary, reason: str, evidence: dict[str, Any] | None
+) -> None:
+    """The canary's verdict, applied only if ``current`` is still its baseline."""
+    name = canary.name
+    current = registry.current(name)
+    try:
+        if current != canary.baseline:
+            raise CurrentMovedError(
+                f"{name}: the canary of {canary.version} was not promoted: current moved from "
+                f"{canary.baseline} to {current} after it started (an operator's move wins); "
+                "the canary was ended"
+            )
+        registry.require_servable(name, canary.version, refused="was not promoted")
+    except RegistryError as e:
+        registry.end_canary(name, "abort", f"not promoted: {e}", evidence=evidence)
+        raise
+    registry.set_current(
+        name, canary.version, "promote", f"canary promoted: {reason}", canary_id=canary.id
+    )
+    registry.end_canary(name, "promote", reason, evidence=evidence)
+
+
+def end_canary_of(registry: Registry, name: str, version: str, reason: str) -> bool:
+    """End the running canary of ``name`` if its candidate is ``version`` (an operator or the
+    gate decided about that version); True when one was ended."""
+    with registry.lock(name):
+        record = registry.canary_record(name)
+        if record is None or record.get("version") != version:
+            return False
+        registry.end_canary(name, "abort", reason)
+    return True
