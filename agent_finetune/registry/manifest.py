@@ -13,6 +13,23 @@ from agent_finetune.registry.files import os_error
 from agent_finetune.registry.layout import MANIFEST
 
 MANIFEST_FORMAT = 1
+CHECKS = "checks"
+"""The manifest member that records what publish checked of the published bytes."""
+NONFINITE_SCAN = "nonfinite_scan"
+"""``checks`` value: every float tensor was read and holds no NaN/Inf (``count_nonfinite``)."""
+
+
+def checks_record(*, scanned: bool) -> dict[str, Any]:
+    """What publish checked of the bytes whose sha256 the manifest lists: the config, the
+    safetensors header and the tensors' names and ranks always; every value for NaN/Inf
+    when ``scanned``. A server that verified those sha256 itself may skip the scan."""
+    return {"header": True, "tensors": True, NONFINITE_SCAN: scanned}
+
+
+def scanned_at_publish(manifest: dict[str, Any]) -> bool:
+    """Whether publish recorded a NaN/Inf scan of the bytes this manifest lists."""
+    checks = manifest.get(CHECKS)
+    return isinstance(checks, dict) and checks.get(NONFINITE_SCAN) is True
 
 
 def sha256_file(path: Path) -> str:
