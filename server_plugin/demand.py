@@ -73,7 +73,9 @@ class Demand:
     def resolve_policy(self, moved: dict[str, float | None]) -> None:
         """Fix the preload policy at the first readable pass: ``auto`` becomes ``all`` or
         ``recent:N`` by the engine's bound, and the preloaded names are chosen."""
-        n_names, pinned = len(moved), self.settings.max_pinned
+        # Pinned and staged copies share the engine's adapter bound with the names.
+        n_names = len(moved)
+        pinned = self.settings.max_pinned + self.settings.max_staged
         bound = self.engine_bound if self.engine_bound is not None else n_names + pinned
         room = max(0, bound - pinned)
         self.policy = self.preload.resolve(n_names, room)

@@ -129,7 +129,7 @@ def test_unknown_models_cost_no_registry_scan(tmp_path: Path, monkeypatch: Any) 
     for i in range(20):
         assert run(rec.ensure(f"x@v{99 + i:04d}")) is None
         assert run(rec.ensure(f"nobody{i}@v0001")) is None
-    assert listed == ["x"]
+    assert listed in ([], ["x"])  # at most once (staging's pass may have read it already)
     registry.publish("x", fake_adapter(tmp_path / "a2", seed=2), make_current=False)
     run(rec.reconcile_once())  # a pass (a registry event) sees the new version
     assert run(rec.ensure("x@v0002")) is None and rec.is_loaded("x@v0002")
