@@ -223,6 +223,7 @@ class Reconciler:
         self.catalog.update(found)
         if self.demand.policy is None:
             self.demand.resolve_policy({n: p.moved_at for n, p in found.items()})
+            self.stager.max_staged = self.demand.stage_room
         for name, pointer in found.items():
             # A lazy name's manifest is read when its first request loads it, not per pass.
             key = None
@@ -470,7 +471,11 @@ class Reconciler:
             "server_error": served.server_error,
             "data": [self._status[n].as_dict() for n in sorted(self._status)],
             "pinned": [
-                {"model": s, "path": str(served.copies[s].path)}
+                {
+                    "model": s,
+                    "path": str(served.copies[s].path),
+                    "load_seconds": served.copies[s].load_seconds,
+                }
                 for s in served.standby
                 if s in served.copies
             ],
@@ -479,7 +484,7 @@ class Reconciler:
                 for s, w in served.staged.items()
                 if served.loaded(s)
             ],
-            "max_staged": self.settings.max_staged,
+            "max_staged": self.stager.max_staged,
             "pinned_errors": {
                 model: error
                 for model, error in self.failures.errors().items()
@@ -496,6 +501,7 @@ class Reconciler:
                 ),
                 "lazy_loaded": len(demand.active),
                 "lazy_capacity": demand.lazy_capacity if demand.preloaded is not None else None,
+                "stage_room": demand.stage_room,
                 "engine_bound": demand.engine_bound,
                 "hits": demand.hits,
                 "misses": demand.misses,

@@ -215,3 +215,19 @@ def test_staging_never_lies_and_never_blocks_a_swap(
 
 def registry_ok(registry: Registry) -> None:
     assert registry.current("x") in registry.versions("x")
+
+
+def test_staging_uses_only_the_engine_room_the_names_leave(tmp_path: Path) -> None:
+    """Found live: with --max-cpu-loras 8 and 4 pinned, reserving 4 staged left no room
+    for the one name, which went lazy. Staging now takes only the spare room."""
+    registry, _, rec = make_reconciler(tmp_path, max_staged=4, max_pinned=4, engine_bound=8)
+    registry.publish("x", fake_adapter(tmp_path / "a1", seed=1))
+    for seed in (2, 3, 4, 5):
+        registry.publish(
+            "y", fake_adapter(tmp_path / f"y{seed}", seed=seed), make_current=seed == 2
+        )
+    run(rec.reconcile_once())
+    assert status_of(rec, "x")["state"] == "live" and status_of(rec, "y")["state"] == "live"
+    assert rec.status()["preload"]["policy"] == "all"
+    assert rec.status()["max_staged"] == 2  # 8 - 4 pinned - 2 names
+    assert staged(rec, "y") == {"v0004": "next"}
