@@ -242,7 +242,8 @@ def start(
     bounds: dict[str, Any] = {
         "max_lora_rank": RANK,
         "max_loras": slots,
-        "max_cpu_loras": 2 * slots,
+        # room for every adapter, the pinned and the staged versions (serve's rule)
+        "max_cpu_loras": 2 * slots + 8,
     }
     if lora_flags is not None:  # what `serve` picks for ``registry``, less what flags set
         bounds = {}
@@ -578,6 +579,8 @@ def measure_swaps(
         published_at = time.perf_counter()
         version: str = registry.publish(NAME, weights[i % 6], make_current=False).version
         if i % 6 not in by_weights:
+            # the pinned request after the pass that saw the publish (its catalog)
+            wait_staged(server, NAME, version, published_at)
             by_weights[i % 6] = ask(client, f"{NAME}@{version}")[1]
         refs[version] = by_weights[i % 6]
         return version, published_at
@@ -783,7 +786,7 @@ LOAD_KEYS = (
 )
 
 
-def wait_staged(server: Any, name: str, version: str, since: float, timeout: float = 120) -> float:
+def wait_staged(server: Any, name: str, version: str, since: float, timeout: float = 60) -> float:
     """Seconds from ``since`` until ``/v1/adapters`` lists ``name@version`` as staged."""
     while True:
         if staged_entry_of(server, name, version) is not None:

@@ -106,7 +106,7 @@ class Swapper:
             self.swaps_seen += 1
             self.swaps_that_loaded += int(status["swap_loaded"])
 
-    def staged(self, version: str, published_at: float, timeout: float = 120.0) -> None:
+    def staged(self, version: str, published_at: float, timeout: float = 60.0) -> None:
         """Wait until the server lists ``version`` as staged (loaded ahead); record how long
         after ``published_at`` (perf_counter) it was. A server that stages nothing (before
         issue 22, or AGENT_FINETUNE_MAX_STAGED=0) is not waited for."""

@@ -232,7 +232,7 @@ class Demand:
     def _version_facts(self, name: str, version: str) -> tuple[str | None, bool]:
         """(manifest key or None when the version does not exist, whether it may be
         pinned). Blocking file IO on a miss."""
-        if version not in self.catalog.versions(name):
+        if not self.catalog.has_version(name, version):
             return None, True
         key = self.served.key(name, version)
         if key is None or self.settings.pins == "any":

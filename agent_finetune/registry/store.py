@@ -74,7 +74,7 @@ from agent_finetune.registry.layout import (
     STAGING_PREFIX,
     VERSIONS,
 )
-from agent_finetune.registry.manifest import read_manifest, verify_folder
+from agent_finetune.registry.manifest import file_stamp, read_manifest, verify_folder
 from agent_finetune.registry.names import (
     ENV_REGISTRY,
     check_name,
@@ -254,12 +254,15 @@ class Registry:
         """Every history entry; unparsable (torn) lines are skipped (``fsck`` reports them)."""
         return parse_history(self.history_text(name))[0]
 
-    def verify(self, name: str, version: str, **limits: Any) -> AdapterReport:
-        """Validate a published version: manifest checksums plus the adapter checks."""
+    def verify(
+        self, name: str, version: str, *, once: bool = False, **limits: Any
+    ) -> AdapterReport:
+        """Validate a published version: manifest checksums plus the adapter checks
+        (``once``: trust what publish checked of files unchanged since, ``verify_folder``)."""
         vdir = self.version_dir(name, version)
         if not (vdir / MANIFEST).is_file():
             raise NotFoundError(f"{name}@{version} not found in {self.root}")
-        return verify_folder(vdir, **limits)
+        return verify_folder(vdir, once=once, **limits)
 
     def require_name(self, name: str) -> None:
         """NotFoundError naming the known names unless ``name`` has a published version."""
@@ -278,7 +281,7 @@ class Registry:
                 f"{name}@{version} not found; published versions: "
                 f"{', '.join(self.versions(name)) or 'none'}"
             )
-        report = self.verify(name, version)
+        report = self.verify(name, version, once=True)
         if not report.ok:
             raise ValidationError(
                 f"{name}@{version} failed validation and {refused}:\n  - "
@@ -511,6 +514,9 @@ class Registry:
         version = format_version(number)
         manifest["version"] = version
         manifest["parent"] = self.current(name)
+        for fname, meta in manifest["files"].items():  # verify once: promote trusts these
+            with io_errors("read", staging / fname):
+                meta["stamp"] = file_stamp((staging / fname).lstat())
         body = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
         write_new_file(staging / MANIFEST, body.encode(), sync=False)
         mark = ndir / NEXT_VERSION
