@@ -387,7 +387,11 @@ class Served:
         st.state = "loading"
         t0 = time.monotonic()
         try:
-            copy = await self.load(name, version, bounded=bounded)
+            ready_as = self._content.get((name, version, key)) if key is not None else None
+            if ready_as is not None and self.loaded(ready_as):
+                copy = self.copies[ready_as]  # staged or on standby: route it, nothing to read
+            else:
+                copy = await self.load(name, version, bounded=bounded)
             load_s = time.monotonic() - t0
             old = await self.route(name, copy)
         except Exception as e:
