@@ -163,7 +163,9 @@ class AnswerHeaders:
                     answer = versions.answer_started(_answered_by(start))
                 await send(start)
             if answer is not None and message["type"] == "http.response.body":
-                versions.body(answer, message.get("body", b""))  # type: ignore[union-attr]
+                data = message.get("body", b"")
+                if b"_tokens" in data or b'"error"' in data:  # most stream chunks: neither
+                    versions.body(answer, data)  # type: ignore[union-attr]
                 if not message.get("more_body", False):
                     done, answer = answer, None
                     versions.answer_ended(done, status)  # type: ignore[union-attr]
