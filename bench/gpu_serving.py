@@ -58,6 +58,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -408,6 +409,8 @@ def rate_rounds(
                 )
                 rates[tag][n].append(tokens / took)
                 progress(f"round {rnd + 1}, {n} adapters, {tag}: {tokens / took:.0f} tok/s")
+        if getattr(args, "report", None) is not None:  # a run cut off keeps its rounds
+            write_partial(args, "rounds_so_far", rates)
     return rates
 
 
@@ -852,6 +855,10 @@ def machine() -> dict[str, Any]:
 def main() -> int:
     from agent_finetune.registry import Registry
 
+    # `timeout` (gpu_h200.sh) ends this with SIGTERM: run the `finally`s that stop the
+    # servers (each in its own session); on the H200 they outlived a cut-off run and held
+    # 113 GiB of the GPU, so the next server could not start.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args = parse_args()
     phases = args.phases
     work = Path(args.workdir or tempfile.mkdtemp(prefix="gpu-serving-"))
