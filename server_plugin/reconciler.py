@@ -185,7 +185,8 @@ class Reconciler:
             visited = await self._reconcile_names(desired)
             await self._remove_absent(desired)
             await self.served.drop_stale()
-            await self.stager.apply(desired.stage, self.served.name_lock)
+            if await self.stager.apply(desired.stage, self.served.name_lock):
+                self.wake()  # more to stage: the next pass at once, one load each
             await self.served.evict()
         self._report(visited)
         try:

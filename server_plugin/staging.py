@@ -123,33 +123,48 @@ class Stager:
             del self.errors[key]
 
     # -- keeping them loaded (the loop) --------------------------------------------------
-    async def apply(self, plan: list[Want], lock: Callable[[str], asyncio.Lock]) -> None:
-        """Load what ``plan`` wants that is not loaded, mark it staged, and let go of staged
-        copies it no longer wants. Never raises: a failure is remembered per version."""
+    async def apply(self, plan: list[Want], lock: Callable[[str], asyncio.Lock]) -> bool:
+        """Mark what ``plan`` wants and is loaded as staged, load at most one copy that is
+        not (a promote arriving meanwhile waits for one load, not for all), and let go of
+        staged copies the plan no longer wants. Returns whether loads remain (the caller
+        runs another pass at once). Never raises: a failure is remembered per version."""
         self.plan_ = plan
         wanted: dict[str, str] = {}
+        loads = 0
+        remaining = False
         for want in plan:
-            served = await self._stage(want, lock)
+            served = self._loaded(want)
+            if served is None and self._may_load(want):
+                if loads:
+                    remaining = True
+                    continue
+                loads += 1
+                served = await self._stage(want, lock)
             if served is not None:
                 wanted[served] = want.why
         for served in [s for s in self.served.staged if s not in wanted]:
             self.served.unstage(served)
         for served, why in wanted.items():
             self.served.stage(served, why)
+        return remaining
+
+    def _loaded(self, want: Want) -> str | None:
+        """The served name of a loaded, unrouted copy of the wanted version (the content
+        the pass last keyed for it), if any."""
+        served = self.served
+        for s in served.names_of(want.name):
+            copy = served.copies[s]
+            if copy.version == want.version and served.loaded(s) and not served.routed(s):
+                return s
+        return None
+
+    def _may_load(self, want: Want) -> bool:
+        failure = self.failures.of_version(want.name, want.version)
+        return failure is None or not failure.blocks()
 
     async def _stage(self, want: Want, lock: Callable[[str], asyncio.Lock]) -> str | None:
         name, version = want.name, want.version
-        if self.failures.of_version(name, version) is not None:
-            failure = self.failures.of_version(name, version)
-            if failure is not None and failure.blocks():
-                return None
         served = self.served
-        for s in served.names_of(name):
-            copy = served.copies[s]
-            if copy.version == version and served.loaded(s) and not served.routed(s):
-                key = await asyncio.to_thread(served.key, name, version)
-                if key == copy.key:
-                    return s
         key = await asyncio.to_thread(served.key, name, version)
         if key is None:
             return None  # gone from the registry since the plan
@@ -169,11 +184,10 @@ class Stager:
         served_name = served.served_name(copy)
         if served.routed(served_name):
             return None  # live meanwhile (or a pinned name routes to it)
-        if served_name not in served.staged:
-            logger.info(
-                "agent_finetune: staged %s (%s) in %.3fs",
-                served_name,
-                want.why,
-                copy.load_seconds or 0.0,
-            )
+        logger.info(
+            "agent_finetune: staged %s (%s) in %.3fs",
+            served_name,
+            want.why,
+            copy.load_seconds or 0.0,
+        )
         return served_name

@@ -80,6 +80,8 @@ def test_a_canary_candidate_comes_first_and_the_choice_is_bounded_and_stable(
         registry.publish(name, fake_adapter(tmp_path / f"{name}3", seed=3), make_current=False)
     rec.stager.canaries = lambda: {"b": "v0002"}
     run(rec.reconcile_once())
+    assert len(rec.status()["staged"]) == 1  # one load per pass: a promote never waits long
+    run(rec.reconcile_once())
     # b's canary first; then the newest publish above current of the name published last
     assert staged(rec, "b") == {"v0002": "canary", "v0003": "next"}
     assert staged(rec, "a") == {} and len(rec.status()["staged"]) == 2
