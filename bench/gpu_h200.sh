@@ -15,9 +15,14 @@
 #   bash bench/gpu_h200.sh tests     # live server tests, two pytest processes at once
 #   bash bench/gpu_h200.sh bench ... # bench/gpu_serving.py -> $OUT/gpu_serving.json
 #
-# Issue 22's numbers, one call each after `install` (each under the call's 600 s; BENCH_TAG
-# names the JSON, so calls do not overwrite each other; the compile cache and /tmp/gs stay
-# while the machine is held):
+# Issue 22 as built (2026-12-04: the plan that fit 1,145 s of device time; the machine goes
+# back 30 s after a call, so the parts are sent back to back): parts 0-4 one call each, then
+#   part 5 + install + BENCH_TAG=swap bash bench/gpu_h200.sh bench --phases load,swaps \
+#     --timing-server graphs,exact --swaps 30 --exact-swaps 20 --loads 6
+#   BENCH_TAG=tp bash bench/gpu_h200.sh bench --phases throughput --rounds 5 --waves 1
+# The plan of issue 22's preparation, one call each after `install` (each under the call's
+# 600 s; BENCH_TAG names the JSON, so calls do not overwrite each other; the compile cache and
+# /tmp/gs stay while the machine is held):
 #   BENCH_TAG=tp bash bench/gpu_h200.sh bench --phases throughput,load-steps
 #   BENCH_TAG=swap bash bench/gpu_h200.sh bench --phases load,swaps --timing-server graphs
 #   BENCH_TAG=torn bash bench/gpu_h200.sh bench --phases swaps --swaps 50

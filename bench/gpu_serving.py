@@ -58,6 +58,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -139,11 +140,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loads", type=int, default=8, help="cold loads (and as many cached)")
     p.add_argument(
         "--timing-server",
-        choices=("exact", "graphs"),
         default="exact",
-        help="load and swaps on the batch-invariant server (torn answers checked by token "
-        "ids) or on vLLM's defaults with CUDA graphs (the targets' server; answers checked "
-        "by version only)",
+        help="comma-separated, in order: exact (batch-invariant: torn answers checked by "
+        "token ids) and/or graphs (vLLM's defaults with CUDA graphs: the targets' server; "
+        "answers checked by version only); load runs on the first, swaps on each",
+    )
+    p.add_argument(
+        "--exact-swaps",
+        type=int,
+        default=None,
+        help="swaps on the batch-invariant server when it is not the only one (default --swaps)",
+    )
+    p.add_argument(
+        "--wait-staged",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="swaps: promote each new version once the server lists it as staged",
     )
     p.add_argument("--gpu-memory-utilization", default="0.4", help="per server (two at once)")
     p.add_argument("--max-num-seqs", default="64", help="vLLM's batch cap (fewer graphs)")
@@ -171,9 +183,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.clients, args.waves, args.max_tokens = 4, 1, 8
         args.rounds, args.lora_rounds = min(args.rounds, 2), 1
         args.swap_clients, args.swaps, args.loads, args.step_reps = 2, 3, 2, 2
+        args.exact_swaps = 2 if args.exact_swaps is not None else None
         args.lora_configs = "serve-defaults,max-loras-1"
     phases = args.phases.split(",")
     unknown = [x for x in phases if x not in PHASES]
+    args.timing_servers = args.timing_server.split(",")
+    unknown += [f"timing server {t}" for t in args.timing_servers if t not in ("exact", "graphs")]
     configs = args.lora_configs.split(",")
     unknown += [f"lora config {c}" for c in configs if c not in LORA_CONFIGS]
     if unknown:
@@ -228,7 +243,8 @@ def start(
     bounds: dict[str, Any] = {
         "max_lora_rank": RANK,
         "max_loras": slots,
-        "max_cpu_loras": 2 * slots,
+        # room for every adapter, the pinned and the staged versions (serve's rule)
+        "max_cpu_loras": 2 * slots + 8,
     }
     if lora_flags is not None:  # what `serve` picks for ``registry``, less what flags set
         bounds = {}
@@ -393,6 +409,8 @@ def rate_rounds(
                 )
                 rates[tag][n].append(tokens / took)
                 progress(f"round {rnd + 1}, {n} adapters, {tag}: {tokens / took:.0f} tok/s")
+        if getattr(args, "report", None) is not None:  # a run cut off keeps its rounds
+            write_partial(args, "rounds_so_far", rates)
     return rates
 
 
@@ -541,8 +559,16 @@ def as_bf16(src: Path, dest: Path) -> Path:
 
 
 def measure_swaps(
-    server: Any, registry: Any, weights: list[Path], args: Any, *, exact: bool = True
+    server: Any,
+    registry: Any,
+    weights: list[Path],
+    args: Any,
+    *,
+    exact: bool = True,
+    swaps: int | None = None,
 ) -> Any:
+    """Promotes of new versions (each staged first, as a rollout publishes, evaluates, then
+    promotes) and rollbacks while ``args.swap_clients`` clients ask the name."""
     from openai import OpenAI
 
     client = OpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=600)
@@ -552,20 +578,24 @@ def measure_swaps(
     wait_served(client, NAME, f"{NAME}@v0001")
     refs["v0001"] = by_weights[0] = ask(client, NAME)[1]
 
-    def publish(i: int) -> str:
+    def publish(i: int) -> tuple[str, float]:
+        published_at = time.perf_counter()
         version: str = registry.publish(NAME, weights[i % 6], make_current=False).version
         if i % 6 not in by_weights:
+            # the pinned request after the pass that saw the publish (its catalog)
+            wait_staged(server, NAME, version, published_at)
             by_weights[i % 6] = ask(client, f"{NAME}@{version}")[1]
         refs[version] = by_weights[i % 6]
-        return version
+        return version, published_at
 
-    swapper = NamedSwapper(registry, client, refs, server)
+    swapper = NamedSwapper(registry, client, refs, server, wait_staged=args.wait_staged)
     stop, results = threading.Event(), list[Any]()
     threads = load_clients(server, swapper, args.swap_clients, stop, results)
     swap_s, rollback_s = [], []
+    swaps = args.swaps if swaps is None else swaps
     try:
-        for i in range(1, args.swaps + 1):
-            swap_s.append(swapper.promote(publish(i)))
+        for i in range(1, swaps + 1):
+            swap_s.append(swapper.promote(*publish(i)))
             time.sleep(0.2)  # requests run on the new version
             rollback_s.append(swapper.rollback())
             time.sleep(0.2)
@@ -588,8 +618,12 @@ def measure_swaps(
         "server": "batch-invariant (token ids checked)" if exact else "CUDA graphs (versions)",
         "answers_differing_from_reference": differs,
         "clients": args.swap_clients,
-        "swaps": args.swaps,
-        "rollbacks": args.swaps,
+        "swaps": swaps,
+        "rollbacks": swaps,
+        "wait_staged": args.wait_staged,
+        "publish_to_staged_s": summary(swapper.staged_s),
+        "swaps_that_loaded": swapper.swaps_that_loaded,
+        "swaps_reported": swapper.swaps_seen,
         "requests": len(results),
         "failed": sum(1 for r in results if r[4] is not None),
         "failed_examples": [r[4] for r in results if r[4] is not None][:3],
@@ -642,8 +676,18 @@ def drop_page_cache() -> bool:
 
 
 def measure_loads(server: Any, registry: Any, weights: list[Path], args: Any) -> Any:
-    """Cold and cached loads of real-size versions of a name of its own, idle server; the
-    versions alternate between weights saved in fp16 and the same weights in bf16."""
+    """Idle server, real-size versions of a name of its own, ``args.loads`` rounds; each
+    publishes two versions (weights alternately saved in fp16 and in bf16, the served
+    dtype), then times, each to the first answer of that version:
+
+    - ``cold``: a pinned request (``load@vA``) for the older one, which is not staged (the
+      newest is): copy + sha256 + checks + vLLM load on the request path, the OS page
+      cache dropped first when allowed;
+    - ``promote``: ``promote`` of the newer one, once the server lists it as staged;
+    - ``rollback``: ``rollback`` to the version before (staged as the rollback target).
+
+    With the plugin's clocks: the staged copy's load (copy + verify + load, ahead of the
+    promote), the cold load's, and pointer move -> repoint of the promote and rollback."""
     from openai import OpenAI
 
     client = OpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=600)
@@ -660,35 +704,50 @@ def measure_loads(server: Any, registry: Any, weights: list[Path], args: Any) ->
     try:
         for i in range(args.loads):
             dtype = "fp16" if i % 2 == 0 else "bf16"
-            source = (weights if dtype == "fp16" else bf16)[(i // 2) % len(weights)]
-            version = registry.publish(name, source, make_current=False).version
+            pool = weights if dtype == "fp16" else bf16
+            older = registry.publish(name, pool[i % len(pool)], make_current=False).version
+            published_at = time.perf_counter()
+            newer = registry.publish(name, pool[(i + 1) % len(pool)], make_current=False).version
             previous = registry.current(name)
             dropped = drop_page_cache()
             t0 = time.perf_counter()
-            registry.promote(name, version)
-            wait_served(client, name, f"{name}@{version}")
+            wait_served(client, f"{name}@{older}", f"{name}@{older}")
             cold = time.perf_counter() - t0
+            cold_plugin = pinned_load_s(server, f"{name}@{older}")
+            staged_at = wait_staged(server, name, newer, published_at)
+            staged_entry = staged_entry_of(server, name, newer)
+            t0 = time.perf_counter()
+            registry.promote(name, newer)
+            wait_served(client, name, f"{name}@{newer}")
+            promote = time.perf_counter() - t0
             status = adapter_status(server, name)
             t0 = time.perf_counter()
             registry.rollback(name, to=previous)
             wait_served(client, name, f"{name}@{previous}")
-            cached = time.perf_counter() - t0
+            rollback = time.perf_counter() - t0
             back = adapter_status(server, name)
             rows.append(
                 {
-                    "version": version,
+                    "older": older,
+                    "newer": newer,
                     "file_dtype": dtype,
                     "page_cache_dropped": dropped,
                     "cold_s": cold,
-                    "plugin_load_s": status.get("load_seconds"),
-                    "plugin_pointer_to_repoint_s": status.get("swap_seconds"),
-                    "cached_s": cached,
-                    "cached_plugin_pointer_to_repoint_s": back.get("swap_seconds"),
+                    "cold_plugin_load_s": cold_plugin,
+                    "publish_to_staged_s": staged_at,
+                    "staged_plugin_load_s": (staged_entry or {}).get("load_seconds"),
+                    "promote_s": promote,
+                    "promote_swap_loaded": status.get("swap_loaded"),
+                    "promote_plugin_pointer_to_repoint_s": status.get("swap_seconds"),
+                    "rollback_s": rollback,
+                    "rollback_swap_loaded": back.get("swap_loaded"),
+                    "rollback_plugin_pointer_to_repoint_s": back.get("swap_seconds"),
                 }
             )
-            progress(f"load {i + 1}/{args.loads} ({dtype}): cold {cold * 1e3:.0f} ms")
-            registry.promote(name, version)
-            wait_served(client, name, f"{name}@{version}")
+            progress(
+                f"load {i + 1}/{args.loads} ({dtype}): cold {cold * 1e3:.0f} ms, staged "
+                f"promote {promote * 1e3:.0f} ms, rollback {rollback * 1e3:.0f} ms"
+            )
     finally:
         if profiler is not None:
             from cold_load import stop_py_spy
@@ -701,18 +760,58 @@ def measure_loads(server: Any, registry: Any, weights: list[Path], args: Any) ->
         "page_cache_dropped": all(r["page_cache_dropped"] for r in rows),
         "loads": rows,
     }
-    for key in ("cold_s", "plugin_load_s", "plugin_pointer_to_repoint_s", "cached_s"):
+    for key in LOAD_KEYS:
         values = [r[key] for r in rows if r[key] is not None]
         out[key] = summary(values)
         for dtype in ("fp16", "bf16"):
             out[f"{key}_{dtype}"] = summary(
                 [r[key] for r in rows if r[key] is not None and r["file_dtype"] == dtype]
             )
+    out["swaps_that_loaded"] = sum(
+        bool(r[k]) for r in rows for k in ("promote_swap_loaded", "rollback_swap_loaded")
+    )
     if profiler is not None:
         from cold_load import summarize_py_spy
 
         out["py_spy"] = summarize_py_spy(Path(args.workdir) / "load.pyspy")
     return out
+
+
+LOAD_KEYS = (
+    "cold_s",
+    "cold_plugin_load_s",
+    "publish_to_staged_s",
+    "staged_plugin_load_s",
+    "promote_s",
+    "promote_plugin_pointer_to_repoint_s",
+    "rollback_s",
+    "rollback_plugin_pointer_to_repoint_s",
+)
+
+
+def wait_staged(server: Any, name: str, version: str, since: float, timeout: float = 60) -> float:
+    """Seconds from ``since`` until ``/v1/adapters`` lists ``name@version`` as staged."""
+    while True:
+        if staged_entry_of(server, name, version) is not None:
+            return time.perf_counter() - since
+        if time.perf_counter() - since > timeout:
+            raise TimeoutError(f"{name}@{version} not staged after {timeout:.0f} s")
+        time.sleep(0.01)
+
+
+def staged_entry_of(server: Any, name: str, version: str) -> dict[str, Any] | None:
+    for e in adapter_status(server, name).get("staged", []):
+        if e.get("version") == version and e.get("state") == "staged":
+            return e  # type: ignore[no-any-return]
+    return None
+
+
+def pinned_load_s(server: Any, model: str) -> float | None:
+    """The plugin's copy + verify + load time of a pinned version (``/v1/adapters``)."""
+    for entry in server.get_json("/v1/adapters").get("pinned", []):
+        if entry.get("model") == model:
+            return entry.get("load_seconds")  # type: ignore[no-any-return]
+    return None
 
 
 def adapter_status(server: Any, name: str) -> dict[str, Any]:
@@ -756,6 +855,10 @@ def machine() -> dict[str, Any]:
 def main() -> int:
     from agent_finetune.registry import Registry
 
+    # `timeout` (gpu_h200.sh) ends this with SIGTERM: run the `finally`s that stop the
+    # servers (each in its own session); on the H200 they outlived a cut-off run and held
+    # 113 GiB of the GPU, so the next server could not start.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args = parse_args()
     phases = args.phases
     work = Path(args.workdir or tempfile.mkdtemp(prefix="gpu-serving-"))
@@ -798,31 +901,39 @@ def main() -> int:
         report["lora_settings"] = lora_settings(model, work, extra, args)
         write(report, args.json)
     if phases & {"load", "swaps"}:
-        exact = args.timing_server == "exact"
-        registry = Registry(work / f"registry-{args.timing_server}")
-        registry.root.mkdir(parents=True, exist_ok=True)
-        weights = real_size_weights(model, work)
-        server, report["timing_server_startup_s"] = start(
-            model, registry, work, args.timing_server, args, extra, exact=exact
-        )
-        report["timing_server"] = {
-            "kind": args.timing_server,
-            "VLLM_BATCH_INVARIANT": "1" if exact and not args.smoke else None,
-            "enforce_eager": args.exact_eager if exact else args.enforce_eager,
-        }
-        progress(f"{args.timing_server} server ready in {report['timing_server_startup_s']:.0f} s")
-        try:
-            if "load" in phases:
-                report["load"] = measure_loads(server, registry, weights, args)
-                write(report, args.json)
-                progress("load phase done")
-            if "swaps" in phases:
-                report["swaps"] = measure_swaps(server, registry, weights, args, exact=exact)
-                progress("swap phase done")
-            report["metrics_timing_server"] = scrape_metrics(server)
-        finally:
-            server.stop()
-        write(report, args.json)
+        weights: list[Path] = []
+        for n, kind in enumerate(args.timing_servers):
+            exact = kind == "exact"
+            registry = Registry(work / f"registry-{kind}")
+            registry.root.mkdir(parents=True, exist_ok=True)
+            weights = weights or real_size_weights(model, work)
+            server, started_s = start(model, registry, work, kind, args, extra, exact=exact)
+            report.setdefault("timing_servers", {})[kind] = {
+                "startup_s": started_s,
+                "VLLM_BATCH_INVARIANT": "1" if exact and not args.smoke else None,
+                "enforce_eager": args.exact_eager if exact else args.enforce_eager,
+            }
+            progress(f"{kind} server ready in {started_s:.0f} s")
+            try:
+                if "load" in phases and n == 0:
+                    report["load"] = measure_loads(server, registry, weights, args)
+                    report["load"]["server"] = kind
+                    write(report, args.json)
+                    progress("load phase done")
+                if "swaps" in phases:
+                    key = "swaps" if n == 0 else f"swaps_{kind}"
+                    swaps = args.swaps
+                    if exact and n > 0 and args.exact_swaps is not None:
+                        swaps = args.exact_swaps
+                    report[key] = measure_swaps(
+                        server, registry, weights, args, exact=exact, swaps=swaps
+                    )
+                    write(report, args.json)
+                    progress(f"swap phase on the {kind} server done")
+                report[f"metrics_{kind}_server"] = scrape_metrics(server)
+            finally:
+                server.stop()
+            write(report, args.json)
     if "load-steps" in phases:
         report["load_steps"] = load_steps(args)
     report["target_table"] = target_table(report)
@@ -856,7 +967,7 @@ def target_table(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Issue 22's H200 targets: today's number, this run's, the target (seconds, ratios)."""
     rows: list[dict[str, Any]] = []
 
-    def row(metric: str, unit: str, today: Any, now: Any, target: Any, met: bool) -> None:
+    def row(metric: str, unit: str, today: Any, now: Any, target: Any, met: bool | None) -> None:
         rows.append(
             {
                 "metric": metric,
@@ -868,32 +979,44 @@ def target_table(report: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
 
-    ld, sw, tp = report.get("load"), report.get("swaps"), report.get("throughput")
+    ld, tp = report.get("load"), report.get("throughput")
+    on = f" ({ld.get('server')} server)" if ld else ""
     for key, today, target, label in (
-        ("cold_s", "idle_promote_s", "idle_promote_p95_s", "idle: promote"),
-        ("cached_s", "idle_rollback_s", "idle_rollback_p95_s", "idle: rollback"),
+        ("promote_s", "idle_promote_s", "idle_promote_p95_s", "idle: promote (staged)"),
+        ("rollback_s", "idle_rollback_s", "idle_rollback_p95_s", "idle: rollback"),
     ):
         if ld and ld.get(key):
             now = ld[key]
             goal = TARGETS[target]
-            row(f"{label} -> first answer", "s", TODAY[today], now, goal, now["p95"] < goal)
-    for key, today, target in (
-        ("swap_s", "load_promote_s", "load_promote_p95_s"),
-        ("rollback_s", "load_rollback_s", "load_rollback_p95_s"),
-    ):
-        if sw:
-            now, goal = sw[key], TARGETS[target]
-            label = f"{sw['clients']} clients: {key.split('_')[0]} -> first answer"
-            row(label, "s", TODAY[today], now, goal, now["p95"] < goal)
-    if sw:
+            row(f"{label}{on} -> first answer", "s", TODAY[today], now, goal, now["p95"] < goal)
+    if ld and ld.get("cold_s"):  # no target: a version not staged, loaded by its request
         row(
-            "under load: requests / failed / torn",
+            "idle: cold load (pinned, not staged) -> first answer",
+            "s",
+            TODAY["idle_promote_s"],
+            ld["cold_s"],
+            None,
+            None,
+        )
+    swaps = [(k, v) for k, v in report.items() if k.startswith("swaps") and isinstance(v, dict)]
+    for _key, sw in swaps:
+        kind = "exact" if "batch-invariant" in str(sw.get("server")) else "graphs"
+        for metric, today, target in (
+            ("swap_s", "load_promote_s", "load_promote_p95_s"),
+            ("rollback_s", "load_rollback_s", "load_rollback_p95_s"),
+        ):
+            now, goal = sw[metric], TARGETS[target]
+            label = f"{sw['clients']} clients ({kind}): {metric.split('_')[0]} -> first answer"
+            row(label, "s", TODAY[today], now, goal, now["p95"] < goal)
+        row(
+            f"under load ({kind}): requests / failed / torn",
             "count",
             TODAY["requests_failed_torn"],
             [sw["requests"], sw["failed"], sw["torn"]],
             [None, 0, 0],
             sw["failed"] == 0 and sw["torn"] == 0,
         )
+
     for n, level in (tp or {}).get("levels", {}).items():
         if "plugin_vs_vllm_spread" in level:
             sp, goal = level["plugin_vs_vllm_spread"], TARGETS["plugin_vs_vllm_min"]
@@ -952,25 +1075,36 @@ def print_report(report: dict[str, Any]) -> None:
                 f"{c['startup_s']:.0f} s",
             )
         )
-    if "swaps" in report:
-        s = report["swaps"]
+    for key, s in [(k, v) for k, v in report.items() if k.startswith("swaps")]:
+        if not isinstance(s, dict) or "requests" not in s:
+            continue
         rows.append(
             (
-                f"swaps under load ({s['clients']} clients): requests / failed / torn",
+                f"{key}: {s['server']}, {s['clients']} clients: requests / failed / torn",
                 f"{s['requests']} / {s['failed']} / {s['torn']}",
             )
         )
-        for key in ("swap_s", "rollback_s", "plugin_copy_verify_load_s"):
-            rows.append(
-                (f"  {key} p50 / p95", f"{s[key]['p50'] * 1e3:.0f} / {s[key]['p95'] * 1e3:.0f} ms")
-            )
+        for metric in ("swap_s", "rollback_s", "plugin_copy_verify_load_s", "publish_to_staged_s"):
+            if s.get(metric):
+                m = s[metric]
+                rows.append(
+                    (f"  {metric} p50 / p95", f"{m['p50'] * 1e3:.0f} / {m['p95'] * 1e3:.0f} ms")
+                )
+        rows.append(
+            ("  swaps that had to load", f"{s['swaps_that_loaded']} of {s['swaps_reported']}")
+        )
     if "load" in report:
         ld = report["load"]
         what = f"r={ld['rank']} adapter ({ld['adapter_mb']:.0f} MB)"
         for key, label in (
-            ("cold_s", f"load {what}: cold promote"),
-            ("plugin_load_s", "  plugin copy+verify+load"),
-            ("cached_s", "  cached (rollback)"),
+            ("cold_s", f"{what}: cold pinned load -> first answer"),
+            ("cold_plugin_load_s", "  plugin copy+verify+load of it"),
+            ("publish_to_staged_s", "publish -> staged"),
+            ("staged_plugin_load_s", "  plugin copy+verify+load (staging)"),
+            ("promote_s", "promote (staged) -> first answer"),
+            ("promote_plugin_pointer_to_repoint_s", "  plugin pointer -> repoint"),
+            ("rollback_s", "rollback -> first answer"),
+            ("rollback_plugin_pointer_to_repoint_s", "  plugin pointer -> repoint"),
         ):
             for dtype in ("", "_fp16", "_bf16"):
                 if ld.get(key + dtype):
@@ -989,8 +1123,12 @@ def print_report(report: dict[str, Any]) -> None:
             u = r["unit"]
             print(
                 f"  {r['metric']:38s} today {fmt(r['today'], u)} | now {fmt(r['this_run'], u)}"
-                f" | target {fmt(r['target'], u)} | {'met' if r['met'] else 'NOT met'}"
+                f" | target {fmt(r['target'], u)} | {_met(r['met'])}"
             )
+
+
+def _met(met: bool | None) -> str:
+    return "no target" if met is None else "met" if met else "NOT met"
 
 
 def fmt(value: Any, unit: str) -> str:

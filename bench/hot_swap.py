@@ -15,7 +15,11 @@ Measures, with the agent_finetune plugin serving a registry:
 
 Issue 22's CPU targets (promote to first answer p95 < 50 ms; plugin-side repoint p95 < 10 ms)
 are printed beside this run and a reference run (``--reference``, by default the run of
-main before issue 22: ``bench/hot_swap_before_i22.json``).
+main before issue 22: ``bench/hot_swap_before_i22.json``). Since issue 22 a published
+version is staged (copied, verified and loaded ahead) before it is promoted: each promote
+first waits until ``/v1/adapters`` lists the new version as staged (a real rollout publishes,
+evaluates, then promotes), and the time from publish to staged is reported beside it.
+``--no-wait-staged`` promotes right after publishing, as the reference run did.
 
     .venv/bin/python bench/hot_swap.py --swaps 50 --json bench/hot_swap.json
 """
@@ -66,14 +70,26 @@ def ask(client: Any, model: str, max_tokens: int = 16) -> tuple[str, list[int]]:
 class Swapper:
     """Moves ``current`` and times the first response from the new version."""
 
-    def __init__(self, registry: Any, client: Any, refs: dict[str, list[int]], server: Any) -> None:
+    def __init__(
+        self,
+        registry: Any,
+        client: Any,
+        refs: dict[str, list[int]],
+        server: Any,
+        *,
+        wait_staged: bool = True,
+    ) -> None:
         self.registry, self.client, self.refs, self.server = registry, client, refs, server
+        self.wait_staged = wait_staged
         self.epochs: list[str] = [registry.current(NAME)]
         # As the plugin measured them: pointer move -> repoint (promotes and rollbacks in
         # order, and by kind), and copy+verify+load.
         self.plugin_swap_s: list[float] = []
         self.plugin_swap_by_kind: dict[str, list[float]] = {"promote": [], "rollback": []}
         self.plugin_load_s: list[float] = []
+        self.staged_s: list[float] = []  # publish -> the server lists the version as staged
+        self.swaps_that_loaded = 0  # swaps the plugin says had to load (not staged)
+        self.swaps_seen = 0
 
     def _status(self) -> dict[str, Any]:
         return self.server.get_json("/v1/adapters")["data"][0]  # type: ignore[no-any-return]
@@ -86,6 +102,28 @@ class Swapper:
             self.plugin_swap_by_kind[kind].append(status["swap_seconds"])
         if loaded and status.get("load_seconds") is not None:
             self.plugin_load_s.append(status["load_seconds"])
+        if status.get("swap_loaded") is not None:
+            self.swaps_seen += 1
+            self.swaps_that_loaded += int(status["swap_loaded"])
+
+    def staged(self, version: str, published_at: float, timeout: float = 60.0) -> None:
+        """Wait until the server lists ``version`` as staged (loaded ahead); record how long
+        after ``published_at`` (perf_counter) it was. A server that stages nothing (before
+        issue 22, or AGENT_FINETUNE_MAX_STAGED=0) is not waited for."""
+        if not self.wait_staged:
+            return
+        while True:
+            status = self._status()
+            if "staged" not in status:
+                return
+            if any(
+                e.get("version") == version and e.get("state") == "staged" for e in status["staged"]
+            ):
+                self.staged_s.append(time.perf_counter() - published_at)
+                return
+            if time.perf_counter() - published_at > timeout:
+                raise TimeoutError(f"{version} not staged {timeout:.0f} s after its publish")
+            time.sleep(0.01)
 
     def _first_response(self, target: str, t0: float, loaded: bool) -> float:
         want = f"{NAME}@{target}"
@@ -98,7 +136,10 @@ class Swapper:
             if time.perf_counter() - t0 > 60:
                 raise TimeoutError(f"{want} not served 60 s after the pointer moved")
 
-    def promote(self, version: str) -> float:
+    def promote(self, version: str, published_at: float | None = None) -> float:
+        """Promote ``version`` (staged first, when the server stages) and time its first
+        answer from the ``promote`` call."""
+        self.staged(version, time.perf_counter() if published_at is None else published_at)
         self.epochs.append(version)
         t0 = time.perf_counter()
         self.registry.promote(NAME, version)
@@ -212,6 +253,12 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="A/A run: two servers without the plugin, latency only (this machine's noise)",
     )
+    parser.add_argument(
+        "--wait-staged",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="promote a version once the server lists it as staged (loaded ahead)",
+    )
     parser.add_argument("--workdir", default=None, help="scratch folder (default: temp)")
     parser.add_argument("--json", default=str(ROOT / "bench" / "hot_swap.json"))
     args = parser.parse_args()
@@ -273,7 +320,9 @@ class Bench:
         return self.client
 
     def publish(self, i: int) -> str:
-        """Publish weights ``i % 6`` as a new version (not current); note its greedy output."""
+        """Publish weights ``i % 6`` as a new version (not current); note its greedy output
+        (the first time: by a pinned request, which loads it)."""
+        self.published_at = time.perf_counter()
         version = self.registry.publish(NAME, self.weights[i % 6], make_current=False).version
         if i % 6 not in self.by_weights:
             self.by_weights[i % 6] = ask(self.client, f"{NAME}@{version}")[1]
@@ -353,7 +402,8 @@ def measure_under_load(bench: Bench, swapper: Swapper, args: argparse.Namespace)
         if i % 5 == 4:
             load_swap_s.append(swapper.rollback())
         else:
-            load_swap_s.append(swapper.promote(bench.publish(args.swaps + 1 + i)))
+            version = bench.publish(args.swaps + 1 + i)
+            load_swap_s.append(swapper.promote(version, bench.published_at))
         time.sleep(0.3)
     stop.set()
     for t in threads:
@@ -385,7 +435,8 @@ def swaps_only(bench: Bench, swapper: Swapper, args: argparse.Namespace) -> int:
     """``--swaps-only``: idle swaps and rollbacks on one server."""
     swap_s, rollback_s = [], []
     for i in range(1, args.swaps + 1):
-        swap_s.append(swapper.promote(bench.publish(i)))
+        version = bench.publish(i)
+        swap_s.append(swapper.promote(version, bench.published_at))
         rollback_s.append(swapper.rollback())
     short = {
         "swaps": args.swaps,
@@ -405,7 +456,9 @@ def main() -> int:
     bench = Bench(work, args.control, swaps_only=args.swaps_only)
     try:
         client = bench.ready()
-        swapper = Swapper(bench.registry, client, bench.refs, bench.with_plugin)
+        swapper = Swapper(
+            bench.registry, client, bench.refs, bench.with_plugin, wait_staged=args.wait_staged
+        )
         if args.swaps_only:
             return swaps_only(bench, swapper, args)
         latency = measure_latency(bench, args.rounds)
@@ -417,9 +470,12 @@ def main() -> int:
         # idle: new version (full load), then rollback (repoint), args.swaps times each
         swap_s, rollback_s = [], []
         for i in range(1, args.swaps + 1):
-            swap_s.append(swapper.promote(bench.publish(i)))
+            version = bench.publish(i)
+            swap_s.append(swapper.promote(version, bench.published_at))
             rollback_s.append(swapper.rollback())
         plugin_swap_s, plugin_load_s = list(swapper.plugin_swap_s), list(swapper.plugin_load_s)
+        staged_s = list(swapper.staged_s)
+        loaded = (swapper.swaps_that_loaded, swapper.swaps_seen)
         by_kind = {k: list(v) for k, v in swapper.plugin_swap_by_kind.items()}
         under_load = measure_under_load(bench, swapper, args)
     finally:
@@ -439,7 +495,12 @@ def main() -> int:
             "pointer_to_repoint_promote_s": p50_p95(by_kind["promote"]),
             "pointer_to_repoint_rollback_s": p50_p95(by_kind["rollback"]),
             "copy_verify_load_s": p50_p95(plugin_load_s),
+            # publish -> listed as staged; and how many of the idle swaps had to load
+            "publish_to_staged_s": p50_p95(staged_s) if staged_s else None,
+            "swaps_that_loaded": loaded[0],
+            "swaps_reported": loaded[1],
         },
+        "wait_staged": args.wait_staged,
         "swap_s": {**p50_p95(swap_s), "max": max(swap_s)},
         "rollback_s": {**p50_p95(rollback_s), "max": max(rollback_s)},
         "under_load": under_load,
@@ -522,6 +583,14 @@ def print_report(report: dict[str, Any]) -> None:
         ("  of promotes", pair(ps["pointer_to_repoint_promote_s"])),
         ("  of rollbacks", pair(ps["pointer_to_repoint_rollback_s"])),
         ("plugin side: copy+verify+load (new) p50 / p95", pair(ps["copy_verify_load_s"])),
+        (
+            "publish -> staged p50 / p95",
+            pair(ps["publish_to_staged_s"]) if ps.get("publish_to_staged_s") else "-",
+        ),
+        (
+            "idle swaps that had to load (not staged)",
+            f"{ps.get('swaps_that_loaded', '-')} of {ps.get('swaps_reported', '-')}",
+        ),
         (
             "swaps under load: p50 / p95",
             f"{ul['swap_s_p50'] * ms:.1f} ms / {ul['swap_s_p95'] * ms:.1f} ms",

@@ -44,6 +44,7 @@ from typing import Any
 from server_plugin.answers import AnswerHeaders
 from server_plugin.failures import Refusal
 from server_plugin.middleware import ModelRequestMiddleware
+from server_plugin.version_metrics import VersionMetrics
 
 CHUNK = 64 * 1024
 SMALL = json.dumps({"model": "x@v0001", "messages": [{"role": "user", "content": "hi"}]})
@@ -222,10 +223,13 @@ def fake_vllm(stream_chunks: int) -> Callable[..., Any]:
         # json's functions in the profile the plugin's own.
         found = re.search(rb'"model"\s*:\s*"([^"]+)"', await read_body(receive))
         model = found.group(1).decode() if found else "?"
+        if model == NAME:  # vLLM answers with the name it resolved: the version's own
+            model = f"{NAME}@v0001"
         head = f'{{"id":"chatcmpl-1","object":"chat.completion","model":"{model}",'.encode()
         await send({"type": "http.response.start", "status": 200, "headers": []})
         if not stream_chunks:
-            body = head + b'"choices":[{"index":0,"message":{"content":"Open Settings."}}]}'
+            body = head + b'"choices":[{"index":0,"message":{"content":"Open Settings."}}],'
+            body += b'"usage":{"prompt_tokens":12,"completion_tokens":3,"total_tokens":15}}'
             await send({"type": "http.response.body", "body": body})
             return
         chunk = b"data: " + head + b'"choices":[{"delta":{"content":"x"}}]}\n\n'
@@ -302,7 +306,12 @@ def stacked(plugin: Any, app: Any) -> Any:
     async def describe(model: str) -> str | None:
         return None
 
-    return AnswerHeaders(ModelRequestMiddleware(app, plugin), routes=ROUTES, describe=describe)
+    return AnswerHeaders(
+        ModelRequestMiddleware(app, plugin),
+        routes=ROUTES,
+        describe=describe,
+        versions=VersionMetrics(),  # as the plugin counts every answer per version
+    )
 
 
 async def per_request_s(handler: Any, body: bytes, n: int) -> float:

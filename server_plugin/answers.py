@@ -10,7 +10,8 @@ The header is read from the answer itself: the first body message's top-level ``
 name vLLM resolved when it admitted the request; a ``model`` nested deeper (in the
 ``metadata`` a client sends, which the Responses API echoes before its own ``model``) never
 counts. ``http.response.start`` is held back until that first body message; nothing else is
-buffered. No vLLM import here.
+buffered. The same answer is counted per version (``server_plugin.version_metrics``). No
+vLLM import here.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent_finetune.registry.names import PIN_SEPARATOR, is_name, split_model
 from server_plugin.catalog import Catalog
+from server_plugin.version_metrics import VersionMetrics
 
 HEADER = "x-adapter-version"
 # JSON tokens that matter to find top-level members: strings (escapes included) and
@@ -110,14 +112,32 @@ def missing_model_message(catalog: Catalog, model: str) -> str | None:
     )
 
 
+def _answered_by(start: Message) -> str | None:
+    """The ``x-adapter-version`` ``_annotate`` put on an answer's start."""
+    for k, v in start.get("headers", ()):
+        if k == _HEADER_BYTES:
+            return bytes(v).decode("utf-8", "replace")
+    return None
+
+
+_HEADER_BYTES = HEADER.encode()
+
+
 class AnswerHeaders:
     """ASGI middleware for the model routes: ``x-adapter-version`` on every answer, and a
     helpful 404 for unknown models (``describe`` returns its text, or None)."""
 
-    def __init__(self, app: ASGIApp, routes: frozenset[str], describe: Describe) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        routes: frozenset[str],
+        describe: Describe,
+        versions: VersionMetrics | None = None,
+    ) -> None:
         self.app = app
         self.routes = routes
         self.describe = describe
+        self.versions = versions
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
@@ -128,19 +148,34 @@ class AnswerHeaders:
             await self.app(scope, receive, send)
             return
         held: Message | None = None
+        versions, answer, status = self.versions, None, 0
 
         async def send_annotated(message: Message) -> None:
-            nonlocal held
+            nonlocal held, answer, status
             if message["type"] == "http.response.start":
                 held = message
                 return
             if held is not None and message["type"] == "http.response.body":
                 start, held = held, None
                 start, message = await self._annotate(start, message)
+                status = start.get("status", 0)
+                if versions is not None:
+                    answer = versions.answer_started(_answered_by(start))
                 await send(start)
+            if answer is not None and message["type"] == "http.response.body":
+                data = message.get("body", b"")
+                if b"_tokens" in data or b'"error"' in data:  # most stream chunks: neither
+                    versions.body(answer, data)  # type: ignore[union-attr]
+                if not message.get("more_body", False):
+                    done, answer = answer, None
+                    versions.answer_ended(done, status)  # type: ignore[union-attr]
             await send(message)
 
-        await self.app(scope, receive, send_annotated)
+        try:
+            await self.app(scope, receive, send_annotated)
+        finally:
+            if answer is not None and versions is not None:  # cut off: counted as ended
+                versions.answer_ended(answer, status)
 
     async def _annotate(self, start: Message, body: Message) -> tuple[Message, Message]:
         data: bytes = body.get("body", b"")

@@ -7,6 +7,14 @@ is the copy's path handed to vLLM. Copies are keyed by the sha256 of the manifes
 were verified against, so a rewritten registry folder (or a reused version number) can
 never change weights the engine already serves.
 
+Verify once, read once: each file is read once, its sha256 computed from the bytes as they
+are copied; when the sha256 match the manifest and the manifest records that publish
+scanned those bytes for NaN/Inf (``manifest.checks``), the scan is not repeated (the
+config, header, rank and shape checks always run: they depend on this server). With
+``Limits.served_dtype`` (the plugin: vLLM's LoRA dtype) the weights are then written in
+that dtype, once, here (``server_plugin.served_dtype``): vLLM's engine would otherwise cast
+them on every load, with every running request waiting.
+
 Ownership: each process copies into its own folder under the cache root and holds an
 ``flock`` on it for its lifetime. Start-up cleanup removes only folders whose lock can be
 taken (their owner is gone), which holds across PID namespaces and for two servers sharing
@@ -36,8 +44,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from agent_finetune.errors import CacheInUseError, RegistryError, ValidationError
-from agent_finetune.registry import MANIFEST, Registry, verify_checksums
-from agent_finetune.registry.adapter import validate_adapter
+from agent_finetune.registry import MANIFEST, Registry
+from agent_finetune.registry.adapter import ADAPTER_WEIGHTS, validate_adapter
+from agent_finetune.registry.manifest import scanned_at_publish
+from server_plugin.served_dtype import cast_weights
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +65,9 @@ class Limits:
     base_model: str | None = None
     base_config: dict[str, Any] | None = None
     check_base_name: bool = True
+    # The safetensors dtype vLLM serves LoRA weights in ("BF16", "F16", "F32"); copies are
+    # written in it. None: as published (the sidecar cannot know the server's).
+    served_dtype: str | None = None
 
 
 def manifest_key(data: bytes) -> str:
@@ -172,37 +185,57 @@ def _hint(problem: str) -> str:
     return problem
 
 
+def _copy_hashed(src: Path, dest: Path) -> tuple[str, int]:
+    """Copy ``src`` to new ``dest``; the sha256 and size of the bytes copied (one read)."""
+    digest, size = hashlib.sha256(), 0
+    with src.open("rb") as fin, dest.open("xb") as fout:
+        while chunk := fin.read(1 << 20):
+            digest.update(chunk)
+            fout.write(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
 def _copy_verified(
     src: Path, dest: Path, raw: bytes, manifest: dict[str, Any], limits: Limits
 ) -> None:
-    """Copy ``src``'s files into a temporary folder, verify and validate them there,
-    then rename it to ``dest`` (never a half-made copy at ``dest``)."""
+    """Copy ``src``'s files into a temporary folder, hashing them as they are copied,
+    validate the copy there, then rename it to ``dest`` (never a half-made copy at
+    ``dest``)."""
     files, label = manifest["files"], f"{src.parent.parent.name}@{src.name}"
     tmp = dest.parent / f".tmp-{src.name}-{uuid.uuid4().hex}"
     tmp.mkdir(parents=True)
+    problems: list[str] = []
     try:
-        for fname in files:
+        for fname, meta in files.items():
             if Path(fname).name != fname or fname == MANIFEST:
                 raise ValidationError(
                     f"{src / MANIFEST}: file name {fname!r} is not a plain adapter file",
                     [f"manifest file name {fname!r} is not a plain adapter file"],
                 )
             try:
-                shutil.copyfile(src / fname, tmp / fname)
+                sha, size = _copy_hashed(src / fname, tmp / fname)
             except FileNotFoundError:
                 if not (src / MANIFEST).is_file():
                     raise FileNotFoundError(
                         errno.ENOENT, f"{label} vanished while copying", str(src)
                     ) from None
-                continue  # reported by verify_checksums as "missing"
+                problems.append(f"{fname}: missing")
+                continue
+            want = meta if isinstance(meta, dict) else {}
+            if size != want.get("size"):
+                problems.append(f"{fname}: size {size} != manifest {want.get('size', meta)}")
+            elif sha != want.get("sha256"):
+                problems.append(f"{fname}: sha256 does not match the manifest (file changed?)")
         (tmp / MANIFEST).write_bytes(raw)  # the bytes the key was computed from
-        problems = verify_checksums(tmp, manifest)
+        # Bytes whose sha256 match are publish's: the scan it recorded holds for them.
         report = validate_adapter(
             tmp,
             max_rank=limits.max_rank,
             base_model=limits.base_model,
             base_config=limits.base_config,
             check_base_name=limits.check_base_name,
+            scan_values=bool(problems) or not scanned_at_publish(manifest),
         )
         problems += [_hint(p.replace(str(tmp), str(src))) for p in report.problems]
         if problems:
@@ -210,6 +243,8 @@ def _copy_verified(
                 f"{label} ({src}) cannot be served:\n  - " + "\n  - ".join(problems),
                 problems,
             )
+        if limits.served_dtype is not None:
+            cast_weights(tmp / ADAPTER_WEIGHTS, limits.served_dtype)
         os.rename(tmp, dest)
     finally:
         if tmp.exists():
@@ -249,6 +284,10 @@ class AdapterCache:
     @property
     def bytes(self) -> int:
         return sum(self._sizes.values())
+
+    def on_disk(self) -> list[tuple[str, str]]:
+        """(name, version) of every copy this cache holds on disk now."""
+        return [(p.parent.name, p.name.partition("-")[0]) for p in list(self._sizes)]
 
     def path_for(self, name: str, version: str, key: str) -> Path:
         return self.root / name / f"{version}-{key}"

@@ -12,12 +12,14 @@ names are ever keys here: the memory is bounded by the registry, not by requests
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping
 
 from agent_finetune.errors import RegistryError
 from agent_finetune.registry import Registry
 from agent_finetune.registry.index import RACY_NS, Pointer
+from agent_finetune.registry.layout import VERSIONS
 
 
 class Catalog:
@@ -66,3 +68,21 @@ class Catalog:
         if stamp is not None and time.time_ns() - stamp[1] > RACY_NS:
             self._versions[name] = (stamp, found)
         return found
+
+    def has_version(self, name: str, version: str) -> bool:
+        """Whether ``name@version`` is published: from the list as of the last pass, or,
+        when it is not in it, after one ``stat`` of the name's ``versions/`` folder shows a
+        publish since (a pinned request right after a publish, before the pass that the
+        publish wakes: it got vLLM's 404). Blocking file IO; never a scan of the root."""
+        if version in self.versions(name):
+            return True
+        pointer = self._pointers.get(name)
+        if pointer is None:
+            return False
+        try:
+            st = os.stat(self.registry.name_dir(name) / VERSIONS)
+            if (st.st_ino, st.st_mtime_ns) == pointer.versions_stamp:
+                return False
+            return version in self.registry.versions(name)
+        except (RegistryError, OSError):
+            return False

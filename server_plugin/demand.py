@@ -64,6 +64,7 @@ class Demand:
         self.preloaded: frozenset[str] | None = None  # None: every name
         self.active: OrderedDict[str, None] = OrderedDict()  # lazy names loaded on demand
         self.lazy_capacity = 0
+        self.stage_room = 0  # versions staging may keep loaded (the engine's spare room)
         self.hits = 0  # requests whose model was served when they arrived
         self.misses = 0  # requests that waited for a load (their own or a shared one)
         self._pending: dict[str, asyncio.Future[Refusal | None]] = {}
@@ -74,22 +75,30 @@ class Demand:
         """Fix the preload policy at the first readable pass: ``auto`` becomes ``all`` or
         ``recent:N`` by the engine's bound, and the preloaded names are chosen."""
         n_names, pinned = len(moved), self.settings.max_pinned
-        bound = self.engine_bound if self.engine_bound is not None else n_names + pinned
+        staged = self.settings.max_staged
+        bound = self.engine_bound if self.engine_bound is not None else n_names + pinned + staged
         room = max(0, bound - pinned)
         self.policy = self.preload.resolve(n_names, room)
         self.preloaded = self.policy.choose(moved, self.usage.used_at)
         n_pre = n_names if self.preloaded is None else len(self.preloaded & moved.keys())
-        # Loaded lazy names share the engine's room with the preloaded ones; at least a
-        # few, so concurrent first requests never unload each other's name.
-        self.lazy_capacity = max(2 * self.settings.max_loads, room - n_pre)
+        # Staged versions use the engine's room the names leave (never the names' own);
+        # loaded lazy names share what is left with the preloaded ones, at least a few, so
+        # concurrent first requests never unload each other's name.
+        spare = room - n_pre
+        if self.preloaded is None:
+            self.stage_room = min(staged, max(0, spare))
+        else:
+            self.stage_room = min(staged, max(0, spare - 2 * self.settings.max_loads))
+        self.lazy_capacity = max(2 * self.settings.max_loads, spare - self.stage_room)
         logger.info(
             "agent_finetune: preload %s (%s): %d of %d names preloaded, up to %d lazy ones "
-            "loaded at once",
+            "loaded at once, up to %d versions staged",
             self.policy,
             self.preload,
             n_pre,
             n_names,
             self.lazy_capacity,
+            self.stage_room,
         )
 
     def is_lazy(self, name: str) -> bool:
@@ -223,7 +232,7 @@ class Demand:
     def _version_facts(self, name: str, version: str) -> tuple[str | None, bool]:
         """(manifest key or None when the version does not exist, whether it may be
         pinned). Blocking file IO on a miss."""
-        if version not in self.catalog.versions(name):
+        if not self.catalog.has_version(name, version):
             return None, True
         key = self.served.key(name, version)
         if key is None or self.settings.pins == "any":

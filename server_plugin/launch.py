@@ -186,15 +186,16 @@ def build_command(
     if not _has_flag(extra, "--max-loras"):
         cmd += ["--max-loras", str(loras)]
     if not _has_flag(extra, "--max-cpu-loras"):
-        # Live versions, the ones they replaced (instant rollback) and pinned ones stay in
-        # the engine's CPU cache instead of being re-read from disk; bounded unless every
+        # Live versions, staged ones (promote and rollback), the ones they replaced and
+        # pinned ones stay in the engine's CPU cache instead of being re-read from disk
+        # (or evicting a live one); bounded unless every
         # name is preloaded (AGENT_FINETUNE_PRELOAD=all), so memory does not grow with the
         # registry.
         serving = serving or Settings()
         n_names = len(Registry(registry).names()) if registry and Path(registry).is_dir() else 0
         policy = PreloadPolicy.parse(serving.preload)
         cpu_loras = max_cpu_loras or default_max_cpu_loras(
-            policy, n_names, serving.max_pinned, max(loras, 8)
+            policy, n_names, serving.max_pinned + serving.max_staged, max(loras, 8)
         )
         cmd += ["--max-cpu-loras", str(cpu_loras)]
     return cmd + extra

@@ -43,7 +43,9 @@ from server_plugin.listing import annotate_cards
 from server_plugin.middleware import MODEL_ROUTES, ModelRequestMiddleware
 from server_plugin.preload import USAGE_FILE, Usage
 from server_plugin.reconciler import Reconciler
+from server_plugin.served_dtype import safetensors_dtype
 from server_plugin.settings import PLUGIN_NAME, Settings
+from server_plugin.version_metrics import Loaded, VersionMetrics, install
 from server_plugin.watcher import RegistryWatcher
 
 logger = logging.getLogger(__name__)
@@ -110,6 +112,7 @@ def _limits(engine_client: Any, args: Namespace, settings: Settings) -> Limits:
         base_model=str(args.model),
         base_config=base_config,
         check_base_name=settings.strict_base,
+        served_dtype=safetensors_dtype(getattr(lora_config, "lora_dtype", None)),
     )
 
 
@@ -138,6 +141,7 @@ class EndpointPlugin:
         self.models: compat.ServingModels | None = None
         self._task: asyncio.Task[None] | None = None
         self._canary_task: asyncio.Task[None] | None = None
+        self.versions = install(VersionMetrics())
 
     def attach_router(self, app: Any) -> None:
         try:
@@ -152,7 +156,12 @@ class EndpointPlugin:
                 compat.replace_route(app, "/v1/models", self.list_models, ["GET"])
                 compat.replace_route(app, "/v1/models/{model_id:path}", self.model_card, ["GET"])
             app.add_middleware(ModelRequestMiddleware, plugin=self)
-            app.add_middleware(AnswerHeaders, routes=MODEL_ROUTES, describe=self.missing_model)
+            app.add_middleware(
+                AnswerHeaders,
+                routes=MODEL_ROUTES,
+                describe=self.missing_model,
+                versions=self.versions,
+            )
         except Exception:
             logger.exception("agent_finetune: attaching routes failed; plugin disabled")
 
@@ -253,6 +262,12 @@ class EndpointPlugin:
         reconciler = _reconciler(engine_client, args, settings, models)
         self.max_parse_bytes = settings.max_parse_bytes
         canary = CanaryRouter(reconciler.registry)
+        # Stage each running canary's candidate ahead of its first routed request.
+        reconciler.stager.canaries = lambda: {
+            n: c.version for n in canary.names if (c := canary.canary(n)) is not None
+        }
+        self.versions.loaded = lambda: loaded_versions(reconciler)
+        self.versions.on_disk = reconciler.cache.on_disk
 
         def wake() -> None:
             reconciler.wake()
@@ -316,6 +331,19 @@ def _reconciler(
         engine_bound=_engine_bound(engine_client),
         usage=usage,
     )
+
+
+def loaded_versions(reconciler: Reconciler) -> list[Loaded]:
+    """Every copy the server really has loaded, with its role (for the per-version series)."""
+    served = reconciler.served
+    routed = set(served.routes.values())
+    out = []
+    for s, copy in list(served.copies.items()):
+        if not served.loaded(s):
+            continue
+        role = "live" if s in routed else "staged" if s in served.staged else "standby"
+        out.append(Loaded(copy.name, copy.version, role, copy.load_seconds))
+    return out
 
 
 def _setup_logging() -> None:

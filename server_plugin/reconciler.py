@@ -10,6 +10,8 @@ The rooms it drives, top to bottom (import-linter holds the order):
 
 - ``demand``: loads requests ask for (lazy names, pinned ``name@vNNNN``) and the preload
   policy;
+- ``staging``: the versions that may go live next, loaded ahead (promote and rollback are
+  then a route);
 - ``served``: copies, routes, the standby LRU, content keys, the swap (load, then route);
 - ``catalog``: the registry's names and versions as this loop last saw them;
 - ``status`` and ``failures``: what ``/v1/adapters`` says per name, and the one memory of
@@ -18,8 +20,13 @@ The rooms it drives, top to bottom (import-linter holds the order):
 Absence is not deletion: a registry root without its marker file, empty or unreadable is
 "unavailable" (serve what is loaded, unload nothing); a name whose folders cannot be read
 is kept as it is; a name is unloaded only after it has been absent for ``unload_after``
-passes, at most ``max_removals`` names per pass. Every pass writes every name's status, so
-it is never staler than one pass.
+passes, at most ``max_removals`` names per pass.
+
+A pass visits the names whose pointer or content changed since they were last visited,
+the names something is loaded for, and those not settled (loading, failed, retrying); at
+10,000 lazy names that is a few instead of all, and the loop yields to requests every
+``YIELD_EVERY`` names. Every visited or served name's status is written from what the
+server really serves; the others did not change.
 
 No vLLM import here: the plugin (in-process) and the sidecar (over HTTP) share this code
 and differ only in their transport.
@@ -47,13 +54,16 @@ from server_plugin.catalog import Catalog
 from server_plugin.demand import Demand
 from server_plugin.failures import Failures, Refusal, describe
 from server_plugin.preload import PreloadPolicy, Usage
-from server_plugin.served import Served, Transport
+from server_plugin.served import Copy, Served, Transport
 from server_plugin.settings import ENV_UNLOAD_AFTER, Settings
+from server_plugin.staging import Stager, Want
 from server_plugin.status import AdapterStatus, utc_at
 
 logger = logging.getLogger(__name__)
 
 PinRefusal = Refusal  # the name the request middleware knew it by
+YIELD_EVERY = 200
+"""Names visited between two yields to the event loop (requests wait meanwhile)."""
 
 
 @dataclass
@@ -62,6 +72,7 @@ class _Desired:
     reason: str | None = None
     # name -> its pointer and the manifest's content key (None for lazy or unreadable ones)
     names: dict[str, tuple[Pointer, str | None]] = field(default_factory=dict)
+    stage: list[Want] = field(default_factory=list)
 
 
 def _call(hook: Callable[[], object] | None, what: str) -> None:
@@ -95,6 +106,7 @@ class Reconciler:
             registry, cache, transport, self.failures, max_standby=settings.max_pinned
         )
         self.catalog = Catalog(registry)
+        self.stager = Stager(self.served, self.failures, self.catalog, settings.max_staged)
         self._status: dict[str, AdapterStatus] = {}
         self.demand = Demand(
             self.served,
@@ -108,6 +120,8 @@ class Reconciler:
         self._desired_seen: dict[str, tuple[str | None, str | None]] = {}
         self._absent: dict[str, int] = {}
         self._pointers: dict[str, Pointer] = {}  # pointer scan memo
+        self._visited: dict[str, tuple[Pointer, str | None]] = {}  # as last reconciled
+        self._live_series: set[str] = set()  # names with a live-version series
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._stopping = False
@@ -166,12 +180,15 @@ class Reconciler:
         self.sync_error = desired.reason
         metrics.REGISTRY_AVAILABLE.set(1 if desired.available else 0)
         actual = await self.served.read_actual()
+        visited: set[str] | None = None
         if actual is not None and desired.available:
-            await self._reconcile_names(desired)
+            visited = await self._reconcile_names(desired)
             await self._remove_absent(desired)
             await self.served.drop_stale()
+            if await self.stager.apply(desired.stage, self.served.name_lock):
+                self.wake()  # more to stage: the next pass at once, one load each
             await self.served.evict()
-        self._report()
+        self._report(visited)
         try:
             await asyncio.to_thread(self.cache.collect)
         except Exception:
@@ -207,17 +224,26 @@ class Reconciler:
         self.catalog.update(found)
         if self.demand.policy is None:
             self.demand.resolve_policy({n: p.moved_at for n, p in found.items()})
+            self.stager.max_staged = self.demand.stage_room
         for name, pointer in found.items():
             # A lazy name's manifest is read when its first request loads it, not per pass.
             key = None
             if pointer.version is not None and not self.demand.is_lazy(name):
                 key = self.served.key(name, pointer.version)
             out.names[name] = (pointer, key)
+        out.stage = self.stager.plan(found, lambda n: not self.demand.is_lazy(n))
         return out
 
     # -- one name ---------------------------------------------------------------------------
-    async def _reconcile_names(self, desired: _Desired) -> None:
+    async def _reconcile_names(self, desired: _Desired) -> set[str]:
+        """Reconcile the names that may need it (see the module docstring); return them."""
+        visited: set[str] = set()
         for name, (pointer, key) in sorted(desired.names.items()):
+            if not self._needs_visit(name, pointer, key):
+                continue
+            visited.add(name)
+            if len(visited) % YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # let requests in between
             self._absent.pop(name, None)
             st = self._status.setdefault(name, AdapterStatus(name))
             try:
@@ -226,6 +252,23 @@ class Reconciler:
             except Exception as e:  # a bug, not a bad adapter: log it, keep the others going
                 logger.exception("agent_finetune: reconciling %r failed", name)
                 st.note(describe(e), pointer.version, "transient")
+            self._visited[name] = (pointer, key)
+        return visited
+
+    def _needs_visit(self, name: str, pointer: Pointer, key: str | None) -> bool:
+        """Whether a pass must look at ``name``: every name but the lazy ones that did not
+        change (new, pointer, ``versions/`` or content), show no error and are not loaded:
+        at 10,000 lazy names, all but a few."""
+        st = self._status.get(name)
+        return (
+            st is None
+            or st.state != "lazy"
+            or self._visited.get(name) != (pointer, key)
+            or st.error is not None
+            or st.absent_passes > 0
+            or name in self.served.routes
+            or name in self.demand.active
+        )
 
     async def _reconcile_name(self, st: AdapterStatus, pointer: Pointer, key: str | None) -> None:
         name, version = st.name, pointer.version
@@ -310,9 +353,13 @@ class Reconciler:
             self._absent.pop(name, None)
             self._desired_seen.pop(name, None)
             self._pointers.pop(name, None)
+            self._visited.pop(name, None)
             self.demand.forget(name)
+            self.stager.forget(name)
             self.failures.forget(name)
-            metrics.LIVE_VERSION.labels(name).set(0)
+            self._live_series.discard(name)
+            with contextlib.suppress(KeyError):
+                metrics.LIVE_VERSION.remove(name)
             logger.info("agent_finetune: %s left the registry; no longer served", name)
 
     # -- requests ---------------------------------------------------------------------------
@@ -359,16 +406,36 @@ class Reconciler:
         )
 
     # -- reporting ------------------------------------------------------------------------
-    def _report(self) -> None:
-        """Write every name's live version from what the server really serves."""
-        actual = self.served.actual
-        for name, st in self._status.items():
+    def _report(self, visited: set[str] | None) -> None:
+        """Write the live version of every visited or served name from what the server
+        really serves (every name when the server could not be asked)."""
+        actual, served = self.served.actual, self.served
+        if actual is None or visited is None:
+            names: set[str] | list[str] = list(self._status)
+        else:
+            names = visited | {n for n in served.routes if n in self._status}
+            names |= self._live_series & self._status.keys()
+        staged: dict[str, list[dict[str, Any]]] = {}
+        for s, why in served.staged.items():
+            copy = served.copies.get(s)
+            if copy is not None and served.loaded(s):
+                staged.setdefault(copy.name, []).append(_staged_entry(copy, why, s))
+        for (name, version), error in self.stager.errors.items():
+            staged.setdefault(name, []).append(
+                {"version": version, "why": None, "state": "failed", "error": error}
+            )
+        for name in set(staged) | {n for n, st in self._status.items() if st.staged}:
+            st = self._status.get(name)
+            if st is not None:
+                st.staged = sorted(staged.get(name, []), key=lambda e: e["version"])
+        for name in names:
+            st = self._status[name]
             if actual is None:
                 st.unserved()
                 if st.state == "live":
                     st.state = "retrying"
                 st.error = self.served.server_error
-                metrics.LIVE_VERSION.labels(name).set(0)
+                self._set_live(name, None)
                 continue
             copy = self.served.serving(name)
             st.unserved()
@@ -376,10 +443,19 @@ class Reconciler:
                 st.live, st.path, st.sha256 = copy.version, str(copy.path), copy.key
             if st.state == "live" and (copy is None or copy.version != st.desired):
                 st.state = "pending"
-            metrics.LIVE_VERSION.labels(name).set(
-                version_number(copy.version) if copy is not None else 0
-            )
+            self._set_live(name, copy.version if copy is not None else None)
         metrics.PINNED.set(len(self.served.standby))
+
+    def _set_live(self, name: str, version: str | None) -> None:
+        """The live-version series of names that serve something (bounded by what is
+        loaded, not by the registry); a name that serves nothing has none."""
+        if version is not None:
+            metrics.LIVE_VERSION.labels(name).set(version_number(version))
+            self._live_series.add(name)
+        elif name in self._live_series:
+            self._live_series.discard(name)
+            with contextlib.suppress(KeyError):
+                metrics.LIVE_VERSION.remove(name)
 
     def status(self) -> dict[str, Any]:
         """The state ``GET /v1/adapters`` returns."""
@@ -396,10 +472,20 @@ class Reconciler:
             "server_error": served.server_error,
             "data": [self._status[n].as_dict() for n in sorted(self._status)],
             "pinned": [
-                {"model": s, "path": str(served.copies[s].path)}
+                {
+                    "model": s,
+                    "path": str(served.copies[s].path),
+                    "load_seconds": served.copies[s].load_seconds,
+                }
                 for s in served.standby
                 if s in served.copies
             ],
+            "staged": [
+                {"model": s, "name": served.copies[s].name, **_staged_entry(served.copies[s], w, s)}
+                for s, w in served.staged.items()
+                if served.loaded(s)
+            ],
+            "max_staged": self.stager.max_staged,
             "pinned_errors": {
                 model: error
                 for model, error in self.failures.errors().items()
@@ -416,6 +502,7 @@ class Reconciler:
                 ),
                 "lazy_loaded": len(demand.active),
                 "lazy_capacity": demand.lazy_capacity if demand.preloaded is not None else None,
+                "stage_room": demand.stage_room,
                 "engine_bound": demand.engine_bound,
                 "hits": demand.hits,
                 "misses": demand.misses,
@@ -423,3 +510,15 @@ class Reconciler:
             "last_pass_seconds": self.last_pass_s,
             "pid": os.getpid(),
         }
+
+
+def _staged_entry(copy: Copy, why: str, served: str) -> dict[str, Any]:
+    """A staged copy as status shows it (only ones the server really has loaded)."""
+    return {
+        "version": copy.version,
+        "why": why,
+        "state": "staged",
+        "served_as": served,
+        "load_seconds": copy.load_seconds,
+        "loaded_at": copy.loaded_at,
+    }

@@ -8,10 +8,13 @@
 - A **route** makes a public name (or the ``name@vNNNN`` of a ``+key`` copy) resolve to a
   copy's own entry, in one step (never an in-place reload: requests already running finish
   on the version they started on).
-- A copy no name routes to is on **standby**: pinned versions, versions just replaced (a
-  rollback to them is only a route), or versions loaded ahead of their promotion. Standby
-  is an LRU of ``max_standby`` copies; a copy a request in flight holds a lease on is never
-  unloaded, so a request's version is still there when vLLM looks its model up.
+- A copy no name routes to is **staged** or on **standby**. Staged copies are the versions
+  that may go live next (``server_plugin.staging`` chooses them: a published version not
+  current yet, a canary's candidate, the version a rollback returns to): kept loaded while
+  chosen, so a promote or rollback to them is only a route. Standby holds the others
+  (pinned versions, versions replaced and no longer chosen) in an LRU of ``max_standby``
+  copies. A copy a request in flight holds a lease on is never unloaded, so a request's
+  version is still there when vLLM looks its model up.
 
 A swap is load, then route, and is reported in the name's status as it happens. What the
 server really serves (``actual``) is read at the start of every pass from the
@@ -69,6 +72,8 @@ class Copy:
     version: str
     key: str
     path: Path
+    load_seconds: float | None = None  # copy + verify + the server's load
+    loaded_at: str | None = None
 
 
 class Served:
@@ -90,7 +95,9 @@ class Served:
         self.max_standby = max_standby
         self.copies: dict[str, Copy] = {}  # served name -> the copy it serves
         self.routes: dict[str, str] = {}  # public name (or name@vN of a +key copy) -> served
-        self.standby: OrderedDict[str, None] = OrderedDict()  # loaded, routed to by no name
+        self.standby: OrderedDict[str, None] = OrderedDict()  # loaded, unrouted, not staged
+        self.staged: dict[str, str] = {}  # loaded ahead of going live -> why (staging)
+        self._paths: dict[str, set[str]] = {}  # str(copy path) -> served names of copies
         self._content: dict[tuple[str, str, str], str] = {}  # (name, version, key) -> served
         self._named: dict[str, str] = {}  # every served name used here -> its content key
         self._keys: dict[Path, tuple[tuple[int, int, int], str]] = {}  # manifest stat memo
@@ -165,14 +172,21 @@ class Served:
 
     # -- what is served ---------------------------------------------------------------------
     def serving(self, name: str) -> Copy | None:
-        """The copy the server really serves under ``name`` (None when none of ours)."""
+        """The copy the server really serves under ``name`` (None when none of ours).
+        O(1): every pass asks it for every name."""
         path = (self.actual or {}).get(name)
         if path is None:
             return None
-        for copy in self.copies.values():
-            if str(copy.path) == path and copy.name == name:
+        for served in self._paths.get(path, ()):
+            copy = self.copies.get(served)
+            if copy is not None and copy.name == name:
                 return copy
         return None
+
+    def loaded(self, served: str) -> bool:
+        """Whether the server really serves the copy ``served`` (its own name, its path)."""
+        copy = self.copies.get(served)
+        return copy is not None and (self.actual or {}).get(served) == str(copy.path)
 
     def is_serving(self, name: str, version: str, key: str | None) -> bool:
         """Whether ``name`` is routed to, and really serves, this content of ``version``."""
@@ -214,9 +228,11 @@ class Served:
         the cache's byte bound."""
         vname = f"{name}@{version}"
         async with self._version_locks[vname]:
+            t0 = time.monotonic()
             path, key = await asyncio.to_thread(
                 self.cache.prepare, self.registry, name, version, bounded=bounded
             )
+            prepared = time.monotonic() - t0
             served = self._content.get((name, version, key))
             if served is not None and served in self.copies:
                 return self.copies[served]
@@ -225,8 +241,10 @@ class Served:
             await self.transport.load(served, str(path))
             if self.actual is not None:
                 self.actual[served] = str(path)
-            copy = Copy(name, version, key, path)
+            took = time.monotonic() - t0
+            copy = Copy(name, version, key, path, round(prepared + took, 6), utc_now())
             self.copies[served] = copy
+            self._paths.setdefault(str(path), set()).add(served)
             self._content[(name, version, key)] = served
             self._named[served] = key
             if served != vname:
@@ -237,7 +255,7 @@ class Served:
                 if displaced:  # a name still on it is swapped next
                     self._drop_copy(vname)
             metrics.LOADS.labels(name).inc()
-            metrics.LOAD_SECONDS.observe(time.monotonic() - t0)
+            metrics.LOAD_SECONDS.observe(prepared + took)
             logger.info("agent_finetune: loaded %s from %s", served, path)
             return copy
 
@@ -249,13 +267,14 @@ class Served:
         return f"{vname}+{key[:8]}"
 
     async def route(self, name: str, copy: Copy) -> str | None:
-        """Make ``name`` resolve to ``copy`` in one step; the copy it left goes on standby.
-        Returns that previous served name."""
+        """Make ``name`` resolve to ``copy`` in one step; the copy it left goes on standby
+        (staging keeps it, as the rollback target). Returns that previous served name."""
         served = self.served_name(copy)
         old = self.routes.get(name)
         await self._route(name, served)
         self.standby.pop(served, None)
-        if old is not None and old != served and old in self.copies:
+        self.staged.pop(served, None)
+        if old is not None and old != served and old in self.copies and old not in self.staged:
             self.standby[old] = None
         return old
 
@@ -267,9 +286,23 @@ class Served:
 
     def keep(self, served: str) -> None:
         """Keep a loaded copy no name routes to, as the most recently used on standby."""
-        if served in self.copies and served not in self.routes.values():
+        if served in self.copies and served not in self.staged and not self.routed(served):
             self.standby[served] = None
             self.standby.move_to_end(served)
+
+    def routed(self, served: str) -> bool:
+        return served in self.routes.values()
+
+    def stage(self, served: str, why: str) -> None:
+        """Keep ``served`` loaded ahead of going live (``why``: next, canary, rollback)."""
+        if served in self.copies and not self.routed(served):
+            self.standby.pop(served, None)
+            self.staged[served] = why
+
+    def unstage(self, served: str) -> None:
+        """No longer chosen ahead: the copy joins the standby LRU (unloaded in its turn)."""
+        if self.staged.pop(served, None) is not None:
+            self.keep(served)
 
     async def evict(self) -> None:
         """Unload the least recently used standby copies beyond ``max_standby`` (none that
@@ -300,11 +333,17 @@ class Served:
     def _drop_copy(self, served: str) -> None:
         copy = self.copies.pop(served, None)
         self.standby.pop(served, None)
+        self.staged.pop(served, None)
         if copy is None:
             return
+        same_path = self._paths.get(str(copy.path))
+        if same_path is not None:
+            same_path.discard(served)
+            if not same_path:
+                del self._paths[str(copy.path)]
         if self._content.get((copy.name, copy.version, copy.key)) == served:
             del self._content[(copy.name, copy.version, copy.key)]
-        if copy.path not in {c.path for c in self.copies.values()}:
+        if str(copy.path) not in self._paths:
             self.cache.release(copy.path)
 
     async def remove(self, name: str) -> None:
@@ -320,9 +359,9 @@ class Served:
         metrics.PINNED.set(len(self.standby))
 
     async def drop_stale(self) -> None:
-        """A standby copy whose registry content changed is unloaded; its next request
-        loads the new content (a routed name is handled by its own swap)."""
-        for served in list(self.standby):
+        """A staged or standby copy whose registry content changed is unloaded; its next
+        request (or staging) loads the new content (a routed name is handled by its swap)."""
+        for served in [*self.standby, *self.staged]:
             copy = self.copies.get(served)
             if copy is None or self.leased(served):
                 continue
@@ -344,10 +383,15 @@ class Served:
         """Serve ``version`` under ``st.name``; on failure remember it, show it, keep what
         serves. ``bounded``: the copy counts against the cache's byte bound (lazy names)."""
         name, fkey = st.name, (st.name, version, key)
+        ready = key is not None and self._content.get((name, version, key)) in self.copies
         st.state = "loading"
         t0 = time.monotonic()
         try:
-            copy = await self.load(name, version, bounded=bounded)
+            ready_as = self._content.get((name, version, key)) if key is not None else None
+            if ready_as is not None and self.loaded(ready_as):
+                copy = self.copies[ready_as]  # staged or on standby: route it, nothing to read
+            else:
+                copy = await self.load(name, version, bounded=bounded)
             load_s = time.monotonic() - t0
             old = await self.route(name, copy)
         except Exception as e:
@@ -371,11 +415,14 @@ class Served:
             return False
         self.failures.clear(fkey)
         st.settle("live")
-        # Serving it from this moment: say so now, not at the end of the pass.
+        # Serving it from this moment: say so now, not at the end of the pass. A staged
+        # copy was loaded before: its own load time, not this repoint's.
         st.live, st.path, st.sha256 = version, str(copy.path), copy.key
-        st.loaded_at, st.load_seconds = utc_now(), round(load_s, 6)
+        st.loaded_at, st.load_seconds = copy.loaded_at or utc_now(), copy.load_seconds
+        if copy.load_seconds is None:
+            st.load_seconds = round(load_s, 6)
         # Pointer moves from before this process started are start-up loads, not swaps.
-        st.swap_seconds = None
+        st.swap_seconds, st.swap_loaded = None, not ready
         if moved_at is not None and moved_at >= self.started:
             st.swap_seconds = round(time.time() - moved_at, 6)
             metrics.SWAP_SECONDS.observe(max(0.0, st.swap_seconds))

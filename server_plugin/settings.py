@@ -48,6 +48,7 @@ ENV_LOAD_WAIT = "AGENT_FINETUNE_LOAD_WAIT_S"
 ENV_MAX_PARSE_BYTES = "AGENT_FINETUNE_MAX_PARSE_BYTES"
 ENV_DRAIN = "AGENT_FINETUNE_DRAIN_S"
 ENV_PRELOAD = "AGENT_FINETUNE_PRELOAD"
+ENV_MAX_STAGED = "AGENT_FINETUNE_MAX_STAGED"
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,19 @@ class Settings:
                 "versions kept for a fast rollback); the least recently used are unloaded.",
                 _number(int, 0, 4),
                 flag="--max-pinned",
+            )
+        },
+    )
+    max_staged: int = field(
+        default=4,
+        metadata={
+            "spec": Spec(
+                ENV_MAX_STAGED,
+                "Versions loaded ahead of going live, so promote and rollback only repoint the "
+                "name: a canary's candidate, the newest published version above `current`, the "
+                "version a rollback returns to (in that order, for the names loaded); `0`: none.",
+                _number(int, 0, 4),
+                flag="--max-staged",
             )
         },
     )
@@ -396,8 +410,9 @@ VLLM_DEFAULTS = (
     (
         "--max-cpu-loras",
         LAZY_MAX_CPU_LORAS,
-        "`serve`: every name plus `AGENT_FINETUNE_MAX_PINNED` under `--preload all`, else at "
-        "most this many (more for a larger `recent:N` or name list).",
+        "`serve`: every name plus `AGENT_FINETUNE_MAX_PINNED` and `AGENT_FINETUNE_MAX_STAGED` "
+        "under `--preload all`, else at most this many (more for a larger `recent:N` or name "
+        "list).",
     ),
     (
         ENV_CPU_KV_CACHE,

@@ -7,7 +7,7 @@ cleared, the same way whichever road (the reconcile loop, a request) changed it.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal
 
@@ -39,7 +39,14 @@ class AdapterStatus:
     loaded_at: str | None = None
     load_seconds: float | None = None
     swap_seconds: float | None = None
+    # Whether the last swap had to load its version (False: it was staged or on standby,
+    # the swap only repointed the name).
+    swap_loaded: bool | None = None
     path: str | None = None
+    # Versions loaded ahead of going live (``server_plugin.staging``), only ones the server
+    # really has loaded, and the ones that failed to stage: version, why (next, canary,
+    # rollback), state (staged, failed), load_seconds, loaded_at, error.
+    staged: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -53,8 +53,17 @@ def registry_with_versions(tmp_path: Path, name: str, count: int) -> Registry:
     return registry
 
 
-def write_version(registry: Registry, name: str, source: Path, *, make_current: bool = True) -> str:
-    """Publish ``source`` WITHOUT validation (as a buggy or foreign writer would)."""
+def write_version(
+    registry: Registry,
+    name: str,
+    source: Path,
+    *,
+    make_current: bool = True,
+    rot: bool = False,
+) -> str:
+    """Publish ``source`` WITHOUT validation (as a buggy or foreign writer would). ``rot``:
+    the weights' last byte flipped after the manifest's sha256 was taken, before the version
+    appears (bit rot no server could have copied around)."""
     ndir = registry.name_dir(name)
     (ndir / VERSIONS).mkdir(parents=True, exist_ok=True)
     with registry.lock(name):
@@ -70,6 +79,11 @@ def write_version(registry: Registry, name: str, source: Path, *, make_current: 
             "files": file_checksums(staging, files),
         }
         atomic_write_json(staging / MANIFEST, manifest)
+        if rot:
+            weights = staging / "adapter_model.safetensors"
+            data = bytearray(weights.read_bytes())
+            data[-1] ^= 0xFF
+            weights.write_bytes(bytes(data))
         os.rename(staging, ndir / VERSIONS / version)
         if make_current:
             registry.set_current(name, version, "promote", "test: raw write")

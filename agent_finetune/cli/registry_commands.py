@@ -17,11 +17,11 @@ from agent_finetune.errors import (
     NotFoundError,
     RegistryError,
 )
-from agent_finetune.registry import ENV_REGISTRY, Registry, verify_folder
+from agent_finetune.registry import ENV_REGISTRY, Registry, VersionInfo, verify_folder
 from agent_finetune.registry.adapter import load_base_config
 from agent_finetune.registry.eval_records import latest_eval, read_evals
 from agent_finetune.registry.fsck import fsck
-from agent_finetune.registry.index import listing
+from agent_finetune.registry.index import Listed, listing
 from agent_finetune.registry.names import check_name, split_model
 from agent_finetune.training.gate import MIN_ROWS
 
@@ -134,7 +134,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                     "base_model": i.manifest.get("base_model"),
                     "rank": (i.manifest.get("lora") or {}).get("r"),
                     "metrics": i.manifest.get("metrics"),
-                    "eval": latest_eval(reg, i.name, i.version),
+                    "eval": _latest_eval(reg, i),
                 }
                 for i in infos
             ]
@@ -152,13 +152,20 @@ def cmd_list(args: argparse.Namespace) -> int:
                 i.manifest.get("created_at", "?"),
                 (i.manifest.get("lora") or {}).get("r"),
                 _metric(i.manifest, "eval_loss"),
-                _eval_summary(latest_eval(reg, i.name, i.version)),
+                _eval_summary(_latest_eval(reg, i)),
             )
             for i in infos
         ],
         ["NAME", "VERSION", "CURRENT", "CREATED", "RANK", "EVAL LOSS", "LAST EVAL"],
     )
     return 0
+
+
+def _latest_eval(reg: Registry, info: Listed | VersionInfo) -> dict[str, Any] | None:
+    """The version's newest evaluation record: the index's copy when listed through it."""
+    if isinstance(info, Listed):
+        return info.eval
+    return latest_eval(reg, info.name, info.version)
 
 
 def cmd_show(args: argparse.Namespace) -> int:

@@ -49,9 +49,22 @@ TOOL_PARSERS: tuple[tuple[str, str, str], ...] = (
     ("internlm", "internlm", "InternLM 2.5"),
 )
 # The serving settings each command has a flag for (the rest: AGENT_FINETUNE_* variables).
-SERVE_SETTINGS = ("resync_s", "polling", "cache_dir", "max_pinned", "strict_base", "preload")
-SYNC_SETTINGS = ("resync_s", "polling", "cache_dir", "max_pinned", "strict_base")
-_FLAG_TYPES: dict[str, Any] = {"resync_s": float, "max_pinned": int, "cache_dir": Path}
+SERVE_SETTINGS = (
+    "resync_s",
+    "polling",
+    "cache_dir",
+    "max_pinned",
+    "max_staged",
+    "strict_base",
+    "preload",
+)
+SYNC_SETTINGS = ("resync_s", "polling", "cache_dir", "max_pinned", "max_staged", "strict_base")
+_FLAG_TYPES: dict[str, Any] = {
+    "resync_s": float,
+    "max_pinned": int,
+    "max_staged": int,
+    "cache_dir": Path,
+}
 
 
 def add_setting_flags(p: argparse.ArgumentParser, names: tuple[str, ...]) -> None:

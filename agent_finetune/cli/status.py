@@ -8,9 +8,13 @@ cannot be read), so a cron job or a deploy script can alert on it.
 
 What a replica serves for a name: the live version; for a lazy name that is not loaded
 (see ``AGENT_FINETUNE_PRELOAD``), the version it would load on the next request, its
-``desired`` one. The lag of a replica that does not serve the newest desired version is
-the time since that version became current (``desired_since`` in the servers' status;
-without it, since this command first saw the disagreement).
+``desired`` one. ``STAGED`` lists the versions the replica has loaded ahead of going live
+(``AGENT_FINETUNE_MAX_STAGED``: promote and rollback to them are a repoint), and why: the
+newest published version (``next``), a canary's candidate, the rollback target; ``!`` marks
+one that failed to stage (its error is in ``--json``). The lag of a replica that does not
+serve the newest desired version is the time since that version became current
+(``desired_since`` in the servers' status; without it, since this command first saw the
+disagreement).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import argparse
 import datetime as dt
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from agent_finetune.cli.output import emit_json, print_table
@@ -45,6 +49,7 @@ class Row:
     serves: str | None
     lag_s: float
     error: str | None
+    staged: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def behind(self) -> bool:
@@ -76,6 +81,23 @@ def _serves(entry: dict[str, Any]) -> str | None:
         return live
     # A lazy name loads its desired version on the next request.
     return entry.get("desired") if entry.get("state") == "lazy" else None
+
+
+def _staged(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """The entry's staged versions (servers before issue 22 report none)."""
+    staged = entry.get("staged")
+    if not isinstance(staged, list):
+        return []
+    return [e for e in staged if isinstance(e, dict) and isinstance(e.get("version"), str)]
+
+
+def staged_text(staged: list[dict[str, Any]]) -> str:
+    """``v0003 (next), v0001 (rollback)``; ``!`` marks a version that failed to stage."""
+    return ", ".join(
+        f"{e['version']}{'!' if e.get('state') == 'failed' else ''}"
+        + (f" ({e['why']})" if e.get("why") else "")
+        for e in staged
+    )
 
 
 def compare_replicas(
@@ -130,6 +152,7 @@ def compare_replicas(
                         _serves(entry),
                         0.0,
                         entry.get("error"),
+                        _staged(entry),
                     )
                 )
             row = rows[-1]
@@ -217,11 +240,12 @@ def cmd_status(args: argparse.Namespace) -> int:
                     r.live,
                     r.state,
                     f"{r.lag_s:.1f}s" if r.behind else "",
+                    staged_text(r.staged),
                     (r.error or "")[:80],
                 )
                 for r in shown
             ],
-            ["NAME", "SERVER", "DESIRED", "LIVE", "STATE", "LAG", "LAST ERROR"],
+            ["NAME", "SERVER", "DESIRED", "LIVE", "STATE", "LAG", "STAGED", "LAST ERROR"],
         )
     n_names = len({r.name for r in rows})
     for p in problems:

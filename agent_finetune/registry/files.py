@@ -5,6 +5,8 @@
 - ``append_jsonl``: one JSON line appended with ``O_APPEND`` (never through a symlink, every
   byte written, fsync'd); a torn last line left by a writer that died is sealed first, so a
   new entry is never glued to it; ``read_jsonl`` skips (and returns) unparsable lines;
+- ``sync_all``: fsync several files and folders at once (one thread each): the filesystem's
+  journal commits them together, so N fsyncs that need no order among them cost about one;
 - ``locked``: an exclusive ``flock`` held for a ``with`` block; ``is_locked`` probes one;
 - ``os_error``: every OSError becomes a RegistryError naming what failed, the path, the
   errno and, for the usual ones (full disk, read-only mount, permissions), the cause.
@@ -19,8 +21,9 @@ import errno
 import fcntl
 import json
 import os
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,25 +79,84 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def tmp_path(path: Path) -> Path:
-    """The temp file an atomic write of ``path`` writes before renaming it into place."""
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
-
-
-def create_synced(path: Path, body: bytes) -> None:
-    """Create ``path`` (it must not exist, nor be a link) with ``body``, fsync'd; OSError."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o644)
+def _sync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | O_CLOEXEC)
     try:
-        write_all(fd, body)
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def write_new_file(path: Path, body: bytes) -> None:
-    """Create ``path`` (it must not exist) with ``body``, fsync'd; RegistryError."""
+def sync_all(paths: Sequence[Path]) -> None:
+    """fsync every file or folder of ``paths``, all at once; RegistryError naming the first
+    that failed (after every other one finished).
+
+    For writes that need no order among them (they must all be durable before one later
+    step, e.g. the rename that publishes them): one thread each, because the journal then
+    commits them together instead of one commit per fsync. Threads are made per call, never
+    pooled: a pool's workers do not survive ``fork`` (the kill -9 tests fork publishers).
+    """
+    if len(paths) <= 1:
+        for path in paths:
+            with io_errors("sync", path):
+                _sync(path)
+        return
+    failed: list[tuple[Path, OSError]] = []
+
+    def sync(path: Path) -> None:
+        try:
+            _sync(path)
+        except OSError as e:
+            failed.append((path, e))
+
+    threads = [threading.Thread(target=sync, args=(p,), daemon=True) for p in paths[1:]]
+    for t in threads:
+        t.start()
+    sync(paths[0])
+    for t in threads:
+        t.join()
+    if failed:
+        path, e = min(failed, key=lambda f: paths.index(f[0]))
+        raise os_error(e, "sync", path) from e
+
+
+def tmp_path(path: Path) -> Path:
+    """The temp file an atomic write of ``path`` writes before renaming it into place."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
+
+
+def create_synced(path: Path, body: bytes, *, sync: bool = True) -> None:
+    """Create ``path`` (it must not exist, nor be a link) with ``body``, fsync'd unless
+    ``sync`` is False (the caller then syncs it, e.g. with ``sync_all``); OSError."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o644)
+    try:
+        write_all(fd, body)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_new_file(path: Path, body: bytes, *, sync: bool = True) -> None:
+    """Create ``path`` (it must not exist) with ``body``, fsync'd unless ``sync`` is False
+    (the caller syncs it); RegistryError."""
     with io_errors("write", path):
-        create_synced(path, body)
+        create_synced(path, body, sync=sync)
+
+
+@contextlib.contextmanager
+def temp_file(path: Path, body: bytes) -> Iterator[Path]:
+    """The temp file of an atomic write of ``path``, written but not fsync'd: the block
+    syncs it (with others, ``sync_all``) and renames it into place; a temp file left
+    behind by a failure is removed. RegistryError when it cannot be written."""
+    tmp = tmp_path(path)
+    try:
+        with io_errors("write", path):
+            create_synced(tmp, body, sync=False)
+        yield tmp
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def write_atomic(path: Path, body: bytes, *, sync_dir: bool = True, durable: bool = True) -> None:

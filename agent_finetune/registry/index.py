@@ -6,10 +6,11 @@ resync.
 
 The listing index keeps ``agent-finetune list`` fast.
 
-``<root>/.index.json`` keeps, per name, the stamps of its ``versions/`` folder and its
-``current`` file, the current version, and a summary of each version's manifest
-(``created_at``, base model, rank, metrics). Listing stats those two paths per name and
-uses the summary only when both stamps match and neither changed within ``RACY_NS`` of
+``<root>/.index.json`` keeps, per name, the stamps of its ``versions/`` folder, its
+``current`` file and its ``evals.jsonl``, the current version, a summary of each version's
+manifest (``created_at``, base model, rank, metrics) and each version's latest evaluation
+record. Listing stats those three paths per name and uses the entry only when every stamp
+matches and neither changed within ``RACY_NS`` of
 the index being written (a change in the same clock tick as the write could hide behind an
 equal mtime: git's "racy index" rule); any other name is re-read from its folders, and the
 file is rewritten when the root is writable.
@@ -31,26 +32,29 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from agent_finetune.errors import RegistryError
+from agent_finetune.registry.eval_records import read_evals
 from agent_finetune.registry.files import write_atomic
 from agent_finetune.registry.history import parse_pointer
-from agent_finetune.registry.layout import CURRENT, VERSIONS
+from agent_finetune.registry.layout import CURRENT, EVALS, VERSIONS
 from agent_finetune.registry.names import is_name
 from agent_finetune.registry.store import Registry
 
 INDEX = ".index.json"
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2  # 2: each name's latest evaluation per version, keyed by its log's stamp
 RACY_NS = 2_000_000_000
 
 Stamp = list[int]
 
 
 class Listed(NamedTuple):
-    """One published version as ``list`` shows it (``manifest``: its ``summary``)."""
+    """One published version as ``list`` shows it (``manifest``: its ``summary``; ``eval``:
+    its newest evaluation record, or None)."""
 
     name: str
     version: str
     manifest: dict[str, Any]
     current: bool
+    eval: dict[str, Any] | None = None
 
 
 def _stamp(path: str) -> Stamp | None:
@@ -142,7 +146,12 @@ def _read(registry: Registry, name: str) -> dict[str, Any]:
             versions[v] = summary(registry.manifest(name, v))
         except RegistryError:
             versions[v] = {}
-    return {"current": registry.current(name), "versions": versions}
+    latest: dict[str, Any] = {}
+    for record in read_evals(registry, name):  # oldest first: the last one per version wins
+        evaluated = record.get("version")
+        if isinstance(evaluated, str) and evaluated in versions:
+            latest[evaluated] = record
+    return {"current": registry.current(name), "versions": versions, "evals": latest}
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -172,7 +181,7 @@ def listing(registry: Registry) -> list[Listed]:
     fresh: dict[str, Any] = {}
     changed = False
     for name in names:
-        stamps = [_stamp(f"{root}/{name}/{VERSIONS}"), _stamp(f"{root}/{name}/{CURRENT}")]
+        stamps = [_stamp(f"{root}/{name}/{p}") for p in (VERSIONS, CURRENT, EVALS)]
         if stamps[0] is None:
             continue  # not a published name
         cached = old_names.get(name)
@@ -192,7 +201,7 @@ def listing(registry: Registry) -> list[Listed]:
     if changed or set(fresh) != set(old_names):
         _write(path, {"format": INDEX_FORMAT, "written_ns": started_ns, "names": fresh})
     return [
-        Listed(name, v, meta, v == item.get("current"))
+        Listed(name, v, meta, v == item.get("current"), (item.get("evals") or {}).get(v))
         for name, item in fresh.items()
         for v, meta in item["versions"].items()
     ]

@@ -2,14 +2,18 @@
 
 Regular files only (never through a symlink, never a FIFO, each under a size cap) are
 copied into a staging folder beside ``versions/``; the STAGED copy is validated and
-checksummed, so what was checked is what gets published. ``Registry.publish`` then numbers
-it and renames it into place under the name's lock.
+checksummed, so what was checked is what gets published. Each file's sha256 is computed from
+the bytes as they are written (one read of the source), and the manifest records what was
+checked (``manifest.checks_record``), so a server that verifies the sha256 of the bytes it
+loads need not scan them again. ``Registry.publish`` then numbers it and renames it into
+place under the name's lock; the staged files are fsync'd there, all at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
 import stat
@@ -35,7 +39,7 @@ from agent_finetune.registry.files import (
     write_all,
 )
 from agent_finetune.registry.layout import STAGING_PREFIX
-from agent_finetune.registry.manifest import MANIFEST_FORMAT, file_checksums
+from agent_finetune.registry.manifest import MANIFEST_FORMAT, checks_record
 from agent_finetune.registry.names import utc_now
 
 # Files copied from an adapter folder besides the two PEFT files: tokenizer files make a
@@ -71,8 +75,10 @@ def staging_folder(ndir: Path) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def copy_regular_file(src: Path, dest: Path, cap: int) -> None:
-    """Copy ``src`` (a regular file, never a symlink, at most ``cap`` bytes) to new ``dest``."""
+def copy_regular_file(src: Path, dest: Path, cap: int, *, sync: bool = True) -> dict[str, Any]:
+    """Copy ``src`` (a regular file, never a symlink, at most ``cap`` bytes) to new ``dest``;
+    return its manifest entry (sha256 and size of the bytes written). ``sync=False``: not
+    fsync'd here (the caller syncs ``dest`` before publishing it)."""
     try:
         fd = os.open(src, os.O_RDONLY | O_NOFOLLOW | os.O_NONBLOCK | O_CLOEXEC)
     except OSError as e:
@@ -100,23 +106,28 @@ def copy_regular_file(src: Path, dest: Path, cap: int) -> None:
             out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC)
             try:
                 copied = 0
+                digest = hashlib.sha256()
                 while chunk := os.read(fd, 1 << 20):
                     copied += len(chunk)
                     if copied > cap:  # it grew while we copied
                         raise too_big
+                    digest.update(chunk)
                     write_all(out, chunk)
-                os.fsync(out)
+                if sync:
+                    os.fsync(out)
             finally:
                 os.close(out)
     except OSError as e:
         raise os_error(e, "read", src) from e
     finally:
         os.close(fd)
+    return {"sha256": digest.hexdigest(), "size": copied}
 
 
-def copy_in(src: Path, staging: Path) -> list[str]:
-    """Copy the PEFT files and the allowed extras; return the names copied."""
-    copied = []
+def copy_in(src: Path, staging: Path) -> dict[str, dict[str, Any]]:
+    """Copy the PEFT files and the allowed extras, not yet fsync'd; return the manifest's
+    ``files`` (name -> sha256 and size of the bytes written)."""
+    copied: dict[str, dict[str, Any]] = {}
     for fname in ADAPTER_FILES + EXTRA_FILES:
         if fname not in ADAPTER_FILES and not os.path.lexists(src / fname):
             continue
@@ -126,8 +137,7 @@ def copy_in(src: Path, staging: Path) -> list[str]:
                 [f"{fname}: missing"],
             )
         cap = MAX_WEIGHTS_BYTES if fname == ADAPTER_WEIGHTS else MAX_FILE_BYTES
-        copy_regular_file(src / fname, staging / fname, cap)
-        copied.append(fname)
+        copied[fname] = copy_regular_file(src / fname, staging / fname, cap, sync=False)
     return copied
 
 
@@ -141,7 +151,8 @@ def stage(
     base_config: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """Copy ``src`` into ``staging``, validate the copy, return its manifest (no version
-    or parent yet: those are assigned under the lock). ValidationError names every problem."""
+    or parent yet: those are assigned under the lock). ValidationError names every problem.
+    The staged files are not fsync'd yet: ``Registry.publish`` syncs them with the manifest."""
     files = copy_in(src, staging)
     report = validate_adapter(staging, max_rank=max_rank, base_config=base_config)
     if not report.ok:
@@ -151,8 +162,6 @@ def stage(
             problems,
         )
     adapter_cfg = read_adapter_config(staging)
-    with io_errors("read", staging):
-        checksums = file_checksums(staging, files)
     return {
         "format": MANIFEST_FORMAT,
         "name": name,
@@ -165,6 +174,7 @@ def stage(
             "target_modules": report.target_modules,
         },
         "source": str(src.absolute()),
-        "files": checksums,
+        "files": files,
+        "checks": checks_record(scanned=True),
         **(metadata or {}),
     }

@@ -41,12 +41,16 @@ from agent_finetune.errors import (
 from agent_finetune.registry.adapter import AdapterReport
 from agent_finetune.registry.files import (
     append_jsonl,
+    append_lines,
     atomic_write_json,
     fsync_dir,
     io_errors,
+    json_line,
     locked,
     os_error,
     read_text,
+    sync_all,
+    temp_file,
     write_new_file,
 )
 from agent_finetune.registry.history import (
@@ -70,7 +74,7 @@ from agent_finetune.registry.layout import (
     STAGING_PREFIX,
     VERSIONS,
 )
-from agent_finetune.registry.manifest import read_manifest, verify_folder
+from agent_finetune.registry.manifest import file_stamp, read_manifest, verify_folder
 from agent_finetune.registry.names import (
     ENV_REGISTRY,
     check_name,
@@ -250,12 +254,15 @@ class Registry:
         """Every history entry; unparsable (torn) lines are skipped (``fsck`` reports them)."""
         return parse_history(self.history_text(name))[0]
 
-    def verify(self, name: str, version: str, **limits: Any) -> AdapterReport:
-        """Validate a published version: manifest checksums plus the adapter checks."""
+    def verify(
+        self, name: str, version: str, *, once: bool = False, **limits: Any
+    ) -> AdapterReport:
+        """Validate a published version: manifest checksums plus the adapter checks
+        (``once``: trust what publish checked of files unchanged since, ``verify_folder``)."""
         vdir = self.version_dir(name, version)
         if not (vdir / MANIFEST).is_file():
             raise NotFoundError(f"{name}@{version} not found in {self.root}")
-        return verify_folder(vdir, **limits)
+        return verify_folder(vdir, once=once, **limits)
 
     def require_name(self, name: str) -> None:
         """NotFoundError naming the known names unless ``name`` has a published version."""
@@ -274,7 +281,7 @@ class Registry:
                 f"{name}@{version} not found; published versions: "
                 f"{', '.join(self.versions(name)) or 'none'}"
             )
-        report = self.verify(name, version)
+        report = self.verify(name, version, once=True)
         if not report.ok:
             raise ValidationError(
                 f"{name}@{version} failed validation and {refused}:\n  - "
@@ -481,42 +488,112 @@ class Registry:
                 name, src, staging, metadata=metadata, max_rank=max_rank, base_config=base_config
             )
             with self.lock(name):
-                version = self._place_version(name, staging, manifest, reason)
-                if make_current:
-                    self._operator_move(name, version, "promote", reason or "published")
+                version = self._place_version(name, staging, manifest, reason, make_current)
         return VersionInfo(name, version, ndir / VERSIONS / version, manifest, make_current)
 
     def _place_version(
-        self, name: str, staging: Path, manifest: dict[str, Any], reason: str | None
+        self,
+        name: str,
+        staging: Path,
+        manifest: dict[str, Any],
+        reason: str | None,
+        make_current: bool,
     ) -> str:
-        """Number the staged folder, write its manifest, rename it into ``versions/`` and log
-        the publish (caller holds the lock); return the version."""
+        """Number the staged folder, write its manifest, rename it into ``versions/``, make
+        it current when asked, and log it (caller holds the lock); return the version.
+
+        The same durable writes as one after the other, in four rounds of waiting: writes
+        that need no order among them are fsync'd at once (``sync_all``): (1) the staged
+        files, the manifest, the staging folder and the high-water mark; (2) after the
+        version's rename, ``versions/`` with the new pointer's temp file; (3) after the
+        pointer's rename, the name's folder; (4) one history append with the publish and
+        promote lines. Each rename still follows the fsyncs of what it makes visible.
+        """
         ndir = self.name_dir(name)
         number = self.next_version_number(name)
         version = format_version(number)
-        # The mark moves first: a crash after it only skips a number, never reuses one. Its
-        # rename need not be durable at once: a version that became durably visible keeps its
-        # number through its folder; the mark only has to outlive a later hand deletion, and
-        # writeback flushes it long before that.
-        atomic_write_json(ndir / NEXT_VERSION, number + 1, sync_dir=False)
         manifest["version"] = version
         manifest["parent"] = self.current(name)
+        for fname, meta in manifest["files"].items():  # verify once: promote trusts these
+            with io_errors("read", staging / fname):
+                meta["stamp"] = file_stamp((staging / fname).lstat())
         body = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
-        write_new_file(staging / MANIFEST, body.encode())
-        fsync_dir(staging)
+        write_new_file(staging / MANIFEST, body.encode(), sync=False)
+        mark = ndir / NEXT_VERSION
+        with temp_file(mark, json.dumps(number + 1).encode()) as mark_tmp:
+            sync_all(
+                [*(staging / f for f in manifest["files"]), staging / MANIFEST, staging, mark_tmp]
+            )
+            # The mark moves first: a crash after it only skips a number, never reuses one.
+            # Its rename need not be durable at once: a version that became durably visible
+            # keeps its number through its folder; the mark only has to outlive a later hand
+            # deletion, and writeback flushes it long before that.
+            with io_errors("write", mark):
+                os.replace(mark_tmp, mark)
         with io_errors("rename", staging):
             os.rename(staging, ndir / VERSIONS / version)
-        fsync_dir(ndir / VERSIONS)
+        publish = {"action": "publish", "from": None, "to": version, "reason": reason}
+        if make_current and self.canary_record(name) is None:
+            # The common case in one road: the pointer's temp file is synced with the
+            # version's folder, and both history lines are one append.
+            self._publish_current(name, version, publish, reason or "published")
+            return version
+        sync_all([ndir / VERSIONS])
         try:
-            self.append_history(
-                name, {"action": "publish", "from": None, "to": version, "reason": reason}
-            )
+            self.append_history(name, publish)
         except RegistryError as e:
             raise RegistryError(
                 f"{name}@{version} was published to {ndir / VERSIONS / version}, but its "
                 f"history entry could not be written ({e}); it was not made current"
             ) from e
+        if make_current:
+            self._operator_move(name, version, "promote", reason or "published")
         return version
+
+    def _publish_current(
+        self, name: str, version: str, publish: dict[str, Any], reason: str
+    ) -> None:
+        """Make a just-renamed version current and log both (caller holds the lock; no
+        canary runs). Crash-safe like ``set_current``: the pointer moves first; a crash
+        before the log line leaves a move the next one records as ``recover``."""
+        ndir = self.name_dir(name)
+        history = self.history(name)
+        self._record_unlogged_move(name, history)
+        old = self.current(name)
+        pointer = ndir / CURRENT
+        body = {"version": version, "updated_at": utc_now(), "action": "promote"}
+        data = (json.dumps(body, indent=2, ensure_ascii=False) + "\n").encode()
+        try:
+            with temp_file(pointer, data) as tmp:
+                sync_all([ndir / VERSIONS, tmp])
+                with io_errors("write", pointer):
+                    os.replace(tmp, pointer)
+            sync_all([ndir])
+        except RegistryError as e:
+            now = self.current(name)
+            moved = now == version and old != version
+            if not moved:  # published, not current: its own history line, if it can be written
+                with contextlib.suppress(RegistryError):
+                    self.append_history(name, publish)
+            where = (
+                f"current now points to {version}; its history entry was not written"
+                if moved
+                else f"current still points to {now}"
+            )
+            raise RegistryError(
+                f"{name}@{version} was published, but promote to it failed: {e}; {where}"
+            ) from e
+        stamp = {"ts": utc_now(), **actor()}
+        promote = {"action": "promote", "from": old, "to": version, "reason": reason}
+        lines = json_line({**stamp, **publish}) + json_line({**stamp, **promote})
+        try:
+            append_lines(ndir / HISTORY, lines)
+        except RegistryError as e:
+            raise RegistryError(
+                f"{name}: current now points to {version} (publish), but its history entries "
+                f"could not be written: {e}; the next promote/rollback or "
+                "`agent-finetune fsck --repair` records it"
+            ) from e
 
     def promote(
         self,

@@ -82,7 +82,7 @@ def test_serve_passes_on_only_the_settings_the_user_gave(
     cmd, env = serve_command(args)
     assert env["AGENT_FINETUNE_MAX_PINNED"] == "7" and env["AGENT_FINETUNE_RESYNC_S"] == "5"
     assert "AGENT_FINETUNE_POLLING" not in env and "AGENT_FINETUNE_PRELOAD" not in env
-    assert cmd[cmd.index("--max-cpu-loras") + 1] == "8"  # sized with 0 names + 7 pinned
+    assert cmd[cmd.index("--max-cpu-loras") + 1] == "11"  # 0 names + 7 pinned + 4 staged
     flags = ["--max-pinned", "2", "--resync", "0.5", "--polling", "--no-strict-base"]
     args = parser().parse_args(["serve", "--model", "m", "--registry", str(tmp_path), *flags])
     _, env = serve_command(args)

@@ -169,3 +169,25 @@ def test_servers_given_with_v1_are_read_at_v1_adapters(
     code, out = status(capsys, "--server", replicas[0].url + "/v1", "--server", replicas[1].url)
     assert code == 0, out
     assert f"{replicas[0].url} " in out and "/v1 " not in out  # shown as the server's root
+
+
+def test_status_shows_the_versions_each_replica_staged(
+    fleet: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Which versions are staged (loaded ahead: promote and rollback are a repoint) shows
+    per replica, and only once the replica really loaded them."""
+    registry, (one, two), tmp = fleet
+    registry.publish("a", fake_adapter(tmp / "a1", seed=1))
+    registry.publish("a", fake_adapter(tmp / "a2", seed=2), make_current=False)
+    one.sync()
+    two.sync()
+    two.reconciler.served.transport.table.pop("a@v0002")  # type: ignore[attr-defined]
+    asyncio.run(two.reconciler.served.read_actual())
+    two.reconciler._report(None)
+    _, out = status(capsys, "--server", one.url, "--server", two.url, "--json")
+    rows = {r["server"]: r for r in json.loads(out)["rows"]}
+    assert [e["version"] for e in rows[one.url]["staged"]] == ["v0002"]
+    assert rows[one.url]["staged"][0]["why"] == "next"
+    assert rows[two.url]["staged"] == []  # lost by the server: not shown as staged
+    _, out = status(capsys, "--server", one.url, "--server", two.url)
+    assert "STAGED" in out and "v0002 (next)" in out

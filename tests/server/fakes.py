@@ -177,13 +177,19 @@ def make_reconciler(
     usage: Usage | None = None,
     **settings: Any,
 ) -> tuple[Registry, FakeTransport, Reconciler]:
-    """A registry under ``tmp``, a fake server and a reconciler on both (2 pinned, fast
-    retries, a cache with no grace period unless given)."""
+    """A registry under ``tmp``, a fake server and a reconciler on both (2 pinned, nothing
+    staged ahead, fast retries, a cache with no grace period unless given)."""
     registry = Registry(tmp / "registry")
     registry.root.mkdir(parents=True, exist_ok=True)
     transport = transport or FakeTransport()
     cache = AdapterCache(tmp / "cache", LIMITS, max_bytes=max_bytes, grace_s=grace_s)
-    options = {"max_pinned": 2, "retry_base_s": 0.01, "retry_max_s": 0.02, **settings}
+    options = {
+        "max_pinned": 2,
+        "max_staged": 0,
+        "retry_base_s": 0.01,
+        "retry_max_s": 0.02,
+        **settings,
+    }
     rec = Reconciler(
         registry, cache, transport, Settings(**options), engine_bound=engine_bound, usage=usage
     )

@@ -3,15 +3,22 @@ removed at exit, and copies never deleted while claimed."""
 
 from __future__ import annotations
 
+import struct
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 from fakes import make_reconciler
-from helpers import fake_adapter
+from helpers import FAKE_BASE_CONFIG, fake_adapter, write_version
 
-from agent_finetune.errors import CacheInUseError
+from agent_finetune.errors import CacheInUseError, ValidationError
+from agent_finetune.registry import adapter as adapter_module
+from agent_finetune.training.numpy_adapter import write_adapter
+from server_plugin import served_dtype
 from server_plugin.cache import ProcessDir
 
 HOLD = """
@@ -92,3 +99,93 @@ def test_a_copy_claimed_again_is_not_deleted_by_a_deletion_decided_before(
     for p in chosen:
         cache.delete_if_released(p)
     assert path.is_dir()  # still there for vLLM to load
+
+
+# -- verify once, read once, the served dtype --------------------------------------------------
+def _nan_weights(folder: Path) -> None:
+    """Put a NaN into the adapter's first float32 value (as a diverged training would)."""
+    from agent_finetune.registry.adapter import read_safetensors
+
+    weights = folder / "adapter_model.safetensors"
+    header = read_safetensors(weights)
+    first = min(header.tensors.values(), key=lambda t: t.start)
+    data = bytearray(weights.read_bytes())
+    at = header.data_start + first.start
+    data[at : at + 4] = struct.pack("<f", float("nan"))
+    weights.write_bytes(bytes(data))
+
+
+def test_a_published_version_is_scanned_once_and_read_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server repeated publish's NaN/Inf scan and read every file twice (copy, then
+    sha256): it now hashes while copying and trusts the scan publish recorded for bytes
+    whose sha256 it checked itself."""
+    registry, _, rec = make_reconciler(tmp_path)
+    registry.publish("x", fake_adapter(tmp_path / "a"))
+    scans: list[Path] = []
+    reads: list[str] = []
+    real_count, real_open = adapter_module.count_nonfinite, Path.open
+    monkeypatch.setattr(
+        adapter_module,
+        "count_nonfinite",
+        lambda path, header: scans.append(path) or real_count(path, header),
+    )
+
+    def spy_open(self: Path, *a: Any, **kw: Any) -> Any:
+        if self.name == "adapter_model.safetensors" and "registry" in self.parts:
+            reads.append(str(self))
+        return real_open(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "open", spy_open)
+    rec.cache.prepare(registry, "x", "v0001")
+    assert scans == [] and len(reads) == 1
+
+
+def test_a_version_no_publish_scanned_is_scanned_and_nan_weights_are_refused(
+    tmp_path: Path,
+) -> None:
+    """Trusting publish's scan must not let through a version written without one (an
+    older or foreign writer) or bytes changed after publish."""
+    registry, _, rec = make_reconciler(tmp_path)
+    bad = fake_adapter(tmp_path / "bad", seed=3)
+    _nan_weights(bad)
+    write_version(registry, "raw", bad)  # no checks record: the server scans
+    with pytest.raises(ValidationError, match="NaN/Inf"):
+        rec.cache.prepare(registry, "raw", "v0001")
+    registry.publish("x", fake_adapter(tmp_path / "good", seed=4))  # scanned at publish
+    _nan_weights(registry.version_dir("x", "v0001"))  # then changed on disk
+    with pytest.raises(ValidationError) as e:
+        rec.cache.prepare(registry, "x", "v0001")
+    assert "sha256 does not match" in str(e.value) and "NaN/Inf" in str(e.value)
+
+
+@pytest.mark.parametrize("source", [np.float32, np.float16])
+def test_the_copy_is_written_in_the_served_dtype_as_vllm_would_cast_it(
+    tmp_path: Path, source: Any
+) -> None:
+    """vLLM casts every LoRA tensor to its lora_dtype inside the engine loop on each load;
+    the copy holds the weights in that dtype already, bit for bit what vLLM computes."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file
+
+    registry, _, rec = make_reconciler(tmp_path)
+    rec.cache.limits = replace(rec.cache.limits, served_dtype="BF16")
+    src = write_adapter(
+        tmp_path / "a",
+        r=8,
+        layers=1,
+        base_model="fake-base",
+        base_config=FAKE_BASE_CONFIG,
+        dtype=source,
+    )
+    registry.publish("x", src)
+    path, _ = rec.cache.prepare(registry, "x", "v0001")
+    served = load_file(str(path / "adapter_model.safetensors"))
+    original = load_file(str(src / "adapter_model.safetensors"))
+    assert served.keys() == original.keys()
+    for k, v in original.items():
+        assert served[k].dtype == torch.bfloat16
+        assert torch.equal(served[k], v.to(torch.bfloat16))
+    # fp16 is left to vLLM: a narrowing cast could overflow
+    assert not served_dtype.needs_cast(path / "adapter_model.safetensors", "F16")

@@ -129,7 +129,7 @@ def test_unknown_models_cost_no_registry_scan(tmp_path: Path, monkeypatch: Any) 
     for i in range(20):
         assert run(rec.ensure(f"x@v{99 + i:04d}")) is None
         assert run(rec.ensure(f"nobody{i}@v0001")) is None
-    assert listed == ["x"]
+    assert listed in ([], ["x"])  # at most once (staging's pass may have read it already)
     registry.publish("x", fake_adapter(tmp_path / "a2", seed=2), make_current=False)
     run(rec.reconcile_once())  # a pass (a registry event) sees the new version
     assert run(rec.ensure("x@v0002")) is None and rec.is_loaded("x@v0002")
@@ -423,3 +423,18 @@ def test_a_load_does_not_queue_behind_slow_ones_past_its_deadline(tmp_path: Path
         assert await rec.ensure("x@v0003") is None  # its retry gets a slot
 
     run(scenario())
+
+
+def test_a_pin_right_after_its_publish_loads_before_the_next_pass(tmp_path: Path) -> None:
+    """Found on the H200: a pinned request sent right after publish (before the pass the
+    publish wakes) got vLLM's 404: the catalog's version list was the last pass's."""
+    registry, transport, rec = make_reconciler(tmp_path)
+    registry.publish("x", fake_adapter(tmp_path / "a1", seed=1))
+    old = time.time() - 60
+    os.utime(registry.name_dir("x") / "versions", (old, old))
+    run(rec.reconcile_once())
+    assert run(rec.ensure("x@v0002")) is None  # not published yet: the list is cached
+    registry.publish("x", fake_adapter(tmp_path / "a2", seed=2), make_current=False)
+    assert run(rec.ensure("x@v0002")) is None
+    assert "x@v0002" in transport.table
+    assert run(rec.ensure("x@v0009")) is None and "x@v0009" not in transport.table

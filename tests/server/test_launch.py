@@ -49,8 +49,8 @@ def test_max_cpu_loras_default_is_bounded_unless_everything_is_preloaded(tmp_pat
 
     assert cpu_loras() == LAZY_MAX_CPU_LORAS  # auto: 200 names do not fit
     assert cpu_loras(preload="none") == LAZY_MAX_CPU_LORAS
-    assert cpu_loras(preload="all") == 204  # every name + 4 pinned, as asked
-    assert cpu_loras(preload="recent:100") == 100 + 4 + 8
+    assert cpu_loras(preload="all") == 208  # every name + 4 pinned + 4 staged, as asked
+    assert cpu_loras(preload="recent:100") == 100 + 4 + 4 + 8
     assert cpu_loras(max_cpu_loras=9) == 9
     assert cpu_loras(extra_args=["--max-cpu-loras", "5"]) == 5
 
@@ -91,9 +91,9 @@ def test_start_server_sizes_vllm_from_the_settings_it_passes(tmp_path: Path) -> 
     server = start_server("m", root, settings={"AGENT_FINETUNE_PRELOAD": "all"}, **options)
     server.process.wait(30)
     argv = log.read_text().split()
-    assert argv[argv.index("--max-cpu-loras") + 1] == "104"  # 100 names + 4 pinned
+    assert argv[argv.index("--max-cpu-loras") + 1] == "108"  # 100 names + 4 pinned + 4 staged
     env = {**os.environ, "AGENT_FINETUNE_MAX_PINNED": "6"}
     server = start_server("m", root, env=env, settings={"AGENT_FINETUNE_PRELOAD": "all"}, **options)
     server.process.wait(30)
     argv = log.read_text().split()
-    assert argv[argv.index("--max-cpu-loras") + 1] == "106"
+    assert argv[argv.index("--max-cpu-loras") + 1] == "110"  # 6 pinned

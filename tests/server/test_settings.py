@@ -73,6 +73,7 @@ def test_every_flag_belongs_to_a_setting() -> None:
         "--resync",
         "--polling",
         "--max-pinned",
+        "--max-staged",
         "--no-strict-base",
         "--preload",
     }
