@@ -52,12 +52,17 @@ def current_stack(history: list[dict[str, Any]]) -> list[str]:
     return stack
 
 
+def text(value: Any) -> str | None:
+    """A field that should be text (a version, an id), None when absent or not a string:
+    history lines and the canary file may be hand-edited."""
+    return value if isinstance(value, str) else None
+
+
 def last_pointer_move(history: list[dict[str, Any]]) -> str | None:
     """The version the last logged pointer move went to."""
     for e in reversed(history):
         if e.get("action") in POINTER_MOVES:
-            to = e.get("to")
-            return to if isinstance(to, str) else None
+            return text(e.get("to"))
     return None
 
 

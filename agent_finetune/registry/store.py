@@ -24,12 +24,11 @@ import json
 import logging
 import os
 import shutil
-import stat
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from agent_finetune.errors import (
     CurrentMovedError,
@@ -61,6 +60,7 @@ from agent_finetune.registry.history import (
     open_canary_ids,
     parse_history,
     parse_pointer,
+    text,
 )
 from agent_finetune.registry.layout import (
     CANARY,
@@ -80,12 +80,12 @@ from agent_finetune.registry.names import (
     check_name,
     check_version,
     format_version,
-    is_name,
     is_version,
     utc_now,
     version_number,
 )
 from agent_finetune.registry.publish import stage, staging_folder
+from agent_finetune.registry.root import ScanKind, inside_root, scan_root
 
 # Re-exported for the server plugin (layout names and the atomic write it shares).
 __all__ = [
@@ -99,8 +99,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("agent_finetune.registry")
-
-ScanKind = Literal["published", "folders", "any"]
 
 
 @dataclass(frozen=True)
@@ -130,61 +128,17 @@ class Registry:
     # -- paths ------------------------------------------------------------------------------
     def name_dir(self, name: str) -> Path:
         path = self.root / check_name(name)
-        if not self._inside_root(path):
+        if not inside_root(self.root, path):
             raise InvalidNameError(f"adapter folder {path} escapes the registry root {self.root}")
         return path
-
-    def _inside_root(self, path: Path) -> bool:
-        # Names cannot contain '/', so only a symlinked name folder can point outside. One
-        # lstat, not two realpaths: this runs for every name on every reconcile pass.
-        if not os.path.islink(path):
-            return True
-        real_root = os.path.realpath(self.root)
-        return os.path.commonpath([real_root, os.path.realpath(path)]) == real_root
 
     def version_dir(self, name: str, version: str) -> Path:
         return self.name_dir(name) / VERSIONS / check_version(version)
 
     # -- reading ----------------------------------------------------------------------------
     def scan(self, kind: ScanKind = "published") -> tuple[list[str], list[str]]:
-        """(adapter names, problems with the entries skipped), reading the root once: the one
-        scan of the root that listing, fsck, the canary router and the server share.
-
-        An entry that is unreadable, a symlink out of the root, or not a valid name is
-        skipped and reported, never fatal for the other names. Dot-entries are the
-        registry's own files and are not listed. ``kind``: ``published`` names have a
-        ``versions/`` folder (one stat each), ``folders`` are folders, ``any`` costs no stat.
-        """
-        try:
-            entries = sorted(os.scandir(self.root), key=lambda e: e.name)
-        except (FileNotFoundError, NotADirectoryError):
-            return [], []
-        except OSError as e:
-            raise os_error(e, "list", self.root) from e
-        names, skipped = [], []
-        for entry in entries:
-            path = self.root / entry.name
-            if entry.name.startswith("."):
-                continue
-            try:
-                if not is_name(entry.name):
-                    if entry.is_dir():
-                        skipped.append(f"{path}: not a valid adapter name; ignored")
-                    continue
-                if entry.is_symlink() and not self._inside_root(path):
-                    skipped.append(f"{path}: symlink out of the registry root; ignored")
-                    continue
-                if kind == "published" and not stat.S_ISDIR(os.stat(path / VERSIONS).st_mode):
-                    continue
-                if kind == "folders" and not stat.S_ISDIR(os.stat(path).st_mode):
-                    continue
-            except FileNotFoundError:
-                continue
-            except OSError as e:
-                skipped.append(f"{path}: unreadable ({e.strerror or e}); ignored")
-                continue
-            names.append(entry.name)
-        return names, skipped
+        """(adapter names, problems with the entries skipped): ``root.scan_root``."""
+        return scan_root(self.root, kind)
 
     def is_marked(self) -> bool:
         """Whether the root carries the marker that every write leaves (read-only check).
@@ -352,35 +306,56 @@ class Registry:
             history.append({"action": "recover", "to": cur})
 
     def set_current(
-        self, name: str, version: str, action: str, reason: str | None, **fields: Any
+        self,
+        name: str,
+        version: str,
+        action: str,
+        reason: str | None,
+        *,
+        publish: dict[str, Any] | None = None,
+        **fields: Any,
     ) -> None:
         """Move the pointer, then log the move with ``fields`` (caller holds the lock).
 
         The pointer moves first: it is what servers read. If the log line then cannot be
-        written, the error says the pointer moved, and the next move records it.
+        written, the error says the pointer moved, and the next move records it. ``publish``:
+        the history entry of the version just renamed into ``versions/`` (whose fsync joins
+        the pointer's temp file's); its line and the move's are one append.
         """
+        ndir = self.name_dir(name)
         self._record_unlogged_move(name, self.history(name))
         old = self.current(name)
+        what = f"{name}@{version} was published, but {action}" if publish else f"{name}: {action}"
+        pointer = ndir / CURRENT
+        body = {"version": version, "updated_at": utc_now(), "action": action}
         try:
-            atomic_write_json(
-                self.name_dir(name) / CURRENT,
-                {"version": version, "updated_at": utc_now(), "action": action},
-            )
+            data = (json.dumps(body, indent=2, ensure_ascii=False) + "\n").encode()
+            with temp_file(pointer, data) as tmp:
+                sync_all([ndir / VERSIONS, tmp] if publish else [tmp])
+                with io_errors("write", pointer):
+                    os.replace(tmp, pointer)
+            sync_all([ndir])
         except RegistryError as e:
             now = self.current(name)
+            moved = now == version and old != version
+            if publish and not moved:  # published, not current: its own line, if it can be
+                with contextlib.suppress(RegistryError):
+                    self.append_history(name, publish)
             where = (
                 f"current now points to {version}; its history entry was not written"
-                if now == version and old != version
+                if moved
                 else f"current still points to {now}"
             )
-            raise RegistryError(f"{name}: {action} to {version} failed: {e}; {where}") from e
-        entry = {"action": action, "from": old, "to": version, "reason": reason, **fields}
+            raise RegistryError(f"{what} to {version} failed: {e}; {where}") from e
+        stamp = {"ts": utc_now(), **actor()}
+        move = {"action": action, "from": old, "to": version, "reason": reason, **fields}
+        lines = b"".join(json_line({**stamp, **e}) for e in (publish, move) if e)
         try:
-            self.append_history(name, entry)
+            append_lines(ndir / HISTORY, lines)
         except RegistryError as e:
             raise RegistryError(
-                f"{name}: current now points to {version} ({action}), but its history entry "
-                f"could not be written: {e}; the next promote/rollback or "
+                f"{name}: current now points to {version} ({action}), but its history "
+                f"entries could not be written: {e}; the next promote/rollback or "
                 "`agent-finetune fsck --repair` records it"
             ) from e
 
@@ -397,15 +372,15 @@ class Registry:
         with io_errors("remove", path), contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         fsync_dir(path.parent)
-        cid = _str_or_none(record.get("id"))
+        cid = text(record.get("id"))
         if cid is None:  # a garbled file: it was the canary the history last started
             cid = next(reversed(open_canary_ids(self.history(name))), None)
         self.append_history(
             name,
             {
                 "action": f"canary_{outcome}",
-                "from": _str_or_none(record.get("baseline")),
-                "to": _str_or_none(record.get("version")),
+                "from": text(record.get("baseline")),
+                "to": text(record.get("version")),
                 "canary_id": cid,
                 "reason": reason,
                 **fields,
@@ -536,7 +511,7 @@ class Registry:
         if make_current and self.canary_record(name) is None:
             # The common case in one road: the pointer's temp file is synced with the
             # version's folder, and both history lines are one append.
-            self._publish_current(name, version, publish, reason or "published")
+            self.set_current(name, version, "promote", reason or "published", publish=publish)
             return version
         sync_all([ndir / VERSIONS])
         try:
@@ -549,51 +524,6 @@ class Registry:
         if make_current:
             self._operator_move(name, version, "promote", reason or "published")
         return version
-
-    def _publish_current(
-        self, name: str, version: str, publish: dict[str, Any], reason: str
-    ) -> None:
-        """Make a just-renamed version current and log both (caller holds the lock; no
-        canary runs). Crash-safe like ``set_current``: the pointer moves first; a crash
-        before the log line leaves a move the next one records as ``recover``."""
-        ndir = self.name_dir(name)
-        history = self.history(name)
-        self._record_unlogged_move(name, history)
-        old = self.current(name)
-        pointer = ndir / CURRENT
-        body = {"version": version, "updated_at": utc_now(), "action": "promote"}
-        data = (json.dumps(body, indent=2, ensure_ascii=False) + "\n").encode()
-        try:
-            with temp_file(pointer, data) as tmp:
-                sync_all([ndir / VERSIONS, tmp])
-                with io_errors("write", pointer):
-                    os.replace(tmp, pointer)
-            sync_all([ndir])
-        except RegistryError as e:
-            now = self.current(name)
-            moved = now == version and old != version
-            if not moved:  # published, not current: its own history line, if it can be written
-                with contextlib.suppress(RegistryError):
-                    self.append_history(name, publish)
-            where = (
-                f"current now points to {version}; its history entry was not written"
-                if moved
-                else f"current still points to {now}"
-            )
-            raise RegistryError(
-                f"{name}@{version} was published, but promote to it failed: {e}; {where}"
-            ) from e
-        stamp = {"ts": utc_now(), **actor()}
-        promote = {"action": "promote", "from": old, "to": version, "reason": reason}
-        lines = json_line({**stamp, **publish}) + json_line({**stamp, **promote})
-        try:
-            append_lines(ndir / HISTORY, lines)
-        except RegistryError as e:
-            raise RegistryError(
-                f"{name}: current now points to {version} (publish), but its history entries "
-                f"could not be written: {e}; the next promote/rollback or "
-                "`agent-finetune fsck --repair` records it"
-            ) from e
 
     def promote(
         self,
@@ -667,7 +597,3 @@ class Registry:
                         name, {"action": "gc", "from": None, "to": None, "deleted": doomed}
                     )
         return doomed
-
-
-def _str_or_none(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
