@@ -44,6 +44,10 @@ _FP8_MAX = {E4M3: 448.0, E5M2: 57344.0}
 _MIN_AMAX = 1e-12  # an all-zero row keeps a finite scale
 # _scaled_mm needs the reduction dimension and the output dimension to be multiples of 16.
 ALIGNMENT = 16
+# A projection with fewer outputs stays bf16: its GEMM is too small to repay quantizing its
+# input (the 7B shape's GQA k_proj/v_proj ran 3x slower in FP8: BENCHMARKS.md's FP8 probe).
+# Module-level so a numerics check can put every projection in FP8.
+MIN_OUT_FEATURES = 1024
 
 
 def unsupported_reason() -> str | None:
@@ -193,11 +197,12 @@ class FP8Linear(nn.Module):  # type: ignore[misc]
 
 
 def convertible(linear: nn.Module) -> bool:
-    """A plain nn.Linear whose shapes the FP8 kernels take."""
+    """A plain nn.Linear whose shapes the FP8 kernels take and whose GEMM repays FP8."""
     return (
         type(linear) is nn.Linear
         and linear.in_features % ALIGNMENT == 0
         and linear.out_features % ALIGNMENT == 0
+        and linear.out_features >= MIN_OUT_FEATURES
     )
 
 
@@ -205,8 +210,8 @@ def convert_lora_base_layers(model: nn.Module, scaling: Scaling | None = None) -
     """Swap the frozen base layer of every PEFT LoRA linear for an FP8Linear, in place.
 
     ``scaling``: None reads ``DEFAULT_SCALING`` at call time. Returns counts: ``converted`` and
-    ``kept`` (shapes the FP8 kernels refuse stay bf16). The bf16 weights are released as each
-    layer is swapped.
+    ``kept`` (shapes the FP8 kernels refuse, and narrow projections, stay bf16). The bf16
+    weights are released as each layer is swapped.
     """
     from peft.tuners.lora import Linear as LoraLinear
 

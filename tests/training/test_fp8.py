@@ -87,6 +87,16 @@ def test_fp8_linear_matches_the_exact_product_to_fp8_precision(scaling: str, bia
     assert _rel(out, ref) > 1e-3
 
 
+def test_narrow_projections_stay_bf16() -> None:
+    """FP8 only where the GEMM repays quantizing its input: the 7B shape's q/o, MLP and
+    down projections convert, its GQA k/v (512 outputs) stay bf16."""
+    lin = torch.nn.Linear
+    assert fp8.convertible(lin(3584, 3584)) and fp8.convertible(lin(3584, 18944))
+    assert fp8.convertible(lin(18944, 3584))
+    assert not fp8.convertible(lin(3584, 512))
+    assert not fp8.convertible(lin(3584, 3584 - 8))  # not a multiple of 16
+
+
 def test_quantize_keeps_zeros_finite_and_outlier_rows_apart() -> None:
     x = torch.zeros(3, 32)
     x[1] = torch.linspace(-1, 1, 32)
@@ -104,6 +114,7 @@ def _hf_model(tiny_model: Path, monkeypatch: pytest.MonkeyPatch, precision: str)
     from agent_finetune.training.checkpointing import decide
 
     monkeypatch.setattr(backend, "cuda_available", lambda: False)
+    monkeypatch.setattr(fp8, "MIN_OUT_FEATURES", 0)  # the tiny model's projections are narrow
     config = FineTuningConfig(
         model_name=str(tiny_model), backend="hf", bf16=True, precision=precision
     )
@@ -145,6 +156,7 @@ def test_train_with_fp8_publishes_an_adapter_like_bf16(
     from agent_finetune.training.train import train
 
     monkeypatch.setattr(fp8, "unsupported_reason", lambda: None)
+    monkeypatch.setattr(fp8, "MIN_OUT_FEATURES", 0)
     config = FineTuningConfig(
         model_name=str(tiny_model),
         precision="fp8",
