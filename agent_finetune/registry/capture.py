@@ -283,7 +283,7 @@ def valid_feedback(e: dict[str, Any]) -> bool:
         isinstance(e.get("id"), str)
         and _number(e.get("time"))
         and _number(score)
-        and -1 <= score <= 1
+        and -1 <= float(score or 0) <= 1
         and (correction is None or isinstance(correction, str))
     )
 
@@ -313,8 +313,8 @@ def read_capture(name_dir: Path, since: float | None = None) -> CaptureLog:
             text = seg.path.read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
             continue  # deleted by a bound meanwhile
-        except OSError as e:
-            raise RegistryError(f"cannot read {seg.path}: {e}") from e
+        except OSError as err:
+            raise RegistryError(f"cannot read {seg.path}: {err}") from err
         log.segments.append(seg.path.name)
         log.bytes += seg.size
         entries, bad = parse_jsonl(text)
