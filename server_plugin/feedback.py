@@ -332,7 +332,7 @@ class FeedbackRoute:
             result = await router.feedback(name, rid, score)
         except UnknownResponseError as e:
             return error_response(404, str(e), param="id")
-        capture = self.plugin.capture
+        capture = getattr(self.plugin, "capture", None)  # hosts without capture: none
         if capture is not None and name in capture.names:
             result["captured"] = capture.offer(Feedback(name, rid, score, correction, time.time()))
         return JSONResponse(result)
