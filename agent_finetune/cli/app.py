@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from agent_finetune._version import __version__
 from agent_finetune.cli.ask import add_ask_parser
 from agent_finetune.cli.canary import add_canary_parser
+from agent_finetune.cli.capture import add_capture_parsers
 from agent_finetune.cli.demo import add_demo_parser
 from agent_finetune.cli.eval import add_eval_parser
 from agent_finetune.cli.registry_commands import add_registry_parsers
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_registry_parsers(sub)
     add_eval_parser(sub)
     add_canary_parser(sub)
+    add_capture_parsers(sub)
     add_serve_parser(sub)
     add_sync_parser(sub)
     add_status_parser(sub)
