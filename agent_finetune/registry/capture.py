@@ -41,7 +41,6 @@ from agent_finetune.registry.files import (
     atomic_write_json,
     io_errors,
     json_line,
-    parse_jsonl,
     read_text,
 )
 from agent_finetune.registry.names import utc_now
@@ -288,6 +287,23 @@ def valid_feedback(e: dict[str, Any]) -> bool:
     )
 
 
+def parse_jsonl_lines(lines: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+    """(JSON objects, unparsable lines) of JSONL lines; blank lines are skipped."""
+    entries, bad = [], []
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except (ValueError, RecursionError):
+            entry = None
+        if isinstance(entry, dict):
+            entries.append(entry)
+        else:
+            bad.append(line)
+    return entries, bad
+
+
 @dataclass
 class CaptureLog:
     """Everything captured for one name: exchanges and their latest feedback, by id."""
@@ -317,7 +333,8 @@ def read_capture(name_dir: Path, since: float | None = None) -> CaptureLog:
             raise RegistryError(f"cannot read {seg.path}: {err}") from err
         log.segments.append(seg.path.name)
         log.bytes += seg.size
-        entries, bad = parse_jsonl(text)
+        # Split on "\n" only: str.splitlines would also cut at U+0085 or U+2028 inside text.
+        entries, bad = parse_jsonl_lines(text.split("\n"))
         log.skipped += len(bad)
         for e in entries:
             kind = e.get("kind")

@@ -102,9 +102,11 @@ def test_torn_and_malformed_lines_are_skipped_and_counted(tmp_path: Path) -> Non
     w.append([exchange(1)])
     with open(w.current, "ab") as f:
         f.write(b'{"kind": "exchange", "id": "torn')  # killed mid-line
-    w.append([exchange(2), {"kind": "exchange", "id": 5}, {"kind": "other"}])
+    odd = {**exchange(2), "answer": "line\u2028sep\x85nel"}  # not line ends in JSONL
+    w.append([odd, {"kind": "exchange", "id": 5}, {"kind": "other"}])
     log = read_capture(tmp_path)
     assert sorted(log.exchanges) == ["chatcmpl-1", "chatcmpl-2"]
+    assert log.exchanges["chatcmpl-2"]["answer"] == "line\u2028sep\x85nel"
     assert log.skipped == 3
     assert w.current.read_bytes().count(b"\n") == 5  # the torn line was sealed, not glued
 
