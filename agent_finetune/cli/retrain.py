@@ -94,7 +94,12 @@ def _prepare(
     args: argparse.Namespace, reg: Registry, live: str, work: Path
 ) -> tuple[dict[str, Any], Path, Path, dict[str, Any]]:
     """Steps 1-3: (the live config, train file, held-out file, provenance)."""
-    from agent_finetune.training.capture_dataset import build_rows, since_epoch, write_dataset
+    from agent_finetune.training.capture_dataset import (
+        build_rows,
+        merge_rows,
+        since_epoch,
+        write_dataset,
+    )
     from agent_finetune.training.data import load_dataset_file
 
     manifest = reg.manifest(args.name, live)
@@ -120,15 +125,19 @@ def _prepare(
     )
     if not args.json:
         report_dataset(provenance)
-    if not built.train and not args.data:
-        raise DataError(
-            f"no captured train rows for {args.name} (rated or corrected exchanges); nothing "
-            "new to learn: let capture run longer, lower --min-score, or pass --data"
-        )
     live_rows, extra = _live_rows(args, manifest), _extra_rows(args, config)
-    train_file = _write_rows(work / "train.jsonl", [*live_rows, *extra, *built.train])
+    rows, merged = merge_rows([*live_rows, *extra], built.train)
+    if not merged["captured_added"] and not args.data:
+        raise DataError(
+            f"nothing new to learn for {args.name}: {len(built.train)} captured train rows, "
+            f"{merged['captured_known']} already in the live version's data; let capture run "
+            "longer, lower --min-score, or pass --data"
+        )
+    train_file = _write_rows(work / "train.jsonl", rows)
+    provenance["merge"] = dict(merged)
     _say(args, "merge", f"{len(live_rows)} live training rows + {len(extra)} from --data + "
-         f"{len(built.train)} captured -> {train_file}")  # fmt: skip
+         f"{merged['captured_added']} captured ({merged['base_replaced']} older rows replaced "
+         f"by corrections, {merged['captured_known']} already known) -> {train_file}")  # fmt: skip
     live_heldout: list[dict[str, Any]] = []
     eval_data = (config.get("promotion") or {}).get("eval_data")
     if eval_data and Path(eval_data).is_file():

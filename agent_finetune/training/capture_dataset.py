@@ -166,3 +166,40 @@ def write_dataset(built: Built, out: Path, settings: dict[str, Any]) -> dict[str
 
 def since_epoch(age_s: float | None) -> float | None:
     return None if age_s is None else time.time() - age_s
+
+
+def _prompt_key(row: dict[str, Any]) -> str:
+    """A row's question as merging compares it: its non-system turns, normalised."""
+    turns = [m for m in row["messages"][:-1] if m["role"] != "system"]
+    return "\x00".join(f"{m['role']}:{normalise(m['content'])}" for m in turns)
+
+
+def merge_rows(
+    base: list[dict[str, Any]], captured: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], Counter[str]]:
+    """The base rows (the live version's data, ``--data``) with the captured ones.
+
+    A captured row asking what a base row asks, with another answer, replaces that row
+    (production's answer is the newer truth: a fact changed); one that a base row already
+    answers alike adds nothing and is dropped. Returns (rows, counts of what happened).
+    """
+    answers = {_prompt_key(r): normalise(r["messages"][-1]["content"]) for r in captured}
+    counts: Counter[str] = Counter()
+    kept: list[dict[str, Any]] = []
+    known: set[tuple[str, str]] = set()
+    for row in base:
+        key, answer = _prompt_key(row), normalise(row["messages"][-1]["content"])
+        if key in answers and answers[key] != answer:
+            counts["base_replaced"] += 1
+            continue
+        kept.append(row)
+        known.add((key, answer))
+    for row in captured:
+        key = (_prompt_key(row), normalise(row["messages"][-1]["content"]))
+        if key in known:
+            counts["captured_known"] += 1
+            continue
+        known.add(key)
+        kept.append(row)
+        counts["captured_added"] += 1
+    return kept, counts
