@@ -195,11 +195,11 @@ def merge_rows(
         kept.append(row)
         known.add((key, answer))
     for row in captured:
-        key = (_prompt_key(row), normalise(row["messages"][-1]["content"]))
-        if key in known:
+        pair = (_prompt_key(row), normalise(row["messages"][-1]["content"]))
+        if pair in known:
             counts["captured_known"] += 1
             continue
-        known.add(key)
+        known.add(pair)
         kept.append(row)
         counts["captured_added"] += 1
     return kept, counts
