@@ -129,7 +129,9 @@ def test_capture_feedback_dataset_retrain_promotes_then_refuses_noise(
     rated: list[tuple[str, float, str | None]] = []
     for i, (correction, questions) in enumerate(sorted(CHANGED.items())):
         for j, q in enumerate(questions):
-            msgs = [{"role": "user", "content": f"{q} (my e-mail is agent{j}@example.com)"}]
+            # The first asks as the old training row did: its correction replaces that row.
+            text = f"{q} (my e-mail is agent{j}@example.com)" if j else q
+            msgs = [{"role": "user", "content": text}]
             rid, _ = _chat(http, msgs, stream=(i + j) % 2 == 0)
             rated.append((rid, -1.0, correction))
     good = json.loads((ASSETS / "support_v1.json").read_text(encoding="utf-8"))[2:8]
