@@ -24,6 +24,7 @@ import re
 import time
 import unicodedata
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,15 +176,20 @@ def _prompt_key(row: dict[str, Any]) -> str:
 
 
 def merge_rows(
-    base: list[dict[str, Any]], captured: list[dict[str, Any]]
+    base: list[dict[str, Any]],
+    captured: list[dict[str, Any]],
+    heldout: Sequence[dict[str, Any]] = (),
 ) -> tuple[list[dict[str, Any]], Counter[str]]:
     """The base rows (the live version's data, ``--data``) with the captured ones.
 
-    A captured row asking what a base row asks, with another answer, replaces that row
-    (production's answer is the newer truth: a fact changed); one that a base row already
-    answers alike adds nothing and is dropped. Returns (rows, counts of what happened).
+    A captured row (train or ``heldout``) asking what a base row asks, with another
+    answer, replaces that row (production's answer is the newer truth: a fact changed); a
+    held-out one is not added. One that a base row already answers alike adds nothing.
+    Returns (rows, counts of what happened).
     """
-    answers = {_prompt_key(r): normalise(r["messages"][-1]["content"]) for r in captured}
+    answers = {
+        _prompt_key(r): normalise(r["messages"][-1]["content"]) for r in [*captured, *heldout]
+    }
     counts: Counter[str] = Counter()
     kept: list[dict[str, Any]] = []
     known: set[tuple[str, str]] = set()

@@ -176,7 +176,7 @@ def test_capture_feedback_dataset_retrain_promotes_then_refuses_noise(
     assert reg.current(NAME) == "v0002", text
     assert "[merge]" in text and "replaced by corrections" in text and "promoted" in text
     merged = (work / "r1" / "train.jsonl").read_text(encoding="utf-8")
-    assert HOURS in merged and "Monday to Friday" not in merged
+    assert "Monday to Friday" not in merged and "3-5 business days" not in merged, text
     gate_entry = reg.history(NAME)[-1]
     assert gate_entry["action"] == "promote" and gate_entry["gate"]["decision"] == "promote"
 
