@@ -134,7 +134,9 @@ def test_capture_feedback_dataset_retrain_promotes_then_refuses_noise(
             msgs = [{"role": "user", "content": text}]
             rid, _ = _chat(http, msgs, stream=(i + j) % 2 == 0)
             rated.append((rid, -1.0, correction))
-    good = json.loads((ASSETS / "support_v1.json").read_text(encoding="utf-8"))[2:8]
+    asked = {q for qs in CHANGED.values() for q in qs}
+    rows = json.loads((ASSETS / "support_v1.json").read_text(encoding="utf-8"))
+    good = [row for row in rows if row["instruction"] not in asked][2:8]
     for row in good:
         rid, _ = _chat(http, [{"role": "user", "content": row["instruction"]}], stream=False)
         rated.append((rid, 1.0, None))
@@ -181,7 +183,6 @@ def test_capture_feedback_dataset_retrain_promotes_then_refuses_noise(
     assert gate_entry["action"] == "promote" and gate_entry["gate"]["decision"] == "promote"
 
     # Noise (every answer shifted to the next question) does not beat v2: exit 3, v2 stays.
-    rows = json.loads((ASSETS / "support_v1.json").read_text(encoding="utf-8"))
     noise = [
         {**row, "response": rows[(i + 1) % len(rows)]["response"]} for i, row in enumerate(rows)
     ]
