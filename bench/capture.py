@@ -52,7 +52,9 @@ def fake_app(stream: bool, chunks: int) -> Any:
             {
                 "id": "chatcmpl-1",
                 "model": f"{NAME}@v0001",
-                "choices": [{"index": 0, "delta": {"content": ANSWER[i * piece : (i + 1) * piece]}}],
+                "choices": [
+                    {"index": 0, "delta": {"content": ANSWER[i * piece : (i + 1) * piece]}}
+                ],
             }
         ).encode()
         + b"\n\n"
