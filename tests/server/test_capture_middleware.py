@@ -239,3 +239,14 @@ def test_dates_and_prices_stay_and_bad_checksums_are_no_cards() -> None:
     text = "On 2024-01-05 it cost 1299.99 for 3 items"
     assert builtin(text) == text
     assert "[card]" not in builtin("order 4111111111111112 shipped")
+
+
+def test_a_write_that_fails_drops_the_batch_and_serving_goes_on(reg: Registry) -> None:
+    capture_on(reg)
+    cap = Capture(reg, "r1")
+    cap.refresh()
+    cap.names["bot"].writer.current.mkdir(parents=True)  # the segment cannot be opened
+    mw = CaptureMiddleware(answer_app("fine"), lambda: cap)
+    assert chat(mw, "q")[0]["status"] == 200
+    assert cap.drain() == 0 and cap.dropped == {"write_failed": 1}
+    assert "cannot write captured records" in cap.errors["bot"]

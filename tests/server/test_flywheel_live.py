@@ -174,6 +174,8 @@ def test_capture_feedback_dataset_retrain_promotes_then_refuses_noise(
     retrain = ["retrain", NAME, "--yes", "--heldout-share", "0.5", "--min-rows", "3", *r]
     code = main([*retrain, "--work", str(work / "r1")])
     text = capsys.readouterr().out
+    with capsys.disabled():
+        print(text)  # the steps it reports, kept in the test log
     assert code == 0, text
     assert reg.current(NAME) == "v0002", text
     assert "[merge]" in text and "replaced by corrections" in text and "promoted" in text
@@ -189,7 +191,10 @@ def test_capture_feedback_dataset_retrain_promotes_then_refuses_noise(
     noise_file = work / "noise.json"
     noise_file.write_text(json.dumps(noise), encoding="utf-8")
     code = main([*retrain, "--work", str(work / "r2"), "--data", str(noise_file)])
-    assert code == 3, capsys.readouterr()
+    refused = capsys.readouterr()
+    with capsys.disabled():
+        print(refused.out, refused.err)
+    assert code == 3, refused
     assert reg.current(NAME) == "v0002" and reg.history(NAME)[-1]["decision"] == "refuse"
     # Nothing new since v2 (its own data already holds every captured row): no training.
     assert main([*retrain, "--work", str(work / "r3")]) == 1
