@@ -126,7 +126,7 @@ def _prepare(
     if not args.json:
         report_dataset(provenance)
     live_rows, extra = _live_rows(args, manifest), _extra_rows(args, config)
-    rows, merged = merge_rows([*live_rows, *extra], built.train, built.heldout)
+    rows, merged = merge_rows([*live_rows, *extra], built.train, built.corrections)
     if not merged["captured_added"] and not args.data:
         raise DataError(
             f"nothing new to learn for {args.name}: {len(built.train)} captured train rows, "

@@ -24,7 +24,7 @@ import re
 import time
 import unicodedata
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,8 @@ class Built:
     )
     segments: list[str] = field(default_factory=list)
     skipped_lines: int = 0
+    corrections: dict[str, str] = field(default_factory=dict)
+    """Question -> normalised corrected answer (both sides): what ``merge_rows`` replaces."""
 
 
 def _choose(
@@ -130,6 +132,8 @@ def build_rows(
         (built.heldout if side == "heldout" else built.train).append({"messages": messages})
         built.conversations[side].add(conversation)
         built.kept[reason] += 1
+        if reason == "corrected":
+            built.corrections[prompt_key({"messages": messages})] = normalise(answer)
         built.versions[exchange["version"]] += 1
     return built
 
@@ -169,7 +173,7 @@ def since_epoch(age_s: float | None) -> float | None:
     return None if age_s is None else time.time() - age_s
 
 
-def _prompt_key(row: dict[str, Any]) -> str:
+def prompt_key(row: dict[str, Any]) -> str:
     """A row's question as merging compares it: its non-system turns, normalised."""
     turns = [m for m in row["messages"][:-1] if m["role"] != "system"]
     return "\x00".join(f"{m['role']}:{normalise(m['content'])}" for m in turns)
@@ -178,30 +182,28 @@ def _prompt_key(row: dict[str, Any]) -> str:
 def merge_rows(
     base: list[dict[str, Any]],
     captured: list[dict[str, Any]],
-    heldout: Sequence[dict[str, Any]] = (),
+    corrections: Mapping[str, str],
 ) -> tuple[list[dict[str, Any]], Counter[str]]:
     """The base rows (the live version's data, ``--data``) with the captured ones.
 
-    A captured row (train or ``heldout``) asking what a base row asks, with another
-    answer, replaces that row (production's answer is the newer truth: a fact changed); a
-    held-out one is not added. One that a base row already answers alike adds nothing.
-    Returns (rows, counts of what happened).
+    A correction (``Built.corrections``, held-out ones included) of a question a base row
+    asks, with another answer, replaces that row: the correction is the newer truth (a fact
+    changed). A captured row a base row already answers alike adds nothing. Returns (rows,
+    counts of what happened).
     """
-    answers = {
-        _prompt_key(r): normalise(r["messages"][-1]["content"]) for r in [*captured, *heldout]
-    }
+    answers = corrections
     counts: Counter[str] = Counter()
     kept: list[dict[str, Any]] = []
     known: set[tuple[str, str]] = set()
     for row in base:
-        key, answer = _prompt_key(row), normalise(row["messages"][-1]["content"])
+        key, answer = prompt_key(row), normalise(row["messages"][-1]["content"])
         if key in answers and answers[key] != answer:
             counts["base_replaced"] += 1
             continue
         kept.append(row)
         known.add((key, answer))
     for row in captured:
-        pair = (_prompt_key(row), normalise(row["messages"][-1]["content"]))
+        pair = (prompt_key(row), normalise(row["messages"][-1]["content"]))
         if pair in known:
             counts["captured_known"] += 1
             continue

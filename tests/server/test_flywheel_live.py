@@ -1,6 +1,6 @@
 """The flywheel end to end on the tiny model and a live vLLM server: capture on -> agents
 chat (plain and streamed) -> feedback with corrections for a fact that changed -> dataset
-build -> retrain promotes v2; retrain on noise is refused (exit 3)."""
+build -> retrain promotes v2; retrain with stale data is refused (exit 3)."""
 
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def _chat(http: httpx.Client, messages: list[dict[str, str]], stream: bool) -> t
     return rid, text
 
 
-def test_capture_feedback_dataset_retrain_promotes_then_refuses_noise(
+def test_capture_feedback_dataset_retrain_promotes_then_refuses_stale_data(
     flywheel: tuple[Registry, ServerHandle, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     reg, server, work = flywheel
@@ -184,13 +184,19 @@ def test_capture_feedback_dataset_retrain_promotes_then_refuses_noise(
     gate_entry = reg.history(NAME)[-1]
     assert gate_entry["action"] == "promote" and gate_entry["gate"]["decision"] == "promote"
 
-    # Noise (every answer shifted to the next question) does not beat v2: exit 3, v2 stays.
-    noise = [
-        {**row, "response": rows[(i + 1) % len(rows)]["response"]} for i, row in enumerate(rows)
+    # Stale data that contradicts the corrections (the old facts, asked a little
+    # differently) makes the next version worse: exit 3, v2 stays.
+    trained = {row["instruction"]: row["response"] for row in rows}
+    old = {HOURS: trained[CHANGED[HOURS][0]], SHIPPING: trained[CHANGED[SHIPPING][0]]}
+    assert "Monday" in old[HOURS] and "business days" in old[SHIPPING]
+    stale = [
+        {"instruction": f"{q} Please tell me.", "response": old[fact]}
+        for fact, questions in CHANGED.items()
+        for q in questions
     ]
-    noise_file = work / "noise.json"
-    noise_file.write_text(json.dumps(noise), encoding="utf-8")
-    code = main([*retrain, "--work", str(work / "r2"), "--data", str(noise_file)])
+    stale_file = work / "stale.json"
+    stale_file.write_text(json.dumps(stale), encoding="utf-8")
+    code = main([*retrain, "--work", str(work / "r2"), "--data", str(stale_file)])
     refused = capsys.readouterr()
     with capsys.disabled():
         print(refused.out, refused.err)
