@@ -20,6 +20,7 @@ from agent_finetune.registry.capture import (
     segments,
     write_settings,
 )
+from agent_finetune.server_client import ServerClient, add_server_options
 
 CAPTURE_HELP = """\
 Capture sampled chat completions of NAME (and the feedback agents post for them) on every
@@ -35,7 +36,8 @@ from a writer thread, never on the request's path; e-mail addresses, phone and c
 are redacted before anything is written, then --redact (a `str -> str` function) runs.
 Oldest segments are deleted past --max-bytes or --max-age. Feedback: POST
 /v1/adapters/NAME/feedback {"id": <response id>, "score": -1..1, "correction": "..."}.
-The servers' drop counters: GET /v1/adapters ("capture") and /metrics.
+A server's drop counters: `capture status --server URL` (GET /v1/adapters "capture") and
+its /metrics (agent_finetune_capture_dropped).
 """
 
 
@@ -127,6 +129,15 @@ def capture_status(reg: Registry, name: str) -> dict[str, Any]:
     }
 
 
+def _server_capture(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The server's capture counters (written, queued, dropped by reason), or None."""
+    if not args.server:
+        return None
+    with ServerClient(args.server, api_key=args.api_key, timeout=10) as client:
+        found = client.adapters().get("capture")
+    return found if isinstance(found, dict) else {"error": "this server does not capture"}
+
+
 def cmd_capture_status(args: argparse.Namespace) -> int:
     reg = _registry(args)
     names = [args.name] if args.name else reg.names()
@@ -134,9 +145,16 @@ def cmd_capture_status(args: argparse.Namespace) -> int:
         reg.require_name(args.name)
     found = [capture_status(reg, n) for n in names]
     found = [f for f in found if args.name or f["settings"] or f["segments"]]
+    server = _server_capture(args)
     if args.json:
-        emit_json({"names": found})
+        emit_json({"names": found, **({"server": server} if server is not None else {})})
         return 0
+    if server is not None:
+        print(
+            f"server {args.server}: written {server.get('written', {})}, queued "
+            f"{server.get('queued', 0)}, dropped {server.get('dropped', {}) or 'none'}"
+            + (f", errors {server['errors']}" if server.get("errors") else "")
+        )
     if not found:
         print("no name captures (agent-finetune capture start NAME)")
         return 0
@@ -175,10 +193,8 @@ def cmd_capture_status(args: argparse.Namespace) -> int:
     for f in found:
         if f["error"]:
             print(f"{f['name']}: {f['error']}")
-    print(
-        'servers\' drop counters: GET /v1/adapters ("capture") or /metrics '
-        "(agent_finetune_capture_dropped)"
-    )
+    if server is None:
+        print("a server's drop counters: capture status --server URL, or its /metrics")
     return 0
 
 
@@ -258,6 +274,7 @@ def add_capture_parsers(sub: Any) -> None:
     _common(q)
     q.set_defaults(func=cmd_capture_status)
     q.add_argument("name", nargs="?")
+    add_server_options(q, purpose="a server to read its drop counters from (none: registry only)")
 
     p = sub.add_parser("dataset", help="build a training dataset from captured traffic")
     dsub = p.add_subparsers(dest="dataset_command", required=True, metavar="ACTION")

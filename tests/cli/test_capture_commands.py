@@ -148,3 +148,17 @@ def test_the_split_never_cuts_a_conversation_and_is_deterministic(
 def test_normalise_is_idempotent_and_ignores_case_and_spacing(text: str) -> None:
     n = normalise(text)
     assert normalise(n) == n and normalise(f"  {text.upper()}!! ") == normalise(text.upper())
+
+
+def test_capture_status_reads_a_servers_drop_counters(
+    reg: Registry, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fake_plugin_server import FakePluginServer, serving
+
+    counters = {"names": {}, "queued": 3, "written": {"bot": 7}, "dropped": {"queue_full": 2}}
+    assert run(capsys, "capture", "start", "bot")[0] == 0
+    with serving(FakePluginServer(adapters={"data": [], "capture": counters})) as fake:
+        code, out, _ = run(capsys, "capture", "status", "--server", fake.url)
+        assert code == 0 and "dropped {'queue_full': 2}" in out and "queued 3" in out
+        code, out, _ = run(capsys, "capture", "status", "--server", fake.url, "--json")
+    assert json.loads(out)["server"] == counters
