@@ -138,3 +138,39 @@ def test_old_segments_age_out(tmp_path: Path) -> None:
     assert enforce(folder, 1 << 30, 7 * 86400) == 1
     assert [s.replica for s in segments(folder)] == ["new"]
     assert json.loads(next(folder.glob("new.*")).read_text())["id"] == "chatcmpl-2"
+
+
+def test_a_writer_killed_mid_write_leaves_no_torn_record(tmp_path: Path) -> None:
+    """kill -9 of a process appending large records: every record read is whole, and the
+    next writer's records are read too."""
+    import signal
+    import subprocess
+    import sys
+
+    folder = capture_dir(tmp_path)
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from agent_finetune.registry.capture import SegmentWriter\n"
+        "w = SegmentWriter(Path(sys.argv[1]), 'victim', segment_bytes=1 << 20)\n"
+        "i = 0\n"
+        "while True:\n"
+        "    i += 1\n"
+        "    w.append([{'kind': 'exchange', 'id': f'v{i}', 'time': time.time(),\n"
+        "               'version': 'v0001', 'messages': [{'role': 'user', 'content': 'q'}],\n"
+        "               'answer': 'x' * 200000, 'replica': 'victim'}])\n"
+        "    if i == 3:\n"
+        "        print('ready', flush=True)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(folder)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    log = read_capture(tmp_path)
+    assert len(log.exchanges) >= 3
+    assert all(len(e["answer"]) == 200000 for e in log.exchanges.values())
+    SegmentWriter(folder, "next").append([exchange(1)])
+    assert "chatcmpl-1" in read_capture(tmp_path).exchanges
