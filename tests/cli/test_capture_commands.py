@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cli_helpers import run
@@ -162,3 +163,29 @@ def test_capture_status_reads_a_servers_drop_counters(
         assert code == 0 and "dropped {'queue_full': 2}" in out and "queued 3" in out
         code, out, _ = run(capsys, "capture", "status", "--server", fake.url, "--json")
     assert json.loads(out)["server"] == counters
+
+
+def test_merge_corrections_replace_contradicted_rows_only() -> None:
+    from agent_finetune.training.capture_dataset import merge_rows, prompt_key
+
+    def row(q: str, a: str) -> dict[str, Any]:
+        return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+
+    base = [row("Hours?", "Mon-Fri"), row("Returns?", "30 days"), row("Shipping?", "3-5 days")]
+    fixed = row("hours", "24/7")
+    captured = [fixed, row("Returns?", "30 days"), row("Returns?", "Thirty days, yes")]
+    corrections = {prompt_key(fixed): normalise("24/7")}
+    rows, counts = merge_rows(base, captured, corrections)
+    answers = [r["messages"][-1]["content"] for r in rows]
+    assert answers == ["30 days", "3-5 days", "24/7", "Thirty days, yes"]
+    assert counts == {"base_replaced": 1, "captured_known": 1, "captured_added": 2}
+
+
+def test_retrain_needs_a_trained_live_version_and_yes(
+    reg: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work = ["--work", str(tmp_path / "w")]
+    code, _, err = run(capsys, "retrain", "bot", "--yes", *work)
+    assert code == 1 and "records no training config" in err  # published by hand, not trained
+    code, _, err = run(capsys, "retrain", "nobody", "--yes", *work)
+    assert code == 1 and "no adapter named" in err
