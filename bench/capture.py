@@ -12,6 +12,9 @@
 - **Burst**: a burst of ``2 x --queue`` answers with no writer: how many were dropped.
 - **Disk bound**: ``--flood`` records through the writer with ``max_bytes`` 1 MiB, the
   folder's size checked after every drain: the largest seen.
+- **Settings pass**: one ``Capture.refresh`` (the writer thread re-reads every name's
+  settings each resync) over a registry of ``--names`` names, 10 of them capturing:
+  milliseconds, median of 7.
 
     PYTHONPATH=$PWD .venv/bin/python bench/capture.py --json bench/capture.json
 """
@@ -169,6 +172,27 @@ def disk_bound(root: Path, flood: int) -> dict[str, Any]:
     return {"records": batches * 500, "max_bytes": 1 << 20, "largest_folder_bytes": largest}
 
 
+def settings_pass(root: Path, names: int) -> dict[str, Any]:
+    reg = Registry(root / "registry")
+    for i in range(names):
+        (reg.root / f"n{i:05d}" / "versions").mkdir(parents=True)
+    for i in range(0, names, max(1, names // 10)):
+        write_settings(reg.name_dir(f"n{i:05d}"), CaptureSettings(enabled=True))
+    cap = Capture(reg, "bench")
+    took = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        cap.refresh()
+        took.append((time.perf_counter() - t0) * 1000)
+    return {
+        "names": names,
+        "capturing": len(cap.names),
+        "ms_median": round(statistics.median(took), 1),
+        "ms_min": round(min(took), 1),
+        "ms_max": round(max(took), 1),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=7)
@@ -177,6 +201,7 @@ def main() -> None:
     ap.add_argument("--writer-rows", type=int, default=20000)
     ap.add_argument("--queue", type=int, default=10000)
     ap.add_argument("--flood", type=int, default=20000)
+    ap.add_argument("--names", type=int, default=10000)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     out: dict[str, Any] = {"settings": vars(args)}
@@ -193,7 +218,8 @@ def main() -> None:
             print(kind, out[f"request_path_{kind}"], out[f"writer_{kind}"], flush=True)
         out["burst"] = burst(root / "burst", args.queue)
         out["disk_bound"] = disk_bound(root / "disk", args.flood)
-    print(json.dumps({k: out[k] for k in ("burst", "disk_bound")}, indent=2))
+        out["settings_pass"] = settings_pass(root / "names", args.names)
+    print(json.dumps({k: out[k] for k in ("burst", "disk_bound", "settings_pass")}, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import threading
 import time
@@ -36,8 +37,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from agent_finetune.errors import AgentFinetuneError
 from agent_finetune.registry import Registry
 from agent_finetune.registry.capture import (
+    CAPTURE,
     EXCHANGE,
     FEEDBACK,
+    SETTINGS,
     CaptureSettings,
     SegmentWriter,
     capture_dir,
@@ -144,7 +147,12 @@ class Capture:
     def refresh(self) -> None:
         """Re-read every name's capture settings (cheap: one small file per name)."""
         found: dict[str, _Name] = {}
-        for name in self.registry.names():
+        names, _ = self.registry.scan("any")  # no stat each; the reconciler reports bad entries
+        root = str(self.registry.root)
+        for name in names:
+            # One stat per name, no Path objects: 10,000 names every pass (BENCHMARKS.md).
+            if not os.path.exists(f"{root}/{name}/{CAPTURE}/{SETTINGS}"):
+                continue
             try:
                 s = read_settings(self.registry.name_dir(name))
             except AgentFinetuneError as e:
