@@ -170,6 +170,11 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     live = reg.current(args.name)
     if live is None:
         raise RegistryError(f"{args.name} has no live version; retrain improves a live one")
+    if args.canary is not None and reg.canary_record(args.name) is not None:
+        raise RegistryError(
+            f"{args.name} already runs a canary; end it first (agent-finetune canary abort "
+            f"{args.name}) or retrain without --canary"
+        )
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     work = Path(args.work or f".flywheel/{args.name}/{stamp}")
     work.mkdir(parents=True, exist_ok=True)
@@ -193,6 +198,14 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         raise RegistryError("the retrained adapter was not published")
     version = result.published.version
     _say(args, "train", f"published {args.name}@{version} (not current)")
+    reg.log_event(
+        args.name,
+        "retrain",
+        **{"from": live, "to": version},
+        data={k: provenance.get(k) for k in ("kept", "dropped", "merge", "versions")},
+        segments=len(provenance.get("segments", [])),
+        reason=f"trained from captured traffic in {work}",
+    )
     outcome = _gate_step(args, reg, version, heldout_file, config.model_name, promotion)
     if args.json:
         emit_json({"version": version, "live": live, "dataset": provenance, **outcome})
