@@ -147,6 +147,7 @@ class Capture:
     def refresh(self) -> None:
         """Re-read every name's capture settings (cheap: one small file per name)."""
         found: dict[str, _Name] = {}
+        bad: set[str] = set()
         names, _ = self.registry.scan("any")  # no stat each; the reconciler reports bad entries
         root = str(self.registry.root)
         for name in names:
@@ -157,6 +158,7 @@ class Capture:
                 s = read_settings(self.registry.name_dir(name))
             except AgentFinetuneError as e:
                 self.errors[name] = str(e)
+                bad.add(name)
                 continue
             if s is None or not s.enabled:
                 continue
@@ -175,15 +177,22 @@ class Capture:
                 self.errors.pop(name, None)
             found[name] = entry
         self.names = found  # one assignment: the loop sees the old dict or the new
+        for name in [n for n in self.errors if n not in found and n not in bad]:
+            self.errors.pop(name, None)  # capture stopped, or the name left the registry
 
     def _hook(self, spec: str) -> Redactor | str:
-        """The user hook, or the text of why it cannot be loaded (records are then dropped)."""
-        if spec not in self._hooks:
-            try:
-                self._hooks[spec] = load_hook(spec)
-            except Exception as e:
-                self._hooks[spec] = f"capture redact hook {spec}: {type(e).__name__}: {e}"
-                logger.error("agent_finetune: %s; nothing is captured until it loads", e)
+        """The user hook, or the text of why it cannot be loaded (records are then dropped;
+        tried again every pass, so installing the module later needs no restart)."""
+        found = self._hooks.get(spec)
+        if found is not None and not isinstance(found, str):
+            return found
+        try:
+            self._hooks[spec] = load_hook(spec)
+        except Exception as e:
+            problem = f"capture redact hook {spec}: {type(e).__name__}: {e}"
+            if found != problem:  # logged once, not every pass
+                logger.error("agent_finetune: %s; nothing is captured until it loads", problem)
+            self._hooks[spec] = problem
         return self._hooks[spec]
 
     def drain(self) -> int:
@@ -207,6 +216,7 @@ class Capture:
                     self.drop("write_failed")
                 continue
             done += len(records)
+            self.errors.pop(name, None)  # written again (a full disk was freed)
             self.written[name] = self.written.get(name, 0) + len(records)
             for r in records:
                 metrics.CAPTURE_RECORDS.labels(name, r["kind"]).inc()

@@ -136,9 +136,16 @@ def test_a_failing_redact_hook_writes_nothing(reg: Registry) -> None:
     chat(CaptureMiddleware(answer_app("secret"), lambda: cap), "q")
     assert cap.drain() == 1
     assert read_capture(reg.name_dir("bot")).joined()[0][0]["answer"] == "SECRET"
-    capture_on(reg, redact="no_such_module_xyz:f")
+    capture_on(reg, redact="late_hook_mod:scrub")
     cap.refresh()
-    assert "no_such_module_xyz" in cap.errors["bot"]
+    assert "late_hook_mod" in cap.errors["bot"]  # not importable (yet): nothing is written
+    late = types.ModuleType("late_hook_mod")
+    late.scrub = lambda text: "[scrubbed]"  # type: ignore[attr-defined]
+    sys.modules["late_hook_mod"] = late  # installed later: no restart needed
+    cap.refresh()
+    assert "bot" not in cap.errors
+    chat(CaptureMiddleware(answer_app("secret"), lambda: cap), "q")
+    assert cap.drain() == 1
 
 
 def test_unparsable_answers_are_counted_not_written(reg: Registry) -> None:
@@ -250,3 +257,6 @@ def test_a_write_that_fails_drops_the_batch_and_serving_goes_on(reg: Registry) -
     assert chat(mw, "q")[0]["status"] == 200
     assert cap.drain() == 0 and cap.dropped == {"write_failed": 1}
     assert "cannot write captured records" in cap.errors["bot"]
+    cap.names["bot"].writer.current.rmdir()  # space again: capture resumes by itself
+    chat(mw, "q")
+    assert cap.drain() == 1 and "bot" not in cap.errors
