@@ -17,6 +17,11 @@
   milliseconds, median of 7.
 
     PYTHONPATH=$PWD .venv/bin/python bench/capture.py --json bench/capture.json
+    PYTHONPATH=$PWD .venv/bin/python bench/capture.py --live --json bench/capture_live.json
+
+``--live``: a plugin server on the tiny model (vLLM CPU), ``--live-rounds`` rounds of
+``--live-requests`` sequential 16-token chat completions with capture off and on (sample
+1.0), order alternating per round: requests/s and the on/off ratio per round.
 """
 
 from __future__ import annotations
@@ -202,9 +207,19 @@ def main() -> None:
     ap.add_argument("--queue", type=int, default=10000)
     ap.add_argument("--flood", type=int, default=20000)
     ap.add_argument("--names", type=int, default=10000)
+    ap.add_argument("--live", action="store_true", help="only the live server comparison")
+    ap.add_argument("--live-rounds", type=int, default=8)
+    ap.add_argument("--live-requests", type=int, default=30)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     out: dict[str, Any] = {"settings": vars(args)}
+    if args.live:
+        with tempfile.TemporaryDirectory() as tmp:
+            out["live"] = live(args.live_rounds, args.live_requests, Path(tmp))
+        print(json.dumps(out["live"], indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for stream in (False, True):
@@ -226,3 +241,61 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def live(rounds: int, requests: int, workdir: Path) -> dict[str, Any]:
+    """A plugin server on the tiny model: requests/s of sequential 16-token chat
+    completions with capture off and on (sample 1.0), alternating per round."""
+    import httpx
+
+    from agent_finetune.training.tiny_model import build_tiny_model, random_adapter
+    from server_plugin.launch import start_server
+
+    model = build_tiny_model(workdir / "tiny")
+    reg = Registry(workdir / "registry")
+    reg.publish(NAME, random_adapter(model, workdir / "adapter", seed=1))
+    server = start_server(
+        str(model),
+        reg.root,
+        log_path=workdir / "vllm.log",
+        settings={"VLLM_CPU_KVCACHE_SPACE": "1", "AGENT_FINETUNE_RESYNC_S": "0.5"},
+        extra_args=["--max-model-len", "256", "--dtype", "bfloat16"],
+    )
+    body = {"model": NAME, "messages": [{"role": "user", "content": QUESTION}],
+            "max_tokens": 16, "temperature": 0}  # fmt: skip
+    rates: dict[str, list[float]] = {"off": [], "on": []}
+    try:
+        http = httpx.Client(base_url=server.url, timeout=120)
+
+        def switch(on: bool) -> None:
+            write_settings(reg.name_dir(NAME), CaptureSettings(enabled=on, sample=1.0))
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                names = http.get("/v1/adapters").json().get("capture", {}).get("names", {})
+                if (NAME in names) == on:
+                    return
+                time.sleep(0.1)
+            raise RuntimeError("the server did not pick up the capture setting")
+
+        for _ in range(3):  # warm-up
+            http.post("/v1/chat/completions", json=body).raise_for_status()
+        for r in range(rounds):
+            for label in ("off", "on") if r % 2 == 0 else ("on", "off"):
+                switch(label == "on")
+                t0 = time.perf_counter()
+                for _ in range(requests):
+                    http.post("/v1/chat/completions", json=body).raise_for_status()
+                rates[label].append(requests / (time.perf_counter() - t0))
+        captured = sum(1 for _ in (reg.name_dir(NAME) / "capture").glob("*.jsonl"))
+    finally:
+        server.stop()
+    ratios = [on / off for on, off in zip(rates["on"], rates["off"], strict=True)]
+    return {
+        "rounds": rounds,
+        "requests_per_round": requests,
+        "req_per_s_off_median": round(statistics.median(rates["off"]), 2),
+        "req_per_s_on_median": round(statistics.median(rates["on"]), 2),
+        "on_over_off_per_round": [round(x, 3) for x in ratios],
+        "on_over_off_median": round(statistics.median(ratios), 3),
+        "capture_segments": captured,
+    }
