@@ -239,10 +239,6 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
 
 
-if __name__ == "__main__":
-    main()
-
-
 def live(rounds: int, requests: int, workdir: Path) -> dict[str, Any]:
     """A plugin server on the tiny model: requests/s of sequential 16-token chat
     completions with capture off and on (sample 1.0), alternating per round."""
@@ -299,3 +295,7 @@ def live(rounds: int, requests: int, workdir: Path) -> dict[str, Any]:
         "on_over_off_median": round(statistics.median(ratios), 3),
         "capture_segments": captured,
     }
+
+
+if __name__ == "__main__":
+    main()
