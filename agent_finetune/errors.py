@@ -15,6 +15,7 @@ Every class also subclasses the built-in that callers already catch::
     │   ├── RegistryReadError(RegistryError)               I/O error reading: the bytes may be fine
     │   ├── CurrentMovedError(RegistryError)                compare-and-swap of current lost
     │   ├── InvalidCanaryError(RegistryError, ValueError)   weight, guard or duration out of range
+    │   ├── CaptureError(RegistryError, ValueError)         bad capture settings or size/age
     │   └── ValidationError(RegistryError, ValueError)     adapter failed validation
     │       └── AdapterFormatError(ValidationError)         malformed safetensors header
     ├── LoadError(AgentFinetuneError, RuntimeError)        the vLLM server refused a load/swap
@@ -91,6 +92,10 @@ class CurrentMovedError(RegistryError):
 
 class InvalidCanaryError(RegistryError, ValueError):
     """A canary's weight, guards or duration are out of range, or its file is malformed."""
+
+
+class CaptureError(RegistryError, ValueError):
+    """Capture settings are malformed or out of range (sample, size, age, redact hook)."""
 
 
 class ValidationError(RegistryError, ValueError):

@@ -292,6 +292,11 @@ class CanaryRouter:
             self._flush_soon()  # a score for it may come to another replica
         self.judge(route.name)
 
+    def captured(self, name: str, answer_id: str, version: str) -> None:
+        """A captured answer (no canary): feedback may name it, on any replica."""
+        self.book.issued(answer_id, Answer(name, version, None))
+        self._flush_soon()
+
     async def feedback(self, name: str, answer_id: str, score: float) -> dict[str, Any]:
         """Record an agent's score for an answer the fleet issued (UnknownResponseError for
         any other id); an id not known here yet is looked up in the other replicas' logs."""

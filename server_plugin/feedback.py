@@ -3,11 +3,14 @@ the answers it issued.
 
 The contract:
 
-- An agent posts ``{"id": <the answer's id>, "score": -1..1}`` (a ``model`` member is
-  accepted for older clients and ignored). The id must be one the fleet issued and recorded
-  for that name (today: every answer given while the name runs a canary, on either side);
-  anything else is a 404. The version it is counted for is the one the server recorded
-  when it answered: labels never come from the client.
+- An agent posts ``{"id": <the answer's id>, "score": -1..1, "correction": <the answer it
+  should have given, optional>}`` (a ``model`` member is accepted for older clients and
+  ignored). The id must be one the fleet issued and recorded for that name (every answer
+  given while the name runs a canary, on either side, and every captured answer:
+  ``server_plugin.capture``); anything else is a 404. A correction is kept only where the
+  name captures (redacted, in its capture segments), at most ``MAX_CORRECTION_CHARS``.
+  The version a score is counted for is the one the server recorded when it answered:
+  labels never come from the client.
 - One answer scores once: a later score for the same id replaces the earlier one, also when
   it arrives at another replica.
 - Any replica accepts feedback for any replica's answer: each records the ids it issued in
@@ -39,10 +42,12 @@ from starlette.responses import JSONResponse, Response
 
 from agent_finetune.errors import AgentFinetuneError, FeedbackError, UnknownResponseError
 from agent_finetune.registry import Registry
+from agent_finetune.registry.capture import MAX_CORRECTION_CHARS
 from agent_finetune.registry.names import is_name, is_version
 from agent_finetune.registry.rollout import FEEDBACK, RESPONSES, FleetLog, rollout_dir
 from server_plugin import metrics
 from server_plugin.canary_signals import Tally
+from server_plugin.capture import Capture, Feedback
 from server_plugin.http_errors import error_response
 
 logger = logging.getLogger(__name__)
@@ -53,7 +58,7 @@ MAX_ID_CHARS = 256
 MAX_ANSWERS = 100_000
 MAX_OUTBOX = 50_000
 MAX_LOGS = 256
-_FIELDS = frozenset({"id", "score", "model"})
+_FIELDS = frozenset({"id", "score", "model", "correction"})
 _MERGE_BATCH = 2000
 
 
@@ -75,11 +80,19 @@ class _Score:
 
 def parse_feedback(data: Any) -> tuple[str, float]:
     """(response id, score) of a feedback body; FeedbackError says what is wrong."""
+    rid, score, _ = parse_post(data)
+    return rid, score
+
+
+def parse_post(data: Any) -> tuple[str, float, str | None]:
+    """(response id, score, correction or None) of a feedback body; FeedbackError."""
     if not isinstance(data, dict):
         raise FeedbackError('expected a JSON object {"id": <response id>, "score": -1..1}')
     unknown = sorted(str(k) for k in data if k not in _FIELDS)
     if unknown:
-        raise FeedbackError(f"unknown field(s) {', '.join(unknown)}: send only id and score")
+        raise FeedbackError(
+            f"unknown field(s) {', '.join(unknown)}: send only id, score and correction"
+        )
     rid, score = data.get("id"), data.get("score")
     if not _is_id(rid):
         raise FeedbackError(
@@ -91,7 +104,15 @@ def parse_feedback(data: Any) -> tuple[str, float]:
     model = data.get("model")
     if model is not None and not isinstance(model, str):
         raise FeedbackError('"model" (ignored: the server knows) must be a string if sent')
-    return str(rid), float(score)
+    correction = data.get("correction")
+    if correction is not None and (
+        not isinstance(correction, str) or not 0 < len(correction) <= MAX_CORRECTION_CHARS
+    ):
+        raise FeedbackError(
+            f'"correction" must be the answer the agent should have given: a string of 1-'
+            f"{MAX_CORRECTION_CHARS} characters, or null"
+        )
+    return str(rid), float(score), correction
 
 
 def _is_id(value: Any) -> bool:
@@ -279,6 +300,9 @@ class PluginState(Protocol):
     @property
     def error(self) -> str | None: ...
 
+    @property
+    def capture(self) -> Capture | None: ...
+
 
 class FeedbackRoute:
     """The route's handler, bound to the plugin whose canary router counts the scores."""
@@ -287,7 +311,7 @@ class FeedbackRoute:
         self.plugin = plugin
 
     async def post(self, name: str, request: Request) -> Response:
-        """An agent's score for one answer: ``{"id": <response id>, "score": -1..1}``."""
+        """An agent's score for one answer: ``{"id", "score": -1..1, "correction"?}``."""
         router = self.plugin.canary
         if router is None:
             return error_response(503, self.plugin.error or "agent_finetune plugin is starting")
@@ -295,7 +319,7 @@ class FeedbackRoute:
             return error_response(404, f"no adapter named {name[:80]!r}", param="name")
         try:
             body = await _read_body(request)
-            rid, score = parse_feedback(await asyncio.to_thread(_parse_json, body))
+            rid, score, correction = parse_post(await asyncio.to_thread(_parse_json, body))
         except _TooLarge:
             return error_response(
                 413, f"feedback bodies are at most {MAX_BODY_BYTES} bytes", param=None
@@ -305,9 +329,13 @@ class FeedbackRoute:
         except ClientDisconnect:
             return error_response(400, "the client went away mid-body", param=None)
         try:
-            return JSONResponse(await router.feedback(name, rid, score))
+            result = await router.feedback(name, rid, score)
         except UnknownResponseError as e:
             return error_response(404, str(e), param="id")
+        capture = getattr(self.plugin, "capture", None)  # hosts without capture: none
+        if capture is not None and name in capture.names:
+            result["captured"] = capture.offer(Feedback(name, rid, score, correction, time.time()))
+        return JSONResponse(result)
 
 
 class _TooLarge(Exception):

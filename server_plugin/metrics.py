@@ -81,3 +81,16 @@ CANARY_ENDS = Counter(
     "Canaries this server ended, by outcome (abort, promote).",
     ["name", "outcome"],
 )
+
+# Capture (issue 23): labelled by name only for names with capture on (bounded).
+CAPTURE_RECORDS = Counter(
+    "agent_finetune_capture_records",
+    "Captured records written to the registry, by name and kind (exchange, feedback).",
+    ["name", "kind"],
+)
+CAPTURE_DROPPED = Counter(
+    "agent_finetune_capture_dropped",
+    "Captured records not written, by reason: queue_full (the writer fell behind), "
+    "too_large, unparsable, redact_failed, write_failed (e.g. a full disk).",
+    ["reason"],
+)

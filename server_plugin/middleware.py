@@ -30,6 +30,7 @@ from typing import Any, Protocol, TypeVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server_plugin.bodies import read_capped
 from server_plugin.canary_router import CanaryRouter, Route
 from server_plugin.failures import Refusal
 from server_plugin.http_errors import error_response
@@ -57,30 +58,6 @@ class PluginState(Protocol):
 
     @property
     def max_parse_bytes(self) -> int: ...
-
-
-async def read_capped(receive: Receive, cap: int) -> tuple[list[Message], bytes | None]:
-    """Receive a request body of at most ``cap`` bytes, chunks joined once.
-
-    Returns the messages received (to replay them) and the body, or None as the body when
-    it is larger than ``cap``: then the messages hold only its start and the caller passes
-    the request through without reading the rest.
-    """
-    messages: list[Message] = []
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        messages.append(message)
-        if message["type"] != "http.request":
-            return messages, None
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > cap:
-            return messages, None
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return messages, b"".join(chunks)
 
 
 class BodyTooDeep(Exception):

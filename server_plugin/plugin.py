@@ -18,6 +18,7 @@ import asyncio
 import atexit
 import json
 import logging
+import threading
 import time
 from argparse import Namespace
 from typing import Any
@@ -37,6 +38,7 @@ from server_plugin import compat
 from server_plugin.answers import AnswerHeaders, missing_model_message
 from server_plugin.cache import AdapterCache, Limits, ProcessDir
 from server_plugin.canary_router import CanaryRouter
+from server_plugin.capture import Capture, CaptureMiddleware
 from server_plugin.feedback import FEEDBACK_PATH, FeedbackRoute
 from server_plugin.http_errors import error_response
 from server_plugin.listing import annotate_cards
@@ -133,6 +135,7 @@ class EndpointPlugin:
     def __init__(self) -> None:
         self.reconciler: Reconciler | None = None
         self.canary: CanaryRouter | None = None
+        self.capture: Capture | None = None
         self.max_parse_bytes = Settings.max_parse_bytes
         self.watcher: RegistryWatcher | None = None
         self.error: str | None = None
@@ -155,6 +158,8 @@ class EndpointPlugin:
             if self.internals is not None:  # else vLLM's own /v1/models keeps answering
                 compat.replace_route(app, "/v1/models", self.list_models, ["GET"])
                 compat.replace_route(app, "/v1/models/{model_id:path}", self.model_card, ["GET"])
+            # Innermost: capture sees the body as vLLM will (a canary's pin included).
+            app.add_middleware(CaptureMiddleware, capture=lambda: self.capture)
             app.add_middleware(ModelRequestMiddleware, plugin=self)
             app.add_middleware(
                 AnswerHeaders,
@@ -226,6 +231,8 @@ class EndpointPlugin:
         status = {**self.reconciler.status(), "startup_seconds": self.startup_s}
         if self.canary is not None:
             status["canary"] = self.canary.status()
+        if self.capture is not None:
+            status["capture"] = self.capture.status()
         return JSONResponse(status)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
@@ -294,6 +301,7 @@ class EndpointPlugin:
             canary.run(settings.resync_s), name="agent_finetune-canary"
         )
         self._canary_task.add_done_callback(_log_task_end)
+        self.capture = await asyncio.to_thread(_start_capture, canary, settings.resync_s)
         logger.info(
             "agent_finetune: serving registry %s (cache %s, max rank %s, resync %.2fs, %s)",
             root,
@@ -305,6 +313,19 @@ class EndpointPlugin:
         logger.info(
             "agent_finetune: start-up took %.2fs; preload %s", self.startup_s, reconciler.policy
         )
+
+
+def _start_capture(canary: CanaryRouter, resync_s: float) -> Capture:
+    """Read the capture settings once, then start the writer thread (stopped at exit)."""
+    capture = Capture(canary.registry, canary.replica, on_issued=canary.captured)
+    capture.refresh()
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=capture.run, args=(stop, resync_s), name="agent_finetune-capture", daemon=True
+    )
+    thread.start()
+    atexit.register(stop.set)
+    return capture
 
 
 def _reconciler(

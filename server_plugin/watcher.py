@@ -1,5 +1,8 @@
 """Wake the reconcile loop when anything in the registry changes.
 
+Captured traffic (``<name>/capture/`` segments, appended all the time while a name
+captures) never wakes it: nothing the loop serves depends on it.
+
 Only a hint: the loop also resyncs periodically, so a missed event (network filesystems
 send none; a folder moved in from outside arrives as a created event) costs at most one
 resync interval. Knows nothing about vLLM.
@@ -16,6 +19,8 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
+from agent_finetune.registry.capture import CAPTURE, SETTINGS
+
 logger = logging.getLogger(__name__)
 
 # Reads (ours included) emit opened/closed_no_write events: waking on those would loop.
@@ -31,9 +36,12 @@ class _Handler(FileSystemEventHandler):
         if event.event_type not in _WAKING_EVENTS:
             return
         path = event.src_path
-        name = Path(path if isinstance(path, str) else path.decode()).name
+        where = Path(path if isinstance(path, str) else path.decode())
+        name = where.name
         if name in _QUIET_FILES and event.event_type in {"modified", "closed"}:
             return
+        if name == CAPTURE or (where.parent.name == CAPTURE and name != SETTINGS):
+            return  # capture segments: written all the time, read by no loop
         try:
             self._wake()
         except Exception:  # never let a callback kill the observer thread

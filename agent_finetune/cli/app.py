@@ -8,7 +8,8 @@ Exit codes, the same for every command:
       failure, a server that is down (the message says which and how to fix it)
 2     usage error: unknown command or flag, a missing argument (argparse)
 3     refused by the promotion gate: the candidate did not beat the live version
-      (`promote --if-better`, `train` with `promotion.policy: if_better`); the
+      (`promote --if-better`, `train` with `promotion.policy: if_better`,
+      `retrain`); the
       table of scores is printed, the decision is in history
 130   interrupted (Ctrl-C)
 141   stdout was closed early (``agent-finetune history x --json | head``): the output
@@ -31,9 +32,11 @@ from collections.abc import Sequence
 from agent_finetune._version import __version__
 from agent_finetune.cli.ask import add_ask_parser
 from agent_finetune.cli.canary import add_canary_parser
+from agent_finetune.cli.capture import add_capture_parsers
 from agent_finetune.cli.demo import add_demo_parser
 from agent_finetune.cli.eval import add_eval_parser
 from agent_finetune.cli.registry_commands import add_registry_parsers
+from agent_finetune.cli.retrain import add_retrain_parser
 from agent_finetune.cli.serve import add_serve_parser, add_sync_parser
 from agent_finetune.cli.status import add_status_parser
 from agent_finetune.cli.train import add_train_parser
@@ -56,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_registry_parsers(sub)
     add_eval_parser(sub)
     add_canary_parser(sub)
+    add_capture_parsers(sub)
+    add_retrain_parser(sub)
     add_serve_parser(sub)
     add_sync_parser(sub)
     add_status_parser(sub)

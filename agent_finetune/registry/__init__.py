@@ -14,7 +14,9 @@ NaN/Inf scan alone), so the CLI and the vLLM plugin import it fast. One concept 
 - ``index``: a rebuildable listing cache (``.index.json``) for ``list`` at thousands of names;
 - ``fsck``: finding and repairing crash leftovers and damage;
 - ``eval_records``: append-only evaluation records per version;
-- ``canary_state``: canary state beside ``current`` (version, weight, guards).
+- ``canary_state``: canary state beside ``current`` (version, weight, guards);
+- ``rollout``: what the serving fleet shares about a rollout (answer ids, scores, counts);
+- ``capture``: captured traffic (settings, per-replica segments, bounds, the feedback join).
 """
 
 from agent_finetune.registry.layout import CURRENT, MANIFEST

@@ -7,6 +7,9 @@
     <root>/<name>/history.jsonl     append-only log of every pointer move and decision
     <root>/<name>/canary            the running canary, beside current (atomic replace)
     <root>/<name>/evals.jsonl       append-only evaluation records
+    <root>/<name>/rollout/          what the serving fleet shares (``registry.rollout``)
+    <root>/<name>/capture/          captured traffic: settings.json and each server's
+                                    segments (``registry.capture``, opt-in)
     <root>/<name>/.next-version     high-water mark: the next version number (under the lock)
     <root>/<name>/.staging-*        publishes in progress (flock'd by their writer)
     <root>/<name>/.quarantine/      versions ``fsck --repair`` moved out (checksums broken)

@@ -308,7 +308,8 @@ def _publish(
         adapter_dir,
         metadata={
             "training_config": config.model_dump(mode="json"),
-            "dataset": dataset.describe(),
+            # absolute: `retrain` reads it back from wherever it runs
+            "dataset": {**dataset.describe(), "path": str(dataset.path.resolve())},
             "metrics": metrics,
         },
         reason=reason or f"trained on {dataset.path.name}",

@@ -56,3 +56,31 @@ def test_a_failing_wake_never_kills_the_observer(tmp_path: Path) -> None:
     finally:
         watcher.stop()
     assert not watcher.running
+
+
+@pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
+def test_captured_traffic_never_wakes_the_loop(tmp_path: Path, polling: bool) -> None:
+    from agent_finetune.registry.capture import (
+        CaptureSettings,
+        SegmentWriter,
+        capture_dir,
+        write_settings,
+    )
+
+    registry = Registry(tmp_path / "registry")
+    registry.publish("x", fake_adapter(tmp_path / "a1", seed=1))
+    write_settings(registry.name_dir("x"), CaptureSettings(enabled=True))
+    woken = threading.Event()
+    watcher = RegistryWatcher(registry.root, woken.set, polling=polling, poll_interval_s=0.2)
+    assert watcher.start()
+    try:
+        time.sleep(0.5)
+        woken.clear()
+        writer = SegmentWriter(capture_dir(registry.name_dir("x")), "r1", segment_bytes=4096)
+        for i in range(40):  # appends and rotations
+            writer.append([{"kind": "exchange", "id": str(i), "answer": "x" * 300}])
+        assert not woken.wait(1.0)
+        registry.publish("x", fake_adapter(tmp_path / "a2", seed=2))
+        assert woken.wait(10)  # the rest of the registry still wakes it
+    finally:
+        watcher.stop()
