@@ -356,7 +356,11 @@ def format_validation_error(error: ValidationError, source: str) -> str:
     for err in error.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "(root)"
         if err["type"] == "extra_forbidden":
-            nested = {"promotion": PromotionConfig, "replay": ReplayConfig}.get(str(err["loc"][0]))
+            sections: dict[str, type[BaseModel]] = {
+                "promotion": PromotionConfig,
+                "replay": ReplayConfig,
+            }
+            nested = sections.get(str(err["loc"][0]))
             known = list(nested.model_fields) if nested and len(err["loc"]) > 1 else fields
             hint = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
             fix = f"; did you mean {hint[0]!r}?" if hint else ""

@@ -46,9 +46,13 @@ def load_prompts(path: str | None) -> list[str]:
     try:
         prompts = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"replay.prompts {where}: invalid JSON: {e.msg} (line {e.lineno})") from None
-    if not isinstance(prompts, list) or not prompts or not all(
-        isinstance(p, str) and p.strip() for p in prompts
+        raise ConfigError(
+            f"replay.prompts {where}: invalid JSON: {e.msg} (line {e.lineno})"
+        ) from None
+    if (
+        not isinstance(prompts, list)
+        or not prompts
+        or not all(isinstance(p, str) and p.strip() for p in prompts)
     ):
         raise ConfigError(f"replay.prompts {where}: expected a non-empty JSON array of strings")
     return prompts
@@ -97,7 +101,7 @@ def replay_examples(
         cached.update(_generate(model, tokenizer, missing, config.replay.max_new_tokens, template))
         _write_cache(path, cached)
     # An answer cut off by max_new_tokens would teach the model to stop mid-sentence.
-    pairs = [(q, cached[t]) for q, t in texts.items() if cached[t] is not None]
+    pairs = [(q, a) for q, t in texts.items() if (a := cached[t]) is not None]
     if not pairs:
         log.warning("replay guard: no base answer finished within max_new_tokens; none used")
         return []
