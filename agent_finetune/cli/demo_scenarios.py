@@ -43,7 +43,9 @@ class Scenario:
         """Does ``answer`` give ``row``'s fact?"""
         if self.tiny:
             return answer.strip() == str(row["response"])
-        return str(row["key"]).casefold() in answer.casefold()
+        from agent_finetune.training.recall import key_in_answer
+
+        return key_in_answer(str(row["key"]), answer)
 
     def want(self, dataset: Path) -> dict[str, Any]:
         """The row of ``dataset`` that asks the demo's question."""

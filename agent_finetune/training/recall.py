@@ -31,7 +31,8 @@ class Recall:
 
 
 def key_in_answer(key: str, answer: str) -> bool:
-    return key.casefold() in answer.casefold()
+    """Does ``answer`` contain ``key``, or one of its ``|``-separated spellings ("4|four")?"""
+    return any(k.casefold() in answer.casefold() for k in key.split("|") if k)
 
 
 def load_keyed(path: str | os.PathLike[str]) -> list[tuple[str, str]]:

@@ -87,7 +87,9 @@ def replay_examples(
     if want <= 0:
         return []
     prompts = load_prompts(config.replay.prompts)
-    texts = {q: prompt_text(config, tokenizer, template, q) for q in prompts[:want]}
+    # Every prompt is answered (once per base model: cached), then the finished answers are
+    # used in order, repeated when there are fewer than ``want``.
+    texts = {q: prompt_text(config, tokenizer, template, q) for q in prompts}
     key = hashlib.sha256(
         json.dumps(
             [model_fingerprint(config.model_name), config.replay.max_new_tokens], sort_keys=True
