@@ -122,32 +122,37 @@ def _example(config: FineTuningConfig, q: str, a: str) -> Example:
 def _generate(
     model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, template: str | None
 ) -> dict[str, str | None]:
-    """Greedy answers of the base model (LoRA disabled); None for one cut off by the limit."""
+    """Greedy answers of the base model (LoRA disabled), all prompts in one left-padded batch
+    (on a CPU, 64 batched steps cost little more than 64 single ones); None for an answer cut
+    off by the limit."""
     import contextlib
 
     import torch
 
-    eos = tokenizer.eos_token_id
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad = eos if pad is None else pad
+    encoded = [tokenizer(t, add_special_tokens=template is not None)["input_ids"] for t in prompts]
+    width = max(len(ids) for ids in encoded)
+    ids = torch.tensor([[pad] * (width - len(x)) + list(x) for x in encoded])
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in encoded])
     disable = getattr(model, "disable_adapter", None)
-    out: dict[str, str | None] = {}
     was_training = model.training
     model.eval()
     with disable() if disable else contextlib.nullcontext(), torch.no_grad():
-        for text in prompts:
-            ids = tokenizer(text, add_special_tokens=template is not None, return_tensors="pt")
-            ids = ids["input_ids"].to(model.device)
-            gen = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=eos,
-                pad_token_id=tokenizer.pad_token_id,
-            )[0, ids.shape[1] :].tolist()
-            finished = eos in gen
-            answer = tokenizer.decode(gen, skip_special_tokens=True).strip()
-            out[text] = answer if finished and answer else None
+        gen = model.generate(
+            input_ids=ids.to(model.device),
+            attention_mask=mask.to(model.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )[:, width:].tolist()
     model.train(was_training)
+    out: dict[str, str | None] = {}
+    for text, tokens in zip(prompts, gen, strict=True):
+        finished = eos in tokens
+        answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        out[text] = answer if finished and answer else None
     return out
 
 
