@@ -123,6 +123,8 @@ def prepare_model(name: str, models_dir: str | os.PathLike[str] | None = None) -
     final = model_dir(name, models_dir)
     if (final / MARKER).is_file():
         return PreparedModel(name, final, False, _read_marker(final).get("answer", ""))
+    if final.exists() and any(final.iterdir()):
+        raise _not_prepared(final)
     gguf = gguf_path(src)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
@@ -136,14 +138,18 @@ def prepare_model(name: str, models_dir: str | os.PathLike[str] | None = None) -
             tmp.rename(final)  # atomic; fails when another run got there first
         except OSError:
             if not (final / MARKER).is_file():
-                raise ModelSourceError(
-                    f"{final} exists but is not a prepared model (no {MARKER}); "
-                    "remove it and run `agent-finetune models prepare` again"
-                ) from None
+                raise _not_prepared(final) from None
             return PreparedModel(name, final, False, _read_marker(final).get("answer", ""))
         return PreparedModel(name, final, True, answer)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _not_prepared(path: Path) -> ModelSourceError:
+    return ModelSourceError(
+        f"{path} exists but is not a prepared model (no {MARKER}); remove it and run "
+        "`agent-finetune models prepare` again"
+    )
 
 
 def _read_marker(path: Path) -> dict[str, Any]:
