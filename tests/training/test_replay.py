@@ -71,3 +71,9 @@ def test_base_answers_are_generated_once_per_base_model(
     assert [ex.messages for ex in again] == [ex.messages for ex in first]
     off = FineTuningConfig.from_yaml(TINY_YAML, model_name=str(tiny_model))
     assert replay.replay_examples(off, model, tokenizer, None, n_train=2) == []
+
+
+def test_the_configs_copy_of_the_real_model_config_is_the_packaged_one() -> None:
+    name = "smollm2-135m-cpu.yaml"
+    packaged = (ROOT / "agent_finetune" / "assets" / name).read_text()
+    assert (ROOT / "configs" / name).read_text() == packaged
