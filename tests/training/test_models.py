@@ -79,7 +79,7 @@ def test_two_concurrent_prepares_build_it_once(tmp_path: Path) -> None:
         for _ in range(2)
     ]
     outs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outs, strict=True):
+    for p, (_out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-2000:]
     results = [json.loads(out) for out, _ in outs]
     assert {r["path"] for r in results} == {str(tmp_path / NAME)}
