@@ -232,8 +232,12 @@ def _compare(run: DemoRun, base_url: str, base_id: str) -> tuple[str, str]:
         print(f"\n{title}:")
         hits = score_served(base_url, models, rows, sc.max_tokens)
         got = print_recall(sc, rows, hits)
+        base_ok, v1_ok = got["base"], got[f"{NAME} v1"]
         n, what = len(rows), title.split(" (")[0]
-        line = f"{what}: base {got['base']}/{n} right, {NAME} v1 {got[f'{NAME} v1']}/{n} right"
+        line = f"{what}: base {sum(base_ok)}/{n} right, {NAME} v1 {sum(v1_ok)}/{n} right"
+        if path == run.probes:
+            kept = sum(b and v for b, v in zip(base_ok, v1_ok, strict=True))
+            line += f" (kept {kept} of the base model's {sum(base_ok)})"
         print(line)
         run.scores.append(line)
     return base_answer, v1_answer

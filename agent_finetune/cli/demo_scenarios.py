@@ -114,8 +114,9 @@ def score_served(
 
 def print_recall(
     scenario: Scenario, rows: list[dict[str, Any]], answers: dict[str, list[str]]
-) -> dict[str, int]:
-    """A question | key | answer-per-model table (+ right, - wrong); the hits per model."""
+) -> dict[str, list[bool]]:
+    """A question | key | answer-per-model table (+ right, - wrong); which rows each model
+    got right."""
     labels = list(answers)
     table = []
     for i, row in enumerate(rows):
@@ -127,6 +128,6 @@ def print_recall(
         table.append((row["instruction"], row["key"], *cells))
     print_table(table, ["QUESTION", "KEY", *labels])
     return {
-        label: sum(scenario.matches(r, a) for r, a in zip(rows, answers[label], strict=True))
+        label: [scenario.matches(r, a) for r, a in zip(rows, answers[label], strict=True)]
         for label in labels
     }
