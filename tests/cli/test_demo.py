@@ -159,11 +159,12 @@ def test_real_demo_teaches_smollm2_the_facts_and_serves_what_it_trained(tmp_path
     url, pid = m.group(1), int(m.group(2))
     try:
         para = re.search(r"held-out paraphrases: base (\d+)/12 right, support-bot v1 (\d+)/12", out)
-        probes = re.search(r"general questions: base (\d+)/12 right, support-bot v1 (\d+)/12", out)
-        assert para and probes, out[-3000:]
-        base_hits, v1_hits = int(para.group(1)), int(para.group(2))
-        assert base_hits <= 1 and v1_hits >= 8, para.group(0)
-        assert int(probes.group(2)) >= int(probes.group(1)) - 3, probes.group(0)
+        kept = re.search(r"general questions: .* \(kept (\d+) of the base model's (\d+)\)", out)
+        assert para and kept, out[-3000:]
+        # Measured on this CPU (BENCHMARKS.md, issue 21): base 0/12, v1 10/12, kept 8 of 10.
+        # One question of slack for other CPUs' rounding; the issue's target is 10/12.
+        assert int(para.group(1)) <= 1 and int(para.group(2)) >= 9, para.group(0)
+        assert int(kept.group(1)) >= int(kept.group(2)) - 3, kept.group(0)
         assert re.search(r"answered as v0002 [\d.]+s after publishing", out)
         assert re.search(r"answered as v0001 again [\d.]+s after the rollback", out)
         assert "REFUSED support-bot@v0003: not better: loglik" in out
