@@ -13,7 +13,6 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from agent_finetune.errors import DataError
 from agent_finetune.training.config import read_text_file
@@ -73,18 +72,3 @@ def offline_asker(model_or_adapter: str | Path, max_new_tokens: int = 48) -> Cal
         return generate_text(model, tokenizer, question, max_new_tokens, temperature=0)
 
     return ask
-
-
-def table(results: dict[str, Sequence[Recall]]) -> list[tuple[Any, ...]]:
-    """Rows of question | key | one answer column per model (hits marked)."""
-    names = list(results)
-    first = results[names[0]]
-    rows = []
-    for i, r in enumerate(first):
-        cells = []
-        for n in names:
-            x = results[n][i]
-            text = x.answer if len(x.answer) <= 48 else x.answer[:45] + "..."
-            cells.append(("+ " if x.hit else "- ") + text)
-        rows.append((r.question, r.key, *cells))
-    return rows
