@@ -193,9 +193,6 @@ def is_better(comparison: Comparison, min_delta: float = 0.0) -> bool:
 # -- through a running server ------------------------------------------------------------------
 
 
-CONCURRENT_ROWS = 8
-
-
 class ServerEvaluator:
     """Score a served model (``name``, ``name@vNNNN`` or the base model) through the server.
 
@@ -272,21 +269,15 @@ class ServerEvaluator:
         )
 
     def evaluate(self, model: str, examples: Sequence[Example]) -> EvalResult:
-        """Every row scored; up to ``CONCURRENT_ROWS`` rows in flight, so that the server
-        batches them (a CPU server answers 8 rows at once in about the time of 2)."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        def one(ex: Example) -> tuple[str, float]:
-            return self.answer(model, ex), self.loglik(model, ex)
-
-        with ThreadPoolExecutor(max_workers=CONCURRENT_ROWS) as pool:
-            done = list(pool.map(one, examples))  # in row order
         scores: dict[str, list[float]] = {m: [] for m in METRICS}
-        for ex, (reply, loglik) in zip(examples, done, strict=True):
+        answers = []
+        for ex in examples:
+            reply = self.answer(model, ex)
+            answers.append(reply)
             scores["exact"].append(exact_match(reply, ex.response))
             scores["f1"].append(token_f1(reply, ex.response))
-            scores["loglik"].append(loglik)
-        return EvalResult(model, scores, [reply for reply, _ in done])
+            scores["loglik"].append(self.loglik(model, ex))
+        return EvalResult(model, scores, answers)
 
 
 def mean_answer_logprob(
